@@ -1,0 +1,431 @@
+// CPU kernels of masked_attention_pool (padded and packed) and their backward.
+//
+// Both layouts reduce to a list of bags, each a run of rows with its own base offsets, so one set
+// of kernels serves both. The features tensor, the only large one, is streamed exactly once in
+// the forward and once in the backward; everything else is O(B*N*K).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/checks.h"
+#include "masked_attention_pool.h"
+
+namespace maskattn {
+namespace {
+
+struct Bag {
+  int64_t len;    // rows in this bag
+  int64_t f_off;  // element offset of row 0 in features
+  int64_t l_off;  // element offset of row 0 in logits
+  int64_t m_off;  // element offset of row 0 in the mask (unused without a mask)
+  int64_t w_off;  // element offset of row 0 in the contiguous [rows, K] weights
+};
+
+// Strides of the row dimension (and K/D dimensions) shared by all bags.
+struct Layout {
+  int64_t K, D;
+  int64_t ls_n, ls_k;  // logits
+  int64_t fs_n, fs_d;  // features
+  int64_t ms_n;        // mask
+};
+
+// A chunk of consecutive rows of one bag: the unit of parallel work over the features.
+struct Chunk {
+  int64_t bag, r0, r1;
+};
+
+// Enough chunks to keep every thread busy even for B = 1, few enough that the per-chunk partial
+// sums (K*D floats each) stay negligible next to the features.
+std::vector<Chunk> make_chunks(const std::vector<Bag>& bags, std::vector<int64_t>& first_chunk) {
+  int64_t total = 0;
+  for (const auto& b : bags) total += b.len;
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rows = std::max<int64_t>(64, (total + 4 * nt - 1) / (4 * nt));
+  std::vector<Chunk> chunks;
+  first_chunk.assign(bags.size() + 1, 0);
+  for (size_t b = 0; b < bags.size(); ++b) {
+    first_chunk[b] = static_cast<int64_t>(chunks.size());
+    for (int64_t r = 0; r < bags[b].len; r += rows) {
+      chunks.push_back({static_cast<int64_t>(b), r, std::min(bags[b].len, r + rows)});
+    }
+  }
+  first_chunk[bags.size()] = static_cast<int64_t>(chunks.size());
+  return chunks;
+}
+
+// Softmax over each bag's valid rows, per branch k, into w (contiguous [rows, K], accumulation
+// type). A bag with no valid row, or whose valid logits are all -inf, gets all-zero weights.
+template <typename scalar_t, typename acc_t>
+void bag_softmax(const scalar_t* logits, const bool* mask, const std::vector<Bag>& bags, const Layout& L,
+                 acc_t* w) {
+  const int64_t K = L.K;
+  at::parallel_for(0, static_cast<int64_t>(bags.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const Bag& bag = bags[b];
+      for (int64_t k = 0; k < K; ++k) {
+        const scalar_t* l = logits + bag.l_off + k * L.ls_k;
+        acc_t* wk = w + bag.w_off + k;
+        acc_t mx = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t r = 0; r < bag.len; ++r) {
+          const bool valid = mask == nullptr || mask[bag.m_off + r * L.ms_n];
+          const acc_t v = valid ? static_cast<acc_t>(l[r * L.ls_n]) : -std::numeric_limits<acc_t>::infinity();
+          wk[r * K] = v;
+          mx = v > mx ? v : mx;  // NaN never wins here; it poisons the sum below instead
+        }
+        if (mx == -std::numeric_limits<acc_t>::infinity()) {
+          for (int64_t r = 0; r < bag.len; ++r) wk[r * K] = acc_t(0);
+          continue;
+        }
+        acc_t sum = 0;
+        for (int64_t r = 0; r < bag.len; ++r) {
+          const acc_t e = std::exp(wk[r * K] - mx);
+          wk[r * K] = e;
+          sum += e;
+        }
+        const acc_t inv = acc_t(1) / sum;
+        for (int64_t r = 0; r < bag.len; ++r) wk[r * K] *= inv;
+      }
+    }
+  });
+}
+
+// acc[d] += sum_j w[j] * row_j[d] for four rows at once: one load/store of acc per four rows.
+template <typename scalar_t, typename acc_t>
+inline void axpy4(acc_t* __restrict__ acc, const acc_t* w, const scalar_t* __restrict__ p0,
+                  const scalar_t* __restrict__ p1, const scalar_t* __restrict__ p2,
+                  const scalar_t* __restrict__ p3, int64_t D) {
+  const acc_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  for (int64_t d = 0; d < D; ++d) {
+    acc[d] += w0 * static_cast<acc_t>(p0[d]) + w1 * static_cast<acc_t>(p1[d]) +
+              w2 * static_cast<acc_t>(p2[d]) + w3 * static_cast<acc_t>(p3[d]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void axpy1(acc_t* __restrict__ acc, acc_t w, const scalar_t* __restrict__ p, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<acc_t>(p[d]);
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const acc_t* __restrict__ a, const scalar_t* __restrict__ p, int64_t D) {
+  acc_t s = 0;
+  for (int64_t d = 0; d < D; ++d) s += a[d] * static_cast<acc_t>(p[d]);
+  return s;
+}
+
+// Partial pooled sums of one chunk into part[K*D]. Rows whose weights are all zero (padding) are
+// skipped, so nothing stored in the padding - not even NaN - can reach the result.
+template <typename scalar_t, typename acc_t>
+void pool_chunk(const scalar_t* f, const acc_t* w, const Bag& bag, const Chunk& c, const Layout& L,
+                acc_t* part) {
+  const int64_t K = L.K, D = L.D;
+  std::fill(part, part + K * D, acc_t(0));
+  if (L.fs_d == 1) {
+    if (K == 1) {
+      const scalar_t* rows[4];
+      acc_t ws[4];
+      int n = 0;
+      for (int64_t r = c.r0; r < c.r1; ++r) {
+        const acc_t wr = w[bag.w_off + r];
+        if (wr == acc_t(0)) continue;
+        rows[n] = f + bag.f_off + r * L.fs_n;
+        ws[n] = wr;
+        if (++n == 4) {
+          axpy4(part, ws, rows[0], rows[1], rows[2], rows[3], D);
+          n = 0;
+        }
+      }
+      for (int j = 0; j < n; ++j) axpy1(part, ws[j], rows[j], D);
+    } else {
+      for (int64_t r = c.r0; r < c.r1; ++r) {
+        const scalar_t* row = f + bag.f_off + r * L.fs_n;
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t wr = w[bag.w_off + r * K + k];
+          if (wr != acc_t(0)) axpy1(part + k * D, wr, row, D);
+        }
+      }
+    }
+    return;
+  }
+  // Features laid out with rows contiguous (e.g. channels-first [B,D,N] transposed to [B,N,D]):
+  // every output element is a contiguous dot product over the chunk's rows.
+  const int64_t n = c.r1 - c.r0;
+  std::vector<acc_t> wcol(n);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t r = 0; r < n; ++r) wcol[r] = w[bag.w_off + (c.r0 + r) * K + k];
+    for (int64_t d = 0; d < D; ++d) {
+      const scalar_t* col = f + bag.f_off + d * L.fs_d + c.r0;
+      acc_t s = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        const acc_t x = wcol[r] != acc_t(0) ? wcol[r] * static_cast<acc_t>(col[r]) : acc_t(0);
+        s += x;
+      }
+      part[k * D + d] = s;
+    }
+  }
+}
+
+// Bags and strides for the padded layout.
+std::vector<Bag> padded_bags(const at::Tensor& logits, const at::Tensor& features, const at::Tensor& mask) {
+  const int64_t B = features.size(0), N = features.size(1), K = logits.size(2);
+  std::vector<Bag> bags(B);
+  for (int64_t b = 0; b < B; ++b) {
+    bags[b] = {N, b * features.stride(0), b * logits.stride(0), mask.defined() ? b * mask.stride(0) : 0,
+               b * N * K};
+  }
+  return bags;
+}
+
+std::vector<Bag> packed_bags(const at::Tensor& logits, const at::Tensor& features, const at::Tensor& offsets) {
+  const int64_t B = offsets.size(0) - 1, K = logits.size(1);
+  const int64_t* o = offsets.const_data_ptr<int64_t>();
+  std::vector<Bag> bags(B);
+  for (int64_t b = 0; b < B; ++b) {
+    bags[b] = {o[b + 1] - o[b], o[b] * features.stride(0), o[b] * logits.stride(0), 0, o[b] * K};
+  }
+  return bags;
+}
+
+// Features whose last dim is not unit-stride and whose row dim is not either are copied once;
+// the two common layouts are read in place.
+at::Tensor readable_features(const at::Tensor& f) {
+  const int64_t nd = f.dim();
+  if (f.stride(nd - 1) == 1 || f.stride(nd - 2) == 1 || f.numel() == 0) return f;
+  return f.contiguous();
+}
+
+Layout make_layout(const at::Tensor& logits, const at::Tensor& features, const at::Tensor& mask) {
+  const int64_t nd = features.dim();
+  Layout L;
+  L.K = logits.size(-1);
+  L.D = features.size(-1);
+  L.ls_n = logits.stride(-2);
+  L.ls_k = logits.stride(-1);
+  L.fs_n = features.stride(nd - 2);
+  L.fs_d = features.stride(nd - 1);
+  // A [B,N] layout whose rows are all size 1 may report any stride; the kernels only need
+  // fs_d == 1 to mean "rows are contiguous", so normalise D == 1 to that.
+  if (L.D == 1) L.fs_d = 1;
+  L.ms_n = mask.defined() ? mask.stride(1) : 0;
+  return L;
+}
+
+// weights: [rows, K] in the logits' dtype; pooled: [B, K, D] in the features' dtype.
+std::tuple<at::Tensor, at::Tensor> pool_forward(const at::Tensor& logits, const at::Tensor& features,
+                                                const at::Tensor& mask, const std::vector<Bag>& bags,
+                                                at::IntArrayRef weights_shape) {
+  const Layout L = make_layout(logits, features, mask);
+  const int64_t B = static_cast<int64_t>(bags.size()), K = L.K, D = L.D;
+  auto weights = at::empty(weights_shape, logits.options());
+  auto pooled = at::zeros({B, K, D}, features.options());
+  const auto acc_type = at::toOpMathType(features.scalar_type());
+  // The features pass reads weights in the accumulation type; for float/double that is the output.
+  auto w_acc = acc_type == logits.scalar_type() ? weights : at::empty(weights_shape, logits.options().dtype(acc_type));
+  if (weights.numel() == 0) return {pooled, weights};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* w = w_acc.data_ptr<acc_t>();
+    bag_softmax<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(),
+                                 mask.defined() ? mask.const_data_ptr<bool>() : nullptr, bags, L, w);
+    if (D == 0) return;
+    std::vector<int64_t> first;
+    const auto chunks = make_chunks(bags, first);
+    std::vector<acc_t> parts(chunks.size() * K * D);
+    const scalar_t* f = features.const_data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        pool_chunk(f, w, bags[chunks[c].bag], chunks[c], L, parts.data() + c * K * D);
+      }
+    });
+    // Chunks are summed in a fixed order: results do not depend on the thread count's schedule.
+    scalar_t* out = pooled.data_ptr<scalar_t>();
+    at::parallel_for(0, B * K, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / K, k = i % K;
+        for (int64_t d = 0; d < D; ++d) {
+          acc_t s = 0;
+          for (int64_t c = first[b]; c < first[b + 1]; ++c) s += parts[(c * K + k) * D + d];
+          out[i * D + d] = static_cast<scalar_t>(s);
+        }
+      }
+    });
+  });
+  if (!w_acc.is_same(weights)) weights.copy_(w_acc);
+  return {pooled, weights};
+}
+
+// grad_logits (like weights) and grad_features (contiguous, like features' shape); either may be
+// skipped, and then nothing of its size is allocated or written.
+std::tuple<at::Tensor, at::Tensor> pool_backward(const PoolGrads& g, const at::Tensor& features,
+                                                 const std::vector<Bag>& bags, bool need_logits,
+                                                 bool need_features) {
+  const auto acc_type = at::toOpMathType(features.scalar_type());
+  const at::Tensor w_acc = g.weights.to(acc_type).contiguous();
+  const at::Tensor gp = g.grad_pooled.to(acc_type).contiguous();
+  const at::Tensor gw = g.grad_weights.defined() ? g.grad_weights.to(acc_type).contiguous() : at::Tensor();
+  Layout L = make_layout(g.weights, features, at::Tensor());
+  const int64_t K = L.K, D = L.D;
+  at::Tensor grad_logits = need_logits ? at::zeros(g.weights.sizes(), g.weights.options()) : at::empty({0}, g.weights.options());
+  at::Tensor grad_features = need_features ? at::empty(features.sizes(), features.options()) : at::empty({0}, features.options());
+  if (!need_logits && !need_features) return {grad_logits, grad_features};
+  if (g.weights.numel() == 0) {
+    // No weights (B, N or K is 0): every feature row has weight 0.
+    if (need_features) grad_features.zero_();
+    return {grad_logits, grad_features};
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* w = w_acc.const_data_ptr<acc_t>();
+    const acc_t* gpp = gp.const_data_ptr<acc_t>();
+    const acc_t* gwp = gw.defined() ? gw.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* f = features.const_data_ptr<scalar_t>();
+    scalar_t* gf = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
+    // gsum[row,k] = dL/dw[row,k] in total: the incoming weight gradient plus <grad_pooled, row>.
+    std::vector<acc_t> gsum(need_logits ? w_acc.numel() : 0);
+    std::vector<int64_t> first;
+    const auto chunks = make_chunks(bags, first);
+    const int64_t gf_row = D;  // grad_features is contiguous
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+      std::vector<acc_t> col;
+      for (int64_t ci = c0; ci < c1; ++ci) {
+        const Chunk& c = chunks[ci];
+        const Bag& bag = bags[c.bag];
+        const acc_t* gpb = gpp + c.bag * K * D;
+        // grad_features rows are contiguous [rows, D]; the row index is the bag's row base.
+        const int64_t row_base = bag.w_off / K;
+        if (need_features) {
+          for (int64_t r = c.r0; r < c.r1; ++r) {
+            scalar_t* out = gf + (row_base + r) * gf_row;
+            const acc_t* wr = w + bag.w_off + r * K;
+            if (K == 1) {
+              const acc_t a = wr[0];
+              if (a == acc_t(0)) {
+                std::fill(out, out + D, scalar_t(0));
+              } else {
+                for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(a * gpb[d]);
+              }
+            } else {
+              for (int64_t d = 0; d < D; ++d) {
+                acc_t s = 0;
+                for (int64_t k = 0; k < K; ++k) s += wr[k] * gpb[k * D + d];
+                out[d] = static_cast<scalar_t>(s);
+              }
+            }
+          }
+        }
+        if (!need_logits) continue;
+        acc_t* gs = gsum.data() + bag.w_off;
+        if (L.fs_d == 1) {
+          for (int64_t r = c.r0; r < c.r1; ++r) {
+            const scalar_t* row = f + bag.f_off + r * L.fs_n;
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t i = r * K + k;
+              gs[i] = w[bag.w_off + i] != acc_t(0) ? dot(gpb + k * D, row, D) : acc_t(0);
+            }
+          }
+        } else {
+          // Rows contiguous: accumulate the dot products column by column, vectorised over rows.
+          const int64_t n = c.r1 - c.r0;
+          col.assign(n * K, acc_t(0));
+          for (int64_t d = 0; d < D; ++d) {
+            const scalar_t* fc = f + bag.f_off + d * L.fs_d + c.r0;
+            for (int64_t k = 0; k < K; ++k) {
+              const acc_t gd = gpb[k * D + d];
+              acc_t* ck = col.data() + k * n;
+              for (int64_t r = 0; r < n; ++r) ck[r] += gd * static_cast<acc_t>(fc[r]);
+            }
+          }
+          for (int64_t r = 0; r < n; ++r) {
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t i = (c.r0 + r) * K + k;
+              gs[i] = w[bag.w_off + i] != acc_t(0) ? col[k * n + r] : acc_t(0);
+            }
+          }
+        }
+      }
+    });
+    if (!need_logits) return;
+    // Softmax backward per bag and branch: dl = w * (g - sum(w * g)).
+    scalar_t* gl = grad_logits.data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(bags.size()), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const Bag& bag = bags[b];
+        for (int64_t k = 0; k < K; ++k) {
+          acc_t c = 0;
+          for (int64_t r = 0; r < bag.len; ++r) {
+            const int64_t i = bag.w_off + r * K + k;
+            if (w[i] != acc_t(0)) {
+              gsum[i] += gwp ? gwp[i] : acc_t(0);
+              c += w[i] * gsum[i];
+            }
+          }
+          for (int64_t r = 0; r < bag.len; ++r) {
+            const int64_t i = bag.w_off + r * K + k;
+            gl[i] = w[i] != acc_t(0) ? static_cast<scalar_t>(w[i] * (gsum[i] - c)) : scalar_t(0);
+          }
+        }
+      }
+    });
+  });
+  return {grad_logits, grad_features};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cpu(const at::Tensor& logits, const at::Tensor& features,
+                                                             const std::optional<at::Tensor>& mask) {
+  PoolInputs in = check_pool_inputs(logits, features, mask);
+  const at::Tensor f = readable_features(in.features);
+  auto [pooled, weights] = pool_forward(in.logits, f, in.mask, padded_bags(in.logits, f, in.mask), in.logits.sizes());
+  if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
+  return {pooled, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cpu(
+    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
+    const at::Tensor& features, std::array<bool, 2> output_mask) {
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, features.size(0), false);
+  const at::Tensor f = readable_features(features);
+  auto [gl, gf] = pool_backward(g, f, padded_bags(g.weights, f, at::Tensor()), output_mask[0], output_mask[1]);
+  if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
+  return {gl, gf};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_cpu(const at::Tensor& logits,
+                                                                    const at::Tensor& features,
+                                                                    const at::Tensor& offsets) {
+  PackedInputs in = check_packed_inputs(logits, features, offsets);
+  const at::Tensor f = readable_features(in.features);
+  auto [pooled, weights] =
+      pool_forward(in.logits, f, at::Tensor(), packed_bags(in.logits, f, in.offsets), in.logits.sizes());
+  if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
+  return {pooled, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_backward_cpu(
+    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
+    const at::Tensor& features, const at::Tensor& offsets, std::array<bool, 2> output_mask) {
+  const at::Tensor o = offsets.contiguous();
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, o.size(0) - 1, true);
+  const at::Tensor f = readable_features(features);
+  auto [gl, gf] = pool_backward(g, f, packed_bags(g.weights, f, o), output_mask[0], output_mask[1]);
+  if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
+  return {gl, gf};
+}
+
+}  // namespace
+}  // namespace maskattn
+
+TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
+  m.impl("masked_attention_pool", &maskattn::masked_attention_pool_cpu);
+  m.impl("_masked_attention_pool_backward", &maskattn::masked_attention_pool_backward_cpu);
+  m.impl("masked_attention_pool_packed", &maskattn::masked_attention_pool_packed_cpu);
+  m.impl("_masked_attention_pool_packed_backward", &maskattn::masked_attention_pool_packed_backward_cpu);
+}

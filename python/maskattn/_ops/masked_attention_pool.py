@@ -1,0 +1,113 @@
+"""masked_attention_pool and masked_attention_pool_packed: wrappers, fake kernels, autograd."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.maskattn
+
+
+def masked_attention_pool(logits: Tensor, features: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Softmax-weighted pooling of each bag's valid rows.
+
+    Args:
+        logits: ``[B, N]`` attention scores, or ``[B, N, K]`` for K attention branches.
+        features: ``[B, N, D]``, any strides (channels-first views are read in place).
+        mask: ``[B, N]`` valid mask of any dtype (nonzero = take part), or None for all valid.
+
+    Returns:
+        ``(pooled, weights)``: pooled ``[B, D]`` (or ``[B, K, D]``) and weights shaped like logits,
+        exactly 0 at padding. A bag with no valid row (or only ``-inf`` logits) gets zero weights
+        and a zero pooled vector, never NaN. Half types accumulate in float32.
+    """
+    return _ops.masked_attention_pool(logits, features, mask)
+
+
+def masked_attention_pool_packed(logits: Tensor, features: Tensor, offsets: Tensor) -> Tuple[Tensor, Tensor]:
+    """Attention pooling over bags stored back to back, with no padding at all.
+
+    Args:
+        logits: ``[T]`` or ``[T, K]``.
+        features: ``[T, D]``.
+        offsets: int64 ``[B+1]`` with ``0 = offsets[0] <= ... <= offsets[B] = T``; bag b is rows
+            ``offsets[b]:offsets[b+1]``. On CPU bad offsets raise; on CUDA they are not checked (that
+            would need a host sync) but are clamped so that nothing is read or written out of bounds.
+
+    Returns:
+        ``(pooled [B, D] or [B, K, D], weights like logits)``; empty bags give zeros.
+    """
+    return _ops.masked_attention_pool_packed(logits, features, offsets)
+
+
+# ---- fake kernels: shapes, dtypes and strides exactly as the real kernels return them ----
+
+def _pooled_shape(logits: Tensor, features: Tensor, batch: int, has_k: bool):
+    if has_k:
+        return (batch, logits.shape[-1], features.shape[-1])
+    return (batch, features.shape[-1])
+
+
+@torch.library.register_fake("maskattn::masked_attention_pool")
+def _(logits, features, mask=None):
+    torch._check(features.dim() == 3, lambda: f"masked_attention_pool: features must be [B, N, D], got {tuple(features.shape)}")
+    torch._check(logits.dim() in (2, 3), lambda: f"masked_attention_pool: logits must be [B, N] or [B, N, K], got {tuple(logits.shape)}")
+    torch._check(logits.dtype == features.dtype, lambda: "masked_attention_pool: logits and features must have the same dtype")
+    pooled = features.new_empty(_pooled_shape(logits, features, features.shape[0], logits.dim() == 3))
+    weights = logits.new_empty(logits.shape)
+    return pooled, weights
+
+
+@torch.library.register_fake("maskattn::masked_attention_pool_packed")
+def _(logits, features, offsets):
+    torch._check(features.dim() == 2, lambda: f"masked_attention_pool_packed: features must be [T, D], got {tuple(features.shape)}")
+    torch._check(logits.dtype == features.dtype, lambda: "masked_attention_pool_packed: logits and features must have the same dtype")
+    batch = offsets.shape[0] - 1
+    pooled = features.new_empty(_pooled_shape(logits, features, batch, logits.dim() == 2))
+    weights = logits.new_empty(logits.shape)
+    return pooled, weights
+
+
+def _backward_fake(grad_pooled, grad_weights, weights, features, output_mask):
+    gl = weights.new_empty(weights.shape) if output_mask[0] else weights.new_empty((0,))
+    gf = features.new_empty(features.shape) if output_mask[1] else features.new_empty((0,))
+    return gl, gf
+
+
+@torch.library.register_fake("maskattn::_masked_attention_pool_backward")
+def _(grad_pooled, grad_weights, weights, features, output_mask):
+    return _backward_fake(grad_pooled, grad_weights, weights, features, output_mask)
+
+
+@torch.library.register_fake("maskattn::_masked_attention_pool_packed_backward")
+def _(grad_pooled, grad_weights, weights, features, offsets, output_mask):
+    return _backward_fake(grad_pooled, grad_weights, weights, features, output_mask)
+
+
+# ---- autograd: only the weights (an output) and the features (an input) are saved ----
+
+def _setup_padded(ctx, inputs, output):
+    ctx.save_for_backward(output[1], inputs[1])
+    ctx.output_mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+
+
+def _backward_padded(ctx, grad_pooled, grad_weights):
+    weights, features = ctx.saved_tensors
+    gl, gf = _ops._masked_attention_pool_backward(grad_pooled, grad_weights, weights, features, ctx.output_mask)
+    return (gl if ctx.output_mask[0] else None), (gf if ctx.output_mask[1] else None), None
+
+
+def _setup_packed(ctx, inputs, output):
+    ctx.save_for_backward(output[1], inputs[1], inputs[2])
+    ctx.output_mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+
+
+def _backward_packed(ctx, grad_pooled, grad_weights):
+    weights, features, offsets = ctx.saved_tensors
+    gl, gf = _ops._masked_attention_pool_packed_backward(
+        grad_pooled, grad_weights, weights, features, offsets, ctx.output_mask
+    )
+    return (gl if ctx.output_mask[0] else None), (gf if ctx.output_mask[1] else None), None
+
+
+torch.library.register_autograd("maskattn::masked_attention_pool", _backward_padded, setup_context=_setup_padded)
+torch.library.register_autograd("maskattn::masked_attention_pool_packed", _backward_packed, setup_context=_setup_packed)

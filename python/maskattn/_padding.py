@@ -1,0 +1,81 @@
+"""Bridges between lists of variable-length sequences, padded batches and packed (ragged) rows.
+
+These are index shuffles, not kernels: they are written with differentiable torch ops so that
+gradients flow through pack/unpack and torch.compile sees through them.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+def pad_sequences(seqs: Sequence[Tensor], padding_value: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """Stack ``[N_i, ...]`` tensors into ``[B, N_max, ...]`` plus a bool valid mask ``[B, N_max]``.
+
+    The drop-in for ``pad_patches_batch`` in MIL training loops.
+    """
+    if len(seqs) == 0:
+        raise ValueError("pad_sequences: seqs is empty; need at least one [N_i, ...] tensor")
+    trailing = seqs[0].shape[1:]
+    for i, s in enumerate(seqs):
+        if s.dim() < 1 or s.shape[1:] != trailing:
+            raise ValueError(
+                f"pad_sequences: seqs[{i}] has shape {tuple(s.shape)}, expected [N_i, *{tuple(trailing)}] like seqs[0]"
+            )
+    lengths = torch.tensor([s.shape[0] for s in seqs], device=seqs[0].device)
+    padded = torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True, padding_value=padding_value)
+    n_max = padded.shape[1]
+    mask = torch.arange(n_max, device=padded.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return padded, mask
+
+
+def _offsets_from_lengths(lengths: Tensor) -> Tensor:
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(torch.int64)
+
+
+def pack(padded: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """``[B, N, ...]`` + valid mask ``[B, N]`` -> packed rows ``[T, ...]`` and int64 offsets ``[B+1]``.
+
+    Valid rows keep their order within each bag; padding anywhere (not only at the end) is dropped.
+    Differentiable in ``padded``. T depends on the mask's values, so on CUDA this syncs once.
+    """
+    if padded.dim() < 2:
+        raise ValueError(f"pack: padded must be [B, N, ...], got shape {tuple(padded.shape)}")
+    if mask.shape != padded.shape[:2]:
+        raise ValueError(f"pack: mask must be [B, N] = {list(padded.shape[:2])}, got shape {tuple(mask.shape)}")
+    if mask.device != padded.device:
+        raise ValueError(f"pack: mask ({mask.device}) and padded ({padded.device}) must be on the same device")
+    valid = mask != 0
+    packed = padded[valid]
+    return packed, _offsets_from_lengths(valid.sum(1))
+
+
+def unpack(packed: Tensor, offsets: Tensor, max_len: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Packed rows ``[T, ...]`` + offsets ``[B+1]`` -> ``([B, max_len, ...], bool mask [B, max_len])``.
+
+    Bags are left-aligned; rows past ``max_len`` raise. ``max_len=None`` uses the longest bag (one
+    host sync on CUDA; pass it to avoid that). Differentiable in ``packed``.
+    """
+    if packed.dim() < 1:
+        raise ValueError(f"unpack: packed must be [T, ...], got shape {tuple(packed.shape)}")
+    if offsets.dim() != 1 or offsets.shape[0] < 1 or offsets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"unpack: offsets must be an int64 [B+1] tensor, got {offsets.dtype} shape {tuple(offsets.shape)}")
+    offsets = offsets.to(device=packed.device, dtype=torch.int64)
+    lengths = offsets[1:] - offsets[:-1]
+    batch, total = lengths.shape[0], packed.shape[0]
+    if max_len is None:
+        max_len = int(lengths.max().item()) if batch > 0 else 0
+    elif max_len < 0:
+        raise ValueError(f"unpack: max_len must be >= 0, got {max_len}")
+    if not packed.is_cuda:
+        o = offsets.tolist()
+        if o[0] != 0 or o[-1] != total or any(b < a for a, b in zip(o, o[1:])):
+            raise ValueError(f"unpack: offsets must rise from 0 to T={total}, got {o if len(o) <= 16 else o[:16] + ['...']}")
+        if batch and max(b - a for a, b in zip(o, o[1:])) > max_len:
+            raise ValueError(f"unpack: a bag is longer than max_len={max_len}")
+    bag = torch.repeat_interleave(torch.arange(batch, device=packed.device), lengths, output_size=total)
+    pos = torch.arange(total, device=packed.device) - offsets[bag]
+    out = packed.new_zeros((batch, max_len) + tuple(packed.shape[1:]))
+    out = out.index_put((bag, pos), packed)
+    mask = torch.arange(max_len, device=packed.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return out, mask

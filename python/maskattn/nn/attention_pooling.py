@@ -1,0 +1,68 @@
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .._ops.masked_attention_pool import masked_attention_pool
+
+
+class AttentionPooling(nn.Module):
+    """Attention-based MIL pooling (Ilse et al., 2018) over padded bags, fused.
+
+    A drop-in for the hand-written ``AttentionAggregator``: an MLP scores every instance, a softmax
+    over each bag's *valid* instances turns the scores into weights, and the bag is their weighted
+    sum. Unlike ``masked_fill(mask == 0, -1e9)``, padding gets weight exactly 0 and a bag with no
+    valid instance pools to zeros instead of averaging its padding.
+
+    Args:
+        in_dim: feature size D.
+        hidden_dim: hidden size of the scoring MLP.
+        gated: use the gated variant, ``w^T (tanh(V h) * sigmoid(U h))``.
+        branches: K attention branches (multi-branch / multi-class MIL); outputs gain a K dim.
+        dropout: dropout on the scoring MLP's hidden activations.
+
+    With ``gated=False`` and ``dropout=0`` the parameters are ``attention_net.0`` (Linear D->hidden),
+    ``attention_net.1`` (Tanh), ``attention_net.2`` (Linear hidden->K), so a checkpoint of the
+    usual ``nn.Sequential(Linear, Tanh, Linear)`` aggregator loads unchanged.
+
+    ``forward(features [B,N,D], mask [B,N] or None, return_scores=False)`` returns
+    ``(pooled [B,D], weights [B,N])`` (``[B,K,D]`` and ``[B,N,K]`` when ``branches > 1``), plus the
+    pre-softmax scores when ``return_scores=True`` (for heatmaps and top-k instance selection; they
+    are computed anyway, so this costs nothing).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 128, gated: bool = False, branches: int = 1,
+                 dropout: float = 0.0):
+        super().__init__()
+        if in_dim <= 0 or hidden_dim <= 0 or branches <= 0:
+            raise ValueError(f"AttentionPooling: in_dim, hidden_dim and branches must be positive, got "
+                             f"{in_dim}, {hidden_dim}, {branches}")
+        self.in_dim, self.hidden_dim, self.gated, self.branches = in_dim, hidden_dim, gated, branches
+        drop = [nn.Dropout(dropout)] if dropout > 0 else []
+        if gated:
+            self.attention_v = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Tanh(), *drop)
+            self.attention_u = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Sigmoid(), *drop)
+            self.attention_w = nn.Linear(hidden_dim, branches)
+        else:
+            self.attention_net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Tanh(), *drop,
+                                               nn.Linear(hidden_dim, branches))
+
+    def scores(self, features: Tensor) -> Tensor:
+        """Pre-softmax attention scores ``[B, N]`` (or ``[B, N, K]``)."""
+        if self.gated:
+            s = self.attention_w(self.attention_v(features) * self.attention_u(features))
+        else:
+            s = self.attention_net(features)
+        return s.squeeze(-1) if self.branches == 1 else s
+
+    def forward(self, features: Tensor, mask: Optional[Tensor] = None, return_scores: bool = False):
+        if features.dim() != 3 or features.shape[-1] != self.in_dim:
+            raise ValueError(f"AttentionPooling: features must be [B, N, {self.in_dim}], got shape {tuple(features.shape)}")
+        scores = self.scores(features)
+        pooled, weights = masked_attention_pool(scores, features, mask)
+        if return_scores:
+            return pooled, weights, scores
+        return pooled, weights
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, gated={self.gated}, branches={self.branches}"
