@@ -1,0 +1,555 @@
+// CUDA kernels of masked_attention_pool (padded and packed) and their backward.
+//
+// Forward: the features are read once. Each block takes a tile of D, a slice of one bag's rows
+// and up to KB branches; it finds its slice's max logit, accumulates exp(l - max) * f and the sum
+// of exp(l - max) (a split online softmax), and writes that partial state. A combine kernel
+// rescales the partials to the bag's global max, and a last small kernel writes the weights.
+// Splitting rows across blocks keeps the GPU full when B is 1 and N is 10^5.
+//
+// Packed offsets are read on the device and clamped into [0, T], never checked on the host:
+// no synchronisation, and bad offsets cannot send a read or write out of bounds.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+#include "masked_attention_pool.h"
+
+namespace maskattn {
+namespace {
+
+using cuda::ceil_div;
+
+constexpr int KBMAX = 4;     // branches accumulated by one block when K > 1
+constexpr int UNROLL = 4;    // rows in flight per thread
+constexpr int THREADS = 256;
+
+// Where the rows of bag b live. Padded: rows [0, N) at b * stride_b. Packed: rows
+// [offsets[b], offsets[b+1]) of one [T, ...] tensor, with absolute row indices.
+struct BagGeom {
+  const int64_t* offsets;  // null for padded
+  int64_t N, T;            // padded length / packed total rows
+  int64_t fs_b, fs_n;      // features (unit stride along D)
+  int64_t ls_b, ls_n, ls_k;
+  const bool* mask;        // null: all valid
+  int64_t ms_b, ms_n;
+  int K, D;
+
+  __device__ __forceinline__ void range(int64_t b, int64_t& r0, int64_t& r1) const {
+    if (offsets == nullptr) {
+      r0 = 0;
+      r1 = N;
+      return;
+    }
+    int64_t lo = offsets[b], hi = offsets[b + 1];
+    lo = lo < 0 ? 0 : (lo > T ? T : lo);
+    hi = hi < lo ? lo : (hi > T ? T : hi);
+    r0 = lo;
+    r1 = hi;
+  }
+  // Row index into the contiguous [rows, K] weights / [rows, D] grad_features.
+  __device__ __forceinline__ int64_t flat_row(int64_t b, int64_t r) const {
+    return offsets == nullptr ? b * N + r : r;
+  }
+  __device__ __forceinline__ bool valid(int64_t b, int64_t r) const {
+    return mask == nullptr || mask[b * ms_b + r * ms_n];
+  }
+};
+
+// Chunks of `chunk` rows; split s of nsplit takes chunks s, s + nsplit, ... of its bag, so a packed
+// bag longer than the host expected is still covered without knowing its length on the host.
+// KB: branches per block (1 for the common single-branch case, so no FMA is spent on idle branches).
+template <typename scalar_t, typename acc_t, int VEC, int KB>
+__global__ void __launch_bounds__(THREADS) pool_partial_kernel(
+    const scalar_t* __restrict__ logits, const scalar_t* __restrict__ features, BagGeom g, int64_t chunk,
+    int nsplit, int kgroups, int64_t dtiles, acc_t* __restrict__ part_acc, acc_t* __restrict__ part_m,
+    acc_t* __restrict__ part_s, int64_t nbags) {
+  __shared__ acc_t scratch[32];
+  __shared__ acc_t s_max[KB];
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* red = reinterpret_cast<acc_t*>(smem_raw);  // [blockDim.y][blockDim.x * VEC]
+
+  // blockIdx.x enumerates (bag, branch group, D tile) so that B may exceed the 65535 limit of y/z.
+  const int s = blockIdx.y;
+  const int64_t dtile = blockIdx.x % dtiles;
+  const int64_t bkg = blockIdx.x / dtiles;
+  const int64_t b = bkg / kgroups;
+  const int k0 = static_cast<int>(bkg % kgroups) * KB;
+  const int kc = min(KB, g.K - k0);
+  int64_t r0, r1;
+  g.range(b, r0, r1);
+  const int64_t nchunks = ceil_div(r1 - r0, chunk);
+  const int tid = threadIdx.x + threadIdx.y * blockDim.x;
+  const int nthreads = blockDim.x * blockDim.y;
+  const acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
+  const scalar_t* lb = logits + b * g.ls_b;
+  const scalar_t* fb = features + b * g.fs_b;
+
+  // 1) this split's max logit per branch, over valid rows
+  for (int kk = 0; kk < kc; ++kk) {
+    acc_t mx = NEG_INF;
+    for (int64_t c = s; c < nchunks; c += nsplit) {
+      const int64_t c0 = r0 + c * chunk, c1 = min(r1, c0 + chunk);
+      for (int64_t r = c0 + tid; r < c1; r += nthreads) {
+        if (g.valid(b, r)) {
+          const acc_t v = static_cast<acc_t>(lb[r * g.ls_n + (k0 + kk) * g.ls_k]);
+          mx = v > mx ? v : mx;
+        }
+      }
+    }
+    mx = cuda::block_reduce<acc_t, true>(mx, scratch);
+    if (tid == 0) s_max[kk] = mx;
+  }
+  __syncthreads();
+
+  // 2) sum of exp(l - max) * f over the rows, UNROLL rows in flight per thread
+  const int64_t d0 = (dtile * blockDim.x + threadIdx.x) * VEC;
+  const bool active = d0 < g.D;
+  acc_t acc[KB][VEC];
+  acc_t esum[KB];
+#pragma unroll
+  for (int kk = 0; kk < KB; ++kk) {
+    esum[kk] = 0;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[kk][v] = 0;
+  }
+  for (int64_t c = s; c < nchunks; c += nsplit) {
+    const int64_t c0 = r0 + c * chunk, c1 = min(r1, c0 + chunk);
+    for (int64_t rb = c0 + threadIdx.y; rb < c1; rb += static_cast<int64_t>(blockDim.y) * UNROLL) {
+      acc_t e[UNROLL][KB];
+      cuda::Pack<scalar_t, VEC> x[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int64_t r = rb + static_cast<int64_t>(u) * blockDim.y;
+        bool any = false;
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          e[u][kk] = 0;
+          if (kk < kc && r < c1 && s_max[kk] != NEG_INF && g.valid(b, r)) {
+            e[u][kk] = cuda::fast_exp<acc_t>(static_cast<acc_t>(lb[r * g.ls_n + (k0 + kk) * g.ls_k]) - s_max[kk]);
+            any = any || e[u][kk] != acc_t(0);
+          }
+        }
+        // Padding rows are never loaded: their content, NaN included, cannot reach the sum.
+        if (any && active) {
+          x[u] = cuda::load_pack<scalar_t, VEC>(fb + r * g.fs_n + d0);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) x[u].v[v] = scalar_t(0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          esum[kk] += e[u][kk];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[kk][v] += e[u][kk] * static_cast<acc_t>(x[u].v[v]);
+        }
+      }
+    }
+  }
+
+  // 3) reduce over threadIdx.y and write this split's partial state
+  const int64_t part_row = (static_cast<int64_t>(s) * nbags + b) * g.K;
+  const int width = blockDim.x * VEC;
+  for (int kk = 0; kk < kc; ++kk) {
+    const acc_t es = cuda::block_reduce<acc_t, false>(threadIdx.x == 0 ? esum[kk] : acc_t(0), scratch);
+    __syncthreads();
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) red[threadIdx.y * width + threadIdx.x * VEC + v] = acc[kk][v];
+    __syncthreads();
+    if (threadIdx.y == 0 && active) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        acc_t t = 0;
+        for (int y = 0; y < static_cast<int>(blockDim.y); ++y) t += red[y * width + threadIdx.x * VEC + v];
+        if (d0 + v < g.D) part_acc[(part_row + k0 + kk) * g.D + d0 + v] = t;
+      }
+    }
+    if (dtile == 0 && tid == 0) {
+      part_m[part_row + k0 + kk] = s_max[kk];
+      part_s[part_row + k0 + kk] = es;
+    }
+  }
+}
+
+// pooled[b,k,:] = sum_s acc_s * exp(m_s - M) / S with M = max_s m_s, S = sum_s s_s * exp(m_s - M).
+template <typename scalar_t, typename acc_t>
+__global__ void pool_combine_kernel(const acc_t* __restrict__ part_acc, const acc_t* __restrict__ part_m,
+                                    const acc_t* __restrict__ part_s, int nsplit, int64_t nbk, int64_t D,
+                                    scalar_t* __restrict__ pooled, acc_t* __restrict__ stats) {
+  const int64_t bk = blockIdx.x;
+  const acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
+  acc_t M = NEG_INF;
+  for (int s = 0; s < nsplit; ++s) {
+    const acc_t m = part_m[s * nbk + bk];
+    M = m > M ? m : M;
+  }
+  acc_t S = 0;
+  if (M != NEG_INF) {
+    for (int s = 0; s < nsplit; ++s) S += part_s[s * nbk + bk] * cuda::fast_exp<acc_t>(part_m[s * nbk + bk] - M);
+  }
+  // No valid row (or only -inf logits): zeros, not 0/0.
+  const bool empty = M == NEG_INF || S == acc_t(0);
+  const acc_t inv = empty ? acc_t(0) : acc_t(1) / S;
+  if (threadIdx.x == 0) {
+    stats[2 * bk] = M;
+    stats[2 * bk + 1] = inv;
+  }
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    acc_t t = 0;
+    if (!empty) {
+      for (int s = 0; s < nsplit; ++s) {
+        const acc_t m = part_m[s * nbk + bk];
+        if (m != NEG_INF) t += part_acc[(s * nbk + bk) * D + d] * cuda::fast_exp<acc_t>(m - M);
+      }
+    }
+    pooled[bk * D + d] = static_cast<scalar_t>(t * inv);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void pool_weights_kernel(const scalar_t* __restrict__ logits, BagGeom g, const acc_t* __restrict__ stats,
+                                    int64_t xblocks, scalar_t* __restrict__ weights) {
+  const int64_t b = blockIdx.x / xblocks, xb = blockIdx.x % xblocks;
+  int64_t r0, r1;
+  g.range(b, r0, r1);
+  const acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
+  const scalar_t* lb = logits + b * g.ls_b;
+  for (int64_t r = r0 + xb * blockDim.x + threadIdx.x; r < r1; r += xblocks * blockDim.x) {
+    const bool valid = g.valid(b, r);
+    for (int k = 0; k < g.K; ++k) {
+      const acc_t M = stats[2 * (b * g.K + k)], inv = stats[2 * (b * g.K + k) + 1];
+      acc_t w = 0;
+      if (valid && M != NEG_INF) w = cuda::fast_exp<acc_t>(static_cast<acc_t>(lb[r * g.ls_n + k * g.ls_k]) - M) * inv;
+      weights[g.flat_row(b, r) * g.K + k] = static_cast<scalar_t>(w);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ backward
+
+// One warp per row: gsum[row,k] = <grad_pooled[b,k,:], f[row,:]> (rows with weight 0 give 0), and
+// grad_features[row,:] = sum_k w[row,k] grad_pooled[b,k,:]. The row's bag comes from the flat row.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(THREADS) pool_backward_rows_kernel(
+    const scalar_t* __restrict__ features, BagGeom g, int64_t nbags, int64_t rows_total,
+    const scalar_t* __restrict__ weights, const acc_t* __restrict__ grad_pooled, acc_t* __restrict__ gsum,
+    scalar_t* __restrict__ grad_features) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows_total;
+       row += warps) {
+    int64_t b, r;
+    if (g.offsets == nullptr) {
+      b = row / g.N;
+      r = row - b * g.N;
+    } else {
+      // last bag whose start is <= row (offsets clamped, so any input stays in range)
+      int64_t lo = 0, hi = nbags - 1;
+      while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) >> 1;
+        int64_t o = g.offsets[mid];
+        o = o < 0 ? 0 : (o > g.T ? g.T : o);
+        if (o <= row) lo = mid; else hi = mid - 1;
+      }
+      b = lo;
+      r = row;
+    }
+    const scalar_t* f = features + b * g.fs_b + r * g.fs_n;
+    const acc_t* gp = grad_pooled + b * g.K * g.D;
+    const scalar_t* w = weights + row * g.K;
+    if (gsum != nullptr) {
+      for (int k = 0; k < g.K; ++k) {
+        const bool live = static_cast<acc_t>(w[k]) != acc_t(0);
+        acc_t t = 0;
+        if (live) {
+          for (int64_t d = static_cast<int64_t>(lane) * VEC; d < g.D; d += 32 * VEC) {
+            const auto x = cuda::load_pack<scalar_t, VEC>(f + d);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) t += static_cast<acc_t>(x.v[v]) * gp[k * g.D + d + v];
+          }
+        }
+        t = cuda::warp_sum(t);
+        if (lane == 0) gsum[row * g.K + k] = t;
+      }
+    }
+    if (grad_features != nullptr) {
+      scalar_t* out = grad_features + row * g.D;
+      for (int64_t d = static_cast<int64_t>(lane) * VEC; d < g.D; d += 32 * VEC) {
+        cuda::Pack<scalar_t, VEC> y;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          acc_t t = 0;
+          for (int k = 0; k < g.K; ++k) t += static_cast<acc_t>(w[k]) * gp[k * g.D + d + v];
+          y.v[v] = static_cast<scalar_t>(t);
+        }
+        cuda::store_pack<scalar_t, VEC>(out + d, y);
+      }
+    }
+  }
+}
+
+// Softmax backward per (bag, branch): dl = w * (g - sum(w * g)), g = gsum + grad_weights.
+template <typename scalar_t, typename acc_t>
+__global__ void pool_backward_softmax_kernel(BagGeom g, const scalar_t* __restrict__ weights,
+                                             const acc_t* __restrict__ gsum, const scalar_t* __restrict__ grad_weights,
+                                             scalar_t* __restrict__ grad_logits) {
+  __shared__ acc_t scratch[32];
+  const int64_t b = blockIdx.x / g.K;
+  const int k = blockIdx.x % g.K;
+  int64_t r0, r1;
+  g.range(b, r0, r1);
+  acc_t c = 0;
+  for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
+    const int64_t i = g.flat_row(b, r) * g.K + k;
+    const acc_t w = static_cast<acc_t>(weights[i]);
+    if (w != acc_t(0)) c += w * (gsum[i] + (grad_weights ? static_cast<acc_t>(grad_weights[i]) : acc_t(0)));
+  }
+  c = cuda::block_reduce<acc_t, false>(c, scratch);
+  for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
+    const int64_t i = g.flat_row(b, r) * g.K + k;
+    const acc_t w = static_cast<acc_t>(weights[i]);
+    acc_t out = 0;
+    if (w != acc_t(0)) out = w * (gsum[i] + (grad_weights ? static_cast<acc_t>(grad_weights[i]) : acc_t(0)) - c);
+    grad_logits[i] = static_cast<scalar_t>(out);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ host side
+
+template <typename scalar_t>
+int pick_vec(const at::Tensor& f, int64_t D, int64_t fs_b, int64_t fs_n) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  const bool ok = V > 1 && D % V == 0 && fs_n % V == 0 && fs_b % V == 0 &&
+                  reinterpret_cast<uintptr_t>(f.const_data_ptr()) % 16 == 0;
+  return ok ? V : 1;
+}
+
+// Views the inputs as BagGeom. `features` must have unit stride along D.
+BagGeom make_geom(const at::Tensor& logits, const at::Tensor& features, const at::Tensor& mask,
+                  const at::Tensor& offsets) {
+  BagGeom g{};
+  const bool packed = offsets.defined();
+  g.offsets = packed ? offsets.const_data_ptr<int64_t>() : nullptr;
+  g.K = static_cast<int>(logits.size(-1));
+  g.D = static_cast<int>(features.size(-1));
+  if (packed) {
+    g.T = features.size(0);
+    g.N = 0;
+    g.fs_b = 0;
+    g.fs_n = features.stride(0);
+    g.ls_b = 0;
+    g.ls_n = logits.stride(0);
+  } else {
+    g.N = features.size(1);
+    g.T = 0;
+    g.fs_b = features.stride(0);
+    g.fs_n = features.stride(1);
+    g.ls_b = logits.stride(0);
+    g.ls_n = logits.stride(1);
+  }
+  g.ls_k = logits.stride(-1);
+  g.mask = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  g.ms_b = mask.defined() ? mask.stride(0) : 0;
+  g.ms_n = mask.defined() ? mask.stride(1) : 0;
+  return g;
+}
+
+at::Tensor unit_stride_d(const at::Tensor& f) {
+  return f.stride(-1) == 1 ? f : f.contiguous();
+}
+
+// rows_hint: rows per bag the host expects (N padded, T/B packed) to size the split.
+template <typename scalar_t, typename acc_t, int VEC, int KB>
+void launch_partial(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const scalar_t* lp, const scalar_t* fp,
+                    const BagGeom& g, int64_t chunk, int nsplit, int kgroups, int64_t dtiles, acc_t* pa, acc_t* pm,
+                    acc_t* ps, int64_t nbags) {
+  pool_partial_kernel<scalar_t, acc_t, VEC, KB>
+      <<<grid, block, smem, stream>>>(lp, fp, g, chunk, nsplit, kgroups, dtiles, pa, pm, ps, nbags);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// rows_hint: rows per bag the host expects (N padded, T/B packed) to size the split.
+std::tuple<at::Tensor, at::Tensor> pool_forward_cuda(const at::Tensor& logits, const at::Tensor& features,
+                                                     const at::Tensor& mask, const at::Tensor& offsets,
+                                                     int64_t nbags, int64_t rows_hint) {
+  c10::cuda::CUDAGuard guard(features.device());
+  const bool packed = offsets.defined();
+  const int64_t K = logits.size(-1), D = features.size(-1);
+  // Packed rows outside every (clamped) bag must still read as weight 0: zero-fill.
+  auto weights = packed ? at::zeros(logits.sizes(), logits.options()) : at::empty(logits.sizes(), logits.options());
+  auto pooled = at::empty({nbags, K, D}, features.options());
+  if (nbags == 0 || K == 0) return {pooled, weights};
+  if (logits.numel() == 0) {  // no rows at all: empty bags pool to zeros
+    pooled.zero_();
+    return {pooled, weights};
+  }
+  const BagGeom g = make_geom(logits, features, mask, offsets);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const auto acc_type = at::toOpMathType(features.scalar_type());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
+    const int vec = pick_vec<scalar_t>(features, D, g.fs_b, g.fs_n);
+    const int64_t lanes = std::max<int64_t>(1, ceil_div(D, vec));  // D == 0 still computes the weights
+    const int tx = static_cast<int>(std::min<int64_t>(128, ceil_div(lanes, 32) * 32));
+    const int ty = THREADS / tx;
+    const int64_t dtiles = ceil_div(lanes, tx);
+    const int kb = K == 1 ? 1 : KBMAX;
+    const int kgroups = static_cast<int>(ceil_div(K, kb));
+    const int64_t xblocks = dtiles * nbags * kgroups;
+    TORCH_CHECK(xblocks <= INT32_MAX, "masked_attention_pool: B * ceil(K/4) * D-tiles = ", xblocks,
+                " exceeds the CUDA grid limit");
+    const int64_t min_rows = static_cast<int64_t>(ty) * UNROLL * 4;
+    int64_t nsplit = std::max<int64_t>(1, ceil_div(4LL * sms, xblocks));
+    nsplit = std::min<int64_t>(nsplit, std::max<int64_t>(1, ceil_div(rows_hint, min_rows)));
+    nsplit = std::min<int64_t>(nsplit, 65535);
+    const int64_t chunk = std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows_hint, 1), nsplit));
+
+    auto part_acc = at::empty({nsplit, nbags, K, D}, features.options().dtype(acc_type));
+    auto part_ms = at::empty({2, nsplit, nbags, K}, features.options().dtype(acc_type));
+    auto stats = at::empty({nbags, K, 2}, features.options().dtype(acc_type));
+    acc_t* pa = part_acc.data_ptr<acc_t>();
+    acc_t* pm = part_ms.data_ptr<acc_t>();
+    acc_t* ps = pm + nsplit * nbags * K;
+
+    const dim3 block(tx, ty);
+    const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(nsplit));
+    const size_t smem = static_cast<size_t>(THREADS) * vec * sizeof(acc_t);
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
+    const scalar_t* fp = features.const_data_ptr<scalar_t>();
+    const int ns = static_cast<int>(nsplit);
+    if (vec > 1 && kb == 1) {
+      launch_partial<scalar_t, acc_t, V, 1>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles, pa, pm, ps, nbags);
+    } else if (vec > 1) {
+      launch_partial<scalar_t, acc_t, V, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles, pa, pm, ps, nbags);
+    } else if (kb == 1) {
+      launch_partial<scalar_t, acc_t, 1, 1>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles, pa, pm, ps, nbags);
+    } else {
+      launch_partial<scalar_t, acc_t, 1, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles, pa, pm, ps, nbags);
+    }
+
+    TORCH_CHECK(nbags * K <= INT32_MAX, "masked_attention_pool: B * K = ", nbags * K, " exceeds the CUDA grid limit");
+    pool_combine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * K), 256, 0, stream>>>(
+        pa, pm, ps, ns, nbags * K, D, pooled.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    const int64_t wx = std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows_hint, 256), ceil_div(4LL * sms, nbags)));
+    TORCH_CHECK(nbags * wx <= INT32_MAX, "masked_attention_pool: B = ", nbags, " exceeds the CUDA grid limit");
+    pool_weights_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * wx), 256, 0, stream>>>(
+        lp, g, stats.data_ptr<acc_t>(), wx, weights.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {pooled, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const PoolGrads& pg, const at::Tensor& features_in,
+                                                      const at::Tensor& offsets, int64_t nbags, bool need_logits,
+                                                      bool need_features) {
+  c10::cuda::CUDAGuard guard(features_in.device());
+  const at::Tensor features = unit_stride_d(features_in);
+  const at::Tensor weights = pg.weights.contiguous();
+  const int64_t K = weights.size(-1), D = features.size(-1);
+  const int64_t rows_total = offsets.defined() ? features.size(0) : features.size(0) * features.size(1);
+  at::Tensor grad_logits = need_logits ? at::empty(weights.sizes(), weights.options()) : at::empty({0}, weights.options());
+  at::Tensor grad_features = need_features ? at::empty(features.sizes(), features.options()) : at::empty({0}, features.options());
+  if ((!need_logits && !need_features) || rows_total == 0) return {grad_logits, grad_features};
+  if (K == 0 || nbags == 0 || D == 0) {
+    if (need_logits) grad_logits.zero_();
+    if (need_features) grad_features.zero_();
+    return {grad_logits, grad_features};
+  }
+  const auto acc_type = at::toOpMathType(features.scalar_type());
+  const at::Tensor gp = pg.grad_pooled.to(acc_type).contiguous();
+  const at::Tensor gw = pg.grad_weights.defined() ? pg.grad_weights.contiguous() : at::Tensor();
+  const BagGeom g = make_geom(weights, features, at::Tensor(), offsets);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  at::Tensor gsum = need_logits ? at::zeros({rows_total, K}, features.options().dtype(acc_type)) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int vec = pick_vec<scalar_t>(features, D, g.fs_b, g.fs_n);
+    const int64_t blocks = std::min<int64_t>(ceil_div(rows_total, THREADS / 32), 32LL * sms);
+    acc_t* gs = need_logits ? gsum.data_ptr<acc_t>() : nullptr;
+    scalar_t* gf = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
+    if (vec > 1) {
+      constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
+      pool_backward_rows_kernel<scalar_t, acc_t, V><<<blocks, THREADS, 0, stream>>>(
+          features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
+          gp.const_data_ptr<acc_t>(), gs, gf);
+    } else {
+      pool_backward_rows_kernel<scalar_t, acc_t, 1><<<blocks, THREADS, 0, stream>>>(
+          features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
+          gp.const_data_ptr<acc_t>(), gs, gf);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (need_logits) {
+      // Rows no bag covers (only with bad packed offsets) keep a zero gradient.
+      if (offsets.defined()) grad_logits.zero_();
+      pool_backward_softmax_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * K), 256, 0, stream>>>(
+          g, weights.const_data_ptr<scalar_t>(), gs, gw.defined() ? gw.const_data_ptr<scalar_t>() : nullptr,
+          grad_logits.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grad_logits, grad_features};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cuda(const at::Tensor& logits, const at::Tensor& features,
+                                                              const std::optional<at::Tensor>& mask) {
+  PoolInputs in = check_pool_inputs(logits, features, mask);
+  const at::Tensor f = unit_stride_d(in.features);
+  auto [pooled, weights] = pool_forward_cuda(in.logits, f, in.mask, at::Tensor(), f.size(0), f.size(1));
+  if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
+  return {pooled, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cuda(
+    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
+    const at::Tensor& features, std::array<bool, 2> output_mask) {
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, features.size(0), false);
+  auto [gl, gf] = pool_backward_cuda(g, features, at::Tensor(), features.size(0), output_mask[0], output_mask[1]);
+  if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
+  return {gl, gf};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_cuda(const at::Tensor& logits,
+                                                                     const at::Tensor& features,
+                                                                     const at::Tensor& offsets) {
+  PackedInputs in = check_packed_inputs(logits, features, offsets);
+  const at::Tensor f = unit_stride_d(in.features);
+  const int64_t nbags = in.offsets.size(0) - 1;
+  auto [pooled, weights] =
+      pool_forward_cuda(in.logits, f, at::Tensor(), in.offsets, nbags, nbags > 0 ? ceil_div(f.size(0), nbags) : 0);
+  if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
+  return {pooled, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_backward_cuda(
+    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
+    const at::Tensor& features, const at::Tensor& offsets, std::array<bool, 2> output_mask) {
+  const at::Tensor o = offsets.contiguous();
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, o.size(0) - 1, true);
+  auto [gl, gf] = pool_backward_cuda(g, features, o, o.size(0) - 1, output_mask[0], output_mask[1]);
+  if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
+  return {gl, gf};
+}
+
+}  // namespace
+}  // namespace maskattn
+
+TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
+  m.impl("masked_attention_pool", &maskattn::masked_attention_pool_cuda);
+  m.impl("_masked_attention_pool_backward", &maskattn::masked_attention_pool_backward_cuda);
+  m.impl("masked_attention_pool_packed", &maskattn::masked_attention_pool_packed_cuda);
+  m.impl("_masked_attention_pool_packed_backward", &maskattn::masked_attention_pool_packed_backward_cuda);
+}
