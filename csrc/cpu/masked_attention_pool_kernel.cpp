@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_vec.h"
 #include "masked_attention_pool.h"
 
 namespace maskattn {
@@ -96,30 +97,6 @@ void bag_softmax(const scalar_t* logits, const bool* mask, const std::vector<Bag
   });
 }
 
-// acc[d] += sum_j w[j] * row_j[d] for four rows at once: one load/store of acc per four rows.
-template <typename scalar_t, typename acc_t>
-inline void axpy4(acc_t* __restrict__ acc, const acc_t* w, const scalar_t* __restrict__ p0,
-                  const scalar_t* __restrict__ p1, const scalar_t* __restrict__ p2,
-                  const scalar_t* __restrict__ p3, int64_t D) {
-  const acc_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-  for (int64_t d = 0; d < D; ++d) {
-    acc[d] += w0 * static_cast<acc_t>(p0[d]) + w1 * static_cast<acc_t>(p1[d]) +
-              w2 * static_cast<acc_t>(p2[d]) + w3 * static_cast<acc_t>(p3[d]);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-inline void axpy1(acc_t* __restrict__ acc, acc_t w, const scalar_t* __restrict__ p, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<acc_t>(p[d]);
-}
-
-template <typename scalar_t, typename acc_t>
-inline acc_t dot(const acc_t* __restrict__ a, const scalar_t* __restrict__ p, int64_t D) {
-  acc_t s = 0;
-  for (int64_t d = 0; d < D; ++d) s += a[d] * static_cast<acc_t>(p[d]);
-  return s;
-}
-
 // Partial pooled sums of one chunk into part[K*D]. Rows whose weights are all zero (padding) are
 // skipped, so nothing stored in the padding - not even NaN - can reach the result.
 template <typename scalar_t, typename acc_t>
@@ -129,26 +106,26 @@ void pool_chunk(const scalar_t* f, const acc_t* w, const Bag& bag, const Chunk& 
   std::fill(part, part + K * D, acc_t(0));
   if (L.fs_d == 1) {
     if (K == 1) {
-      const scalar_t* rows[4];
-      acc_t ws[4];
+      const scalar_t* rows[8];
+      acc_t ws[8];
       int n = 0;
       for (int64_t r = c.r0; r < c.r1; ++r) {
         const acc_t wr = w[bag.w_off + r];
         if (wr == acc_t(0)) continue;
         rows[n] = f + bag.f_off + r * L.fs_n;
         ws[n] = wr;
-        if (++n == 4) {
-          axpy4(part, ws, rows[0], rows[1], rows[2], rows[3], D);
+        if (++n == 8) {
+          cpu::axpy_rows_any(part, rows, ws, 8, D);
           n = 0;
         }
       }
-      for (int j = 0; j < n; ++j) axpy1(part, ws[j], rows[j], D);
+      if (n) cpu::axpy_rows_any(part, rows, ws, n, D);
     } else {
       for (int64_t r = c.r0; r < c.r1; ++r) {
         const scalar_t* row = f + bag.f_off + r * L.fs_n;
         for (int64_t k = 0; k < K; ++k) {
           const acc_t wr = w[bag.w_off + r * K + k];
-          if (wr != acc_t(0)) axpy1(part + k * D, wr, row, D);
+          if (wr != acc_t(0)) cpu::axpy_rows_any(part + k * D, &row, &wr, 1, D);
         }
       }
     }
@@ -162,12 +139,18 @@ void pool_chunk(const scalar_t* f, const acc_t* w, const Bag& bag, const Chunk& 
     for (int64_t r = 0; r < n; ++r) wcol[r] = w[bag.w_off + (c.r0 + r) * K + k];
     for (int64_t d = 0; d < D; ++d) {
       const scalar_t* col = f + bag.f_off + d * L.fs_d + c.r0;
-      acc_t s = 0;
-      for (int64_t r = 0; r < n; ++r) {
-        const acc_t x = wcol[r] != acc_t(0) ? wcol[r] * static_cast<acc_t>(col[r]) : acc_t(0);
-        s += x;
+      // eight partial sums so the loop vectorises; padding (weight 0) is selected away, not
+      // multiplied, so NaN stored there stays out
+      acc_t s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t r = 0;
+      for (; r + 8 <= n; r += 8) {
+        for (int j = 0; j < 8; ++j) {
+          const acc_t wj = wcol[r + j];
+          s8[j] += wj != acc_t(0) ? wj * static_cast<acc_t>(col[r + j]) : acc_t(0);
+        }
       }
-      part[k * D + d] = s;
+      for (; r < n; ++r) s8[0] += wcol[r] != acc_t(0) ? wcol[r] * static_cast<acc_t>(col[r]) : acc_t(0);
+      part[k * D + d] = ((s8[0] + s8[1]) + (s8[2] + s8[3])) + ((s8[4] + s8[5]) + (s8[6] + s8[7]));
     }
   }
 }
@@ -329,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward(const PoolGrads& g, const at::T
             const scalar_t* row = f + bag.f_off + r * L.fs_n;
             for (int64_t k = 0; k < K; ++k) {
               const int64_t i = r * K + k;
-              gs[i] = w[bag.w_off + i] != acc_t(0) ? dot(gpb + k * D, row, D) : acc_t(0);
+              gs[i] = w[bag.w_off + i] != acc_t(0) ? cpu::dot_any(gpb + k * D, row, D) : acc_t(0);
             }
           }
         } else {

@@ -67,6 +67,13 @@ def run(args):
             if impl in fwd:
                 t = timeit(fwd[impl], dev, min_time)
                 rows.append(Row("pool", case, "fwd", impl, t * 1e3, fbytes / t / 1e9))
+        if dev.type == "cuda":
+            # the bandwidth the GPU goal is stated against: a device-to-device copy
+            # (GB/s counts the read and the write)
+            dst = torch.empty_like(features)
+            t = timeit(lambda: dst.copy_(features), dev, min_time)
+            rows.append(Row("pool", case, "fwd", "device copy (read+write)", t * 1e3, 2 * fbytes / t / 1e9))
+            del dst
 
         # forward + backward: frozen features (pre-extracted MIL features), then trainable ones
         for mode, feat_grad in (("fwd+bwd frozen features", False), ("fwd+bwd trainable features", True)):

@@ -1,0 +1,73 @@
+#include "common/cpu_vec.h"
+
+#include <cstring>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define MASKATTN_CLONES __attribute__((target_clones("fma", "default")))
+#else
+#define MASKATTN_CLONES
+#endif
+
+namespace maskattn {
+namespace cpu {
+namespace {
+// Eight floats; the compiler maps it to one AVX register or two SSE registers.
+typedef float v8sf __attribute__((vector_size(32)));
+
+inline v8sf load8(const float* p) {
+  v8sf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, v8sf v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+}  // namespace
+
+MASKATTN_CLONES
+float dot_f32(const float* a, const float* b, int64_t n) {
+  v8sf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 += load8(a + i) * load8(b + i);
+    s1 += load8(a + i + 8) * load8(b + i + 8);
+    s2 += load8(a + i + 16) * load8(b + i + 16);
+    s3 += load8(a + i + 24) * load8(b + i + 24);
+  }
+  for (; i + 8 <= n; i += 8) s0 += load8(a + i) * load8(b + i);
+  const v8sf s = (s0 + s1) + (s2 + s3);
+  float r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
+MASKATTN_CLONES
+void axpy_rows_f32(float* acc, const float* const* rows, const float* w, int nrows, int64_t n) {
+  int64_t i = 0;
+  if (nrows == 8) {  // the steady state of the pooling loop: fully unrolled
+    const float* r0 = rows[0]; const float* r1 = rows[1]; const float* r2 = rows[2]; const float* r3 = rows[3];
+    const float* r4 = rows[4]; const float* r5 = rows[5]; const float* r6 = rows[6]; const float* r7 = rows[7];
+    for (; i + 8 <= n; i += 8) {
+      v8sf x = load8(acc + i);
+      x += w[0] * load8(r0 + i) + w[1] * load8(r1 + i);
+      x += w[2] * load8(r2 + i) + w[3] * load8(r3 + i);
+      x += w[4] * load8(r4 + i) + w[5] * load8(r5 + i);
+      x += w[6] * load8(r6 + i) + w[7] * load8(r7 + i);
+      store8(acc + i, x);
+    }
+  } else {
+    for (; i + 8 <= n; i += 8) {
+      v8sf x = load8(acc + i);
+      for (int j = 0; j < nrows; ++j) x += w[j] * load8(rows[j] + i);
+      store8(acc + i, x);
+    }
+  }
+  for (; i < n; ++i) {
+    float x = acc[i];
+    for (int j = 0; j < nrows; ++j) x += w[j] * rows[j][i];
+    acc[i] = x;
+  }
+}
+
+}  // namespace cpu
+}  // namespace maskattn
