@@ -444,3 +444,25 @@ def test_build_info():
     info = maskattn.build_info()
     assert info["torch_version"] == torch.__version__
     assert isinstance(info["with_cuda"], bool)
+
+
+def test_import_under_another_torch_fails_with_rebuild_hint():
+    import subprocess
+    import sys
+
+    code = "import torch; torch.__version__ = '0.0.1'; import maskattn"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert r.returncode != 0
+    assert f"maskattn was built against torch {torch.__version__} but torch 0.0.1 is installed" in r.stderr
+    assert "pip install --no-build-isolation" in r.stderr
+
+
+def test_opcheck_packed_backward():
+    offs = torch.tensor([0, 3, 3, 8])
+    lp = torch.randn(8, 2)
+    fp = torch.randn(8, 5)
+    _, w = maskattn.masked_attention_pool_packed(lp, fp, offs)
+    gp = torch.randn(3, 2, 5)
+    for mask in ([True, True], [True, False], [False, True]):
+        torch.library.opcheck(torch.ops.maskattn._masked_attention_pool_packed_backward.default,
+                              (gp, torch.randn_like(w), w, fp, offs, mask))
