@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_alloc.h"
 #include "common/cpu_vec.h"
 #include "masked_attention_pool.h"
 
@@ -257,7 +258,8 @@ std::tuple<at::Tensor, at::Tensor> pool_backward(const PoolGrads& g, const at::T
   Layout L = make_layout(g.weights, features, at::Tensor());
   const int64_t K = L.K, D = L.D;
   at::Tensor grad_logits = need_logits ? at::zeros(g.weights.sizes(), g.weights.options()) : at::empty({0}, g.weights.options());
-  at::Tensor grad_features = need_features ? at::empty(features.sizes(), features.options()) : at::empty({0}, features.options());
+  at::Tensor grad_features =
+      need_features ? cpu::empty_large(features.sizes(), features.options()) : at::empty({0}, features.options());
   if (!need_logits && !need_features) return {grad_logits, grad_features};
   if (g.weights.numel() == 0) {
     // No weights (B, N or K is 0): every feature row has weight 0.
