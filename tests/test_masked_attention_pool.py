@@ -466,3 +466,16 @@ def test_opcheck_packed_backward():
     for mask in ([True, True], [True, False], [False, True]):
         torch.library.opcheck(torch.ops.maskattn._masked_attention_pool_packed_backward.default,
                               (gp, torch.randn_like(w), w, fp, offs, mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_in_low_precision(dtype):
+    l, f, m = make(2, 9, 6)
+    l.requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        p, w = maskattn.masked_attention_pool(l, f, m)
+    assert p.dtype == dtype and w.dtype == dtype
+    pr, wr = reference_pool(l.detach().to(dtype), f.to(dtype), m)
+    assert_close(p, pr, dtype)
+    p.float().sum().backward()
+    assert l.grad.dtype == torch.float32 and torch.isfinite(l.grad).all()

@@ -4,6 +4,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _autocast
+
 _ops = torch.ops.maskattn
 
 
@@ -111,3 +113,7 @@ def _backward_packed(ctx, grad_pooled, grad_weights):
 
 torch.library.register_autograd("maskattn::masked_attention_pool", _backward_padded, setup_context=_setup_padded)
 torch.library.register_autograd("maskattn::masked_attention_pool_packed", _backward_packed, setup_context=_setup_packed)
+
+# Under autocast the pooling runs in the autocast dtype; the kernels accumulate in float32.
+_autocast.register_low_precision("masked_attention_pool")
+_autocast.register_low_precision("masked_attention_pool_packed")
