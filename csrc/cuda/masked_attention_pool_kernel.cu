@@ -179,37 +179,55 @@ __global__ void __launch_bounds__(THREADS) pool_partial_kernel(
 }
 
 // pooled[b,k,:] = sum_s acc_s * exp(m_s - M) / S with M = max_s m_s, S = sum_s s_s * exp(m_s - M).
+// A block takes 32 consecutive d of one (b, k) and spreads the splits over its 8 thread rows, so a
+// long bag split 500 ways is combined in parallel rather than by one serial loop per thread.
+constexpr int COMBINE_X = 32, COMBINE_Y = 8;
+
 template <typename scalar_t, typename acc_t>
-__global__ void pool_combine_kernel(const acc_t* __restrict__ part_acc, const acc_t* __restrict__ part_m,
-                                    const acc_t* __restrict__ part_s, int nsplit, int64_t nbk, int64_t D,
-                                    scalar_t* __restrict__ pooled, acc_t* __restrict__ stats) {
-  const int64_t bk = blockIdx.x;
+__global__ void __launch_bounds__(COMBINE_X * COMBINE_Y) pool_combine_kernel(
+    const acc_t* __restrict__ part_acc, const acc_t* __restrict__ part_m, const acc_t* __restrict__ part_s,
+    int nsplit, int64_t nbk, int64_t D, int64_t dblocks, scalar_t* __restrict__ pooled, acc_t* __restrict__ stats) {
+  __shared__ acc_t scratch[32];
+  __shared__ acc_t red[COMBINE_Y][COMBINE_X + 1];
+  const int64_t bk = blockIdx.x / dblocks, db = blockIdx.x % dblocks;
+  const int tid = threadIdx.x + threadIdx.y * COMBINE_X;
   const acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
   acc_t M = NEG_INF;
-  for (int s = 0; s < nsplit; ++s) {
+  for (int s = tid; s < nsplit; s += COMBINE_X * COMBINE_Y) {
     const acc_t m = part_m[s * nbk + bk];
     M = m > M ? m : M;
   }
+  M = cuda::block_reduce<acc_t, true>(M, scratch);
   acc_t S = 0;
   if (M != NEG_INF) {
-    for (int s = 0; s < nsplit; ++s) S += part_s[s * nbk + bk] * cuda::fast_exp<acc_t>(part_m[s * nbk + bk] - M);
+    for (int s = tid; s < nsplit; s += COMBINE_X * COMBINE_Y) {
+      const acc_t m = part_m[s * nbk + bk];
+      if (m != NEG_INF) S += part_s[s * nbk + bk] * cuda::fast_exp<acc_t>(m - M);
+    }
   }
-  // No valid row (or only -inf logits): zeros, not 0/0.
+  S = cuda::block_reduce<acc_t, false>(S, scratch);
+  // No valid row (or only -inf logits): zeros, not 0/0. A NaN logit makes S NaN and poisons the bag.
   const bool empty = M == NEG_INF || S == acc_t(0);
   const acc_t inv = empty ? acc_t(0) : acc_t(1) / S;
-  if (threadIdx.x == 0) {
+  if (db == 0 && tid == 0) {
     stats[2 * bk] = M;
     stats[2 * bk + 1] = inv;
   }
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    acc_t t = 0;
-    if (!empty) {
-      for (int s = 0; s < nsplit; ++s) {
-        const acc_t m = part_m[s * nbk + bk];
-        if (m != NEG_INF) t += part_acc[(s * nbk + bk) * D + d] * cuda::fast_exp<acc_t>(m - M);
-      }
+  const int64_t d = db * COMBINE_X + threadIdx.x;
+  acc_t t = 0;
+  if (!empty && d < D) {
+    for (int s = threadIdx.y; s < nsplit; s += COMBINE_Y) {
+      const acc_t m = part_m[s * nbk + bk];
+      if (m != NEG_INF) t += part_acc[(s * nbk + bk) * D + d] * cuda::fast_exp<acc_t>(m - M);
     }
-    pooled[bk * D + d] = static_cast<scalar_t>(t * inv);
+  }
+  red[threadIdx.y][threadIdx.x] = t;
+  __syncthreads();
+  if (threadIdx.y == 0 && d < D) {
+    acc_t sum = 0;
+#pragma unroll
+    for (int y = 0; y < COMBINE_Y; ++y) sum += red[y][threadIdx.x];
+    pooled[bk * D + d] = static_cast<scalar_t>(sum * inv);
   }
 }
 
@@ -437,9 +455,11 @@ std::tuple<at::Tensor, at::Tensor> pool_forward_cuda(const at::Tensor& logits, c
       launch_partial<scalar_t, acc_t, 1, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles, pa, pm, ps, nbags);
     }
 
-    TORCH_CHECK(nbags * K <= INT32_MAX, "masked_attention_pool: B * K = ", nbags * K, " exceeds the CUDA grid limit");
-    pool_combine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * K), 256, 0, stream>>>(
-        pa, pm, ps, ns, nbags * K, D, pooled.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
+    const int64_t dblocks = std::max<int64_t>(1, ceil_div(D, COMBINE_X));
+    TORCH_CHECK(nbags * K * dblocks <= INT32_MAX, "masked_attention_pool: B * K * ceil(D/32) = ", nbags * K * dblocks,
+                " exceeds the CUDA grid limit");
+    pool_combine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * K * dblocks), dim3(COMBINE_X, COMBINE_Y), 0, stream>>>(
+        pa, pm, ps, ns, nbags * K, D, dblocks, pooled.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const int64_t wx = std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows_hint, 256), ceil_div(4LL * sms, nbags)));
