@@ -479,3 +479,12 @@ def test_autocast_runs_in_low_precision(dtype):
     assert_close(p, pr, dtype)
     p.float().sum().backward()
     assert l.grad.dtype == torch.float32 and torch.isfinite(l.grad).all()
+
+
+def test_double_backward_raises():
+    l = torch.randn(2, 5, dtype=torch.double, requires_grad=True)
+    f = torch.randn(2, 5, 3, dtype=torch.double, requires_grad=True)
+    p, _ = maskattn.masked_attention_pool(l, f)
+    gl, _ = torch.autograd.grad(p.sum(), (l, f), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        torch.autograd.grad(gl.sum(), l)

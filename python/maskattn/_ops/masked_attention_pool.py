@@ -4,7 +4,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _autocast
+from . import _registration
 
 _ops = torch.ops.maskattn
 
@@ -115,5 +115,7 @@ torch.library.register_autograd("maskattn::masked_attention_pool", _backward_pad
 torch.library.register_autograd("maskattn::masked_attention_pool_packed", _backward_packed, setup_context=_setup_packed)
 
 # Under autocast the pooling runs in the autocast dtype; the kernels accumulate in float32.
-_autocast.register_low_precision("masked_attention_pool")
-_autocast.register_low_precision("masked_attention_pool_packed")
+_registration.register_low_precision("masked_attention_pool")
+_registration.register_low_precision("masked_attention_pool_packed")
+_registration.forbid_double_backward("_masked_attention_pool_backward")
+_registration.forbid_double_backward("_masked_attention_pool_packed_backward")
