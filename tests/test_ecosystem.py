@@ -1,0 +1,134 @@
+"""maskattn inside the PyTorch training stack: compiled training steps, no graph breaks, dynamic
+shapes without a recompile per step, torch.export, CUDA graphs (where a GPU is present)."""
+import pytest
+import torch
+from torch import nn
+
+import maskattn
+
+
+class MIL(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.pool = maskattn.nn.AttentionPooling(d, 8, gated=True)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x, mask):
+        pooled, weights = self.pool(x, mask)
+        return self.head(pooled), weights
+
+
+def _batch(B, N, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, d, generator=g)
+    mask = torch.rand(B, N, generator=g) < 0.7
+    mask[:, 0] = True
+    y = torch.randint(0, 2, (B,), generator=g)
+    return x, mask, y
+
+
+def _step(model, opt, x, mask, y):
+    logits, _ = model(x, mask)
+    loss = nn.functional.cross_entropy(logits, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def test_compiled_training_step_matches_eager():
+    torch.manual_seed(0)
+    eager = MIL()
+    compiled = MIL()
+    compiled.load_state_dict(eager.state_dict())
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_c = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    step_c = torch.compile(_step, fullgraph=False)
+    fwd_c = torch.compile(compiled, fullgraph=True)
+    for s in range(3):
+        x, mask, y = _batch(4, 10, seed=s)
+        le = _step(eager, opt_e, x, mask, y)
+        lc = step_c(fwd_c, opt_c, x, mask, y)
+        torch.testing.assert_close(lc, le, atol=1e-5, rtol=1e-5)
+    for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_no_graph_breaks():
+    model = MIL()
+    x, mask, _ = _batch(2, 7)
+    explain = torch._dynamo.explain(model)(x, mask)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+
+
+def test_dynamic_bag_sizes_do_not_recompile_every_step():
+    torch._dynamo.reset()
+    model = MIL()
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for N in (5, 9, 13, 21, 34):
+        x, mask, _ = _batch(3, N)
+        logits, w = fn(x, mask)
+        assert w.shape == (3, N)
+    assert counter.frame_count == 1
+
+
+def test_torch_export_matches_eager():
+    model = MIL().eval()
+    x, mask, _ = _batch(3, 11)
+    ep = torch.export.export(model, (x, mask))
+    out = ep.module()(x, mask)
+    ref = model(x, mask)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+    x2, mask2, _ = _batch(3, 11, seed=5)
+    torch.testing.assert_close(ep.module()(x2, mask2)[0], model(x2, mask2)[0])
+
+
+def test_deterministic_algorithms_mode_gives_identical_results():
+    torch.use_deterministic_algorithms(True)
+    try:
+        l = torch.randn(2, 3000, requires_grad=True)
+        f = torch.randn(2, 3000, 64, requires_grad=True)
+        outs = []
+        for _ in range(2):
+            p, w = maskattn.masked_attention_pool(l, f)
+            g = torch.autograd.grad(p.sum(), (l, f))
+            outs.append((p, w) + g)
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture_replays_forward_and_backward():
+    torch.manual_seed(0)
+    l = torch.randn(4, 500, device="cuda", requires_grad=True)
+    f = torch.randn(4, 500, 64, device="cuda", requires_grad=True)
+    mask = torch.rand(4, 500, device="cuda") < 0.8
+    offsets = torch.tensor([0, 100, 100, 400, 500], device="cuda")
+    gp = torch.randn(4, 64, device="cuda")
+
+    def run():
+        p, _ = maskattn.masked_attention_pool(l, f, mask)
+        pp, _ = maskattn.masked_attention_pool_packed(l.reshape(-1)[:500], f.reshape(-1, 64)[:500], offsets)
+        return torch.autograd.grad((p * gp).sum() + pp.sum(), (l, f))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run()
+    with torch.no_grad():
+        f.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = run()
+    for a, b in zip(static, eager):
+        torch.testing.assert_close(a, b)
