@@ -21,6 +21,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller shapes and shorter timing (smoke test)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd seed layers")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per measurement")
+    p.add_argument("--plot", metavar="PNG", nargs="?", const="maskattn_speedup.png",
+                   help="write a speedup-versus-N plot of the pooling suite (needs matplotlib)")
     mods = {name: importlib.import_module(f"maskattn.bench.{name}") for name in SUITES}
     for m in mods.values():
         if hasattr(m, "add_args"):
@@ -37,6 +39,9 @@ def main(argv=None):
     print()
     print(info)
     print_table(rows)
+    if args.plot:
+        from ._plot import plot_speedup
+        print("wrote", plot_speedup(rows, args.plot))
     return 0
 
 
