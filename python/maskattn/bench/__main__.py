@@ -21,6 +21,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller shapes and shorter timing (smoke test)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd seed layers")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per measurement")
+    p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown to FILE")
     p.add_argument("--plot", metavar="PNG", nargs="?", const="maskattn_speedup.png",
                    help="write a speedup-versus-N plot of the pooling suite (needs matplotlib)")
     mods = {name: importlib.import_module(f"maskattn.bench.{name}") for name in SUITES}
@@ -39,6 +40,11 @@ def main(argv=None):
     print()
     print(info)
     print_table(rows)
+    if args.markdown:
+        from ._harness import markdown_table
+        with open(args.markdown, "w") as fh:
+            fh.write(f"{info}\n\nCommand: python -m maskattn.bench {' '.join(argv if argv is not None else sys.argv[1:])}\n\n")
+            fh.write(markdown_table(rows) + "\n")
     if args.plot:
         from ._plot import plot_speedup
         print("wrote", plot_speedup(rows, args.plot))

@@ -77,3 +77,19 @@ def print_table(rows: List[Row], file=None) -> None:
             gb = f"{r.gbps:7.1f}" if r.gbps else ""
             print(f"{suite:<8} {case:<28} {mode:<30} {r.impl:<30} {r.ms:9.3f} {gb:>7} {sp:>8}"
                   + (f"  {r.notes}" if r.notes else ""), file=file)
+
+
+def markdown_table(rows: List[Row]) -> str:
+    """The same grouping as print_table, as a Markdown table (for benchmarks/RESULTS.md)."""
+    out = ["| suite | case | mode | impl | ms | GB/s | vs seed eager |", "|---|---|---|---|---:|---:|---:|"]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r.suite, r.case, r.mode), []).append(r)
+    for (suite, case, mode), rs in groups.items():
+        base = next((r.ms for r in rs if r.impl == "seed eager"), None)
+        for r in rs:
+            sp = f"{base / r.ms:.2f}x" if base and r.ms > 0 else ""
+            gb = f"{r.gbps:.1f}" if r.gbps else ""
+            impl = f"**{r.impl}**" if r.impl == "maskattn" else r.impl
+            out.append(f"| {suite} | {case} | {mode} | {impl} | {r.ms:.3f} | {gb} | {sp} |")
+    return "\n".join(out)
