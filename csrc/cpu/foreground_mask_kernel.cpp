@@ -22,32 +22,29 @@
 namespace maskattn {
 namespace {
 
-// Morphology with a (2r+1)x(2r+1) square on a 0/1 image. Pixels outside the image are ignored
-// (the identity of the operation), as OpenCV's default border for erode/dilate does, so an
-// object touching the image edge is not eaten by erosion.
-template <bool kMax>
-void morph_square(uint8_t* __restrict__ img, uint8_t* __restrict__ tmp, int H, int W, int r) {
-  if (r <= 0) return;
-  // Horizontal pass into tmp: each shift is a full-row AND/OR.
-  for (int y = 0; y < H; ++y) {
-    const uint8_t* __restrict__ in = img + static_cast<int64_t>(y) * W;
-    uint8_t* __restrict__ out = tmp + static_cast<int64_t>(y) * W;
-    std::memcpy(out, in, W);
-    for (int k = 1; k <= r; ++k) {
-      for (int x = 0; x + k < W; ++x) out[x] = kMax ? (out[x] | in[x + k]) : (out[x] & in[x + k]);
-      for (int x = W - 1; x - k >= 0; --x) out[x] = kMax ? (out[x] | in[x - k]) : (out[x] & in[x - k]);
-    }
-  }
-  // Vertical pass back into img: out row y combines tmp rows y-r..y+r clipped to the image.
-  for (int y = 0; y < H; ++y) {
-    uint8_t* __restrict__ out = img + static_cast<int64_t>(y) * W;
-    const int y0 = std::max(0, y - r), y1 = std::min(H - 1, y + r);
-    std::memcpy(out, tmp + static_cast<int64_t>(y0) * W, W);
-    for (int yy = y0 + 1; yy <= y1; ++yy) {
-      const uint8_t* __restrict__ in = tmp + static_cast<int64_t>(yy) * W;
-      for (int x = 0; x < W; ++x) out[x] = kMax ? (out[x] | in[x]) : (out[x] & in[x]);
-    }
-  }
+// Row primitives. The hot loops of this file are these few lines over whole rows; they are
+// compiled for AVX2 as well as the baseline ISA and picked at load time (GCC/Clang function
+// multiversioning), since the wheel must run on any x86-64 but a 256-px row is 8 AVX2 ops.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__NVCC__)
+#define MASKATTN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MASKATTN_CLONES
+#endif
+
+MASKATTN_CLONES void or_into(uint8_t* __restrict__ out, const uint8_t* __restrict__ in, int n) {
+  for (int x = 0; x < n; ++x) out[x] |= in[x];
+}
+MASKATTN_CLONES void and_into(uint8_t* __restrict__ out, const uint8_t* __restrict__ in, int n) {
+  for (int x = 0; x < n; ++x) out[x] &= in[x];
+}
+MASKATTN_CLONES void axpy_into(float* __restrict__ out, const float* __restrict__ in, float w, int n) {
+  for (int x = 0; x < n; ++x) out[x] += w * in[x];
+}
+MASKATTN_CLONES void scale_into(float* __restrict__ out, const float* __restrict__ in, float w, int n) {
+  for (int x = 0; x < n; ++x) out[x] = w * in[x];
+}
+MASKATTN_CLONES void bytes_to_float(float* __restrict__ out, const uint8_t* __restrict__ in, int n) {
+  for (int x = 0; x < n; ++x) out[x] = static_cast<float>(in[x]);
 }
 
 // First x' >= x with row[x'] != v (v is 0 or 1), or W. Eight pixels per step: uniform stretches
@@ -69,6 +66,55 @@ inline int skip_equal(const uint8_t* row, int x, int W, uint8_t v) {
   }
   while (x < W && row[x] == v) ++x;
   return x;
+}
+
+inline bool row_uniform(const uint8_t* row, int W) { return W == 0 || skip_equal(row, 0, W, row[0]) == W; }
+
+// Morphology with a (2r+1)x(2r+1) square on a 0/1 image. Pixels outside the image are ignored
+// (the identity of the operation), as OpenCV's default border for erode/dilate does, so an
+// object touching the image edge is not eaten by erosion.
+template <bool kMax>
+void morph_square(uint8_t* __restrict__ img, uint8_t* __restrict__ tmp, std::vector<uint8_t>& uniform, int H, int W,
+                  int r) {
+  if (r <= 0) return;
+  // Horizontal pass into tmp: each shift is a full-row AND/OR. A uniform row is its own result.
+  uniform.resize(H);
+  for (int y = 0; y < H; ++y) {
+    const uint8_t* in = img + static_cast<int64_t>(y) * W;
+    uint8_t* out = tmp + static_cast<int64_t>(y) * W;
+    std::memcpy(out, in, W);
+    uniform[y] = row_uniform(in, W);
+    if (uniform[y]) continue;
+    for (int k = 1; k <= r && k < W; ++k) {
+      if (kMax) {
+        or_into(out, in + k, W - k);
+        or_into(out + k, in, W - k);
+      } else {
+        and_into(out, in + k, W - k);
+        and_into(out + k, in, W - k);
+      }
+    }
+  }
+  // Vertical pass back into img: row y combines tmp rows y-r..y+r clipped to the image; a window
+  // of identical uniform rows is skipped.
+  for (int y = 0; y < H; ++y) {
+    uint8_t* out = img + static_cast<int64_t>(y) * W;
+    const int y0 = std::max(0, y - r), y1 = std::min(H - 1, y + r);
+    bool same = true;
+    for (int yy = y0; yy <= y1 && same; ++yy) same = uniform[yy] && tmp[static_cast<int64_t>(yy) * W] == tmp[static_cast<int64_t>(y) * W];
+    if (same) {
+      std::memcpy(out, tmp + static_cast<int64_t>(y) * W, W);
+      continue;
+    }
+    std::memcpy(out, tmp + static_cast<int64_t>(y0) * W, W);
+    for (int yy = y0 + 1; yy <= y1; ++yy) {
+      if (kMax) {
+        or_into(out, tmp + static_cast<int64_t>(yy) * W, W);
+      } else {
+        and_into(out, tmp + static_cast<int64_t>(yy) * W, W);
+      }
+    }
+  }
 }
 
 struct Run {
@@ -179,40 +225,48 @@ std::vector<int> reflect101_table(int n, int r) {
   return t;
 }
 
-// Separable Gaussian of a 0/1 image into a float image in [0, 1].
+// Separable Gaussian of a 0/1 image into a float image in [0, 1]. A binary row blurred along x
+// differs from itself only within r pixels of a 0/1 transition, so the horizontal pass converts
+// the row and recomputes those few pixels; the vertical pass is a full-row weighted sum, skipped
+// where the whole window is one uniform value.
 void gaussian_smooth(const uint8_t* __restrict__ img, float* __restrict__ out, float* __restrict__ tmp,
-                     float* __restrict__ row, int H, int W, const std::vector<float>& w, const std::vector<int>& tx,
-                     const std::vector<int>& ty) {
+                     std::vector<uint8_t>& uniform, int H, int W, const std::vector<float>& w,
+                     const std::vector<int>& tx, const std::vector<int>& ty) {
   const int r = static_cast<int>(w.size() / 2);
   if (r == 0) {
-    for (int64_t i = 0; i < static_cast<int64_t>(H) * W; ++i) out[i] = img[i];
+    for (int y = 0; y < H; ++y) bytes_to_float(out + static_cast<int64_t>(y) * W, img + static_cast<int64_t>(y) * W, W);
     return;
   }
+  uniform.resize(H);
   for (int y = 0; y < H; ++y) {
     const uint8_t* in = img + static_cast<int64_t>(y) * W;
     float* t = tmp + static_cast<int64_t>(y) * W;
-    // A uniform row (all background, or all face) is its own blur: skip the taps.
-    const int first_diff = skip_equal(in, 0, W, in[0]);
-    if (first_diff == W) {
-      std::fill(t, t + W, static_cast<float>(in[0]));
-      continue;
-    }
-    for (int i = 0; i < W + 2 * r; ++i) row[i] = in[tx[i]];
-    std::fill(t, t + W, 0.f);
-    for (int k = 0; k <= 2 * r; ++k) {
-      const float wk = w[k];
-      const float* __restrict__ src = row + k;
-      for (int x = 0; x < W; ++x) t[x] += wk * src[x];
+    bytes_to_float(t, in, W);
+    int x = skip_equal(in, 0, W, in[0]);
+    uniform[y] = x == W;
+    while (x < W) {  // transition between x-1 and x
+      const int lo = std::max(0, x - r), hi = std::min(W, x + r);
+      for (int xx = lo; xx < hi; ++xx) {
+        float s = 0.f;
+        for (int k = 0; k <= 2 * r; ++k) s += w[k] * static_cast<float>(in[tx[xx + k]]);
+        t[xx] = s;
+      }
+      x = skip_equal(in, x, W, in[x]);
     }
   }
   for (int y = 0; y < H; ++y) {
-    float* __restrict__ o = out + static_cast<int64_t>(y) * W;
-    std::fill(o, o + W, 0.f);
-    for (int k = 0; k <= 2 * r; ++k) {
-      const float wk = w[k];
-      const float* __restrict__ src = tmp + static_cast<int64_t>(ty[y + k]) * W;
-      for (int x = 0; x < W; ++x) o[x] += wk * src[x];
+    float* o = out + static_cast<int64_t>(y) * W;
+    bool same = true;
+    for (int k = 0; k <= 2 * r && same; ++k) {
+      const int yy = ty[y + k];
+      same = uniform[yy] && img[static_cast<int64_t>(yy) * W] == img[static_cast<int64_t>(y) * W];
     }
+    if (same) {
+      std::fill(o, o + W, static_cast<float>(img[static_cast<int64_t>(y) * W]));
+      continue;
+    }
+    scale_into(o, tmp + static_cast<int64_t>(ty[y]) * W, w[0], W);
+    for (int k = 1; k <= 2 * r; ++k) axpy_into(o, tmp + static_cast<int64_t>(ty[y + k]) * W, w[k], W);
     // The weights sum to 1 only up to rounding; a mask must stay within [0, 1].
     for (int x = 0; x < W; ++x) o[x] = std::min(1.f, std::max(0.f, o[x]));
   }
@@ -271,19 +325,20 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images,
     // One image per task: the stages are sequential within an image, independent across images.
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<uint8_t> bin(H * W), tmp(H * W);
-      std::vector<float> ftmp(H * W), row(W + 2 * gr), acc(W);
+      std::vector<float> ftmp(H * W), acc(W);
+      std::vector<uint8_t> uniform(H);
       std::vector<int64_t> area;
       RunLabels L;
       for (int64_t b = b0; b < b1; ++b) {
         threshold_image(ip + b * im.stride(0), C, H, W, im.stride(1), im.stride(2), im.stride(3), cw.data(), thr,
                         bin.data(), acc.data());
-        morph_square<false>(bin.data(), tmp.data(), Hi, Wi, static_cast<int>(open_radius));  // opening: erode,
-        morph_square<true>(bin.data(), tmp.data(), Hi, Wi, static_cast<int>(open_radius));   // then dilate
-        morph_square<true>(bin.data(), tmp.data(), Hi, Wi, static_cast<int>(close_radius));  // closing: dilate,
-        morph_square<false>(bin.data(), tmp.data(), Hi, Wi, static_cast<int>(close_radius)); // then erode
+        morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi, static_cast<int>(open_radius));  // opening: erode,
+        morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi, static_cast<int>(open_radius));   // then dilate
+        morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi, static_cast<int>(close_radius));  // closing: dilate,
+        morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi, static_cast<int>(close_radius)); // then erode
         const int64_t count = largest_component_one(bin.data(), Hi, Wi, fill_holes, L, area);
         cp[b] = static_cast<float>(static_cast<double>(count) / static_cast<double>(H * W));
-        gaussian_smooth(bin.data(), mp + b * H * W, ftmp.data(), row.data(), Hi, Wi, gw, tx, ty);
+        gaussian_smooth(bin.data(), mp + b * H * W, ftmp.data(), uniform, Hi, Wi, gw, tx, ty);
       }
     });
   });
