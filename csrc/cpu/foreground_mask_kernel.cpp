@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -323,13 +324,19 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images,
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, im.scalar_type(), "foreground_mask_cpu", [&] {
     const scalar_t* ip = im.const_data_ptr<scalar_t>();
     // One image per task: the stages are sequential within an image, independent across images.
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // Images are handed out one at a time from a shared counter rather than in fixed halves, so a
+    // core that is busy with something else (a data loader shares the machine) takes fewer images
+    // instead of holding back the whole batch. Each image's result does not depend on which
+    // thread computes it, so the output stays deterministic.
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(B, std::max<int64_t>(1, at::get_num_threads()));
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       std::vector<uint8_t> bin(H * W), tmp(H * W);
       std::vector<float> ftmp(H * W), acc(W);
       std::vector<uint8_t> uniform(H);
       std::vector<int64_t> area;
       RunLabels L;
-      for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
         threshold_image(ip + b * im.stride(0), C, H, W, im.stride(1), im.stride(2), im.stride(3), cw.data(), thr,
                         bin.data(), acc.data());
         morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi, static_cast<int>(open_radius));  // opening: erode,
