@@ -151,8 +151,8 @@ def _mask_rows(args) -> List[Row]:
     dev = args.device
     B, S = (8, 128) if args.quick else (64, 256)
     imgs, _ = synthetic_faces(B, S, S, channels=3, seed=1)
-    case = f"content_based B={B} {S}x{S} rgb u8"
-    mode = "mask, whole batch"
+    case = f"B={B} {S}x{S} rgb uint8"
+    mode = "content_based mask"
     nthreads = torch.get_num_threads()
     if _have_cv2() and dev.type == "cpu":
         import cv2
