@@ -5,7 +5,25 @@ import torch
 from torch import Tensor
 
 from .._ops.foreground_mask import foreground_mask
-from .geometric import _resolve
+from .geometric import geometric
+
+# Geometric fallbacks by (kind, H, W, device): a data loader asks for the same one for every batch,
+# and building it costs as much as masking a small batch. Cached tensors are only ever read.
+_FALLBACKS = {}
+
+
+def _fallback(fallback, H: int, W: int, device):
+    if fallback is None or isinstance(fallback, Tensor):
+        return fallback
+    if torch.compiler.is_compiling():
+        return geometric(fallback, H, W, device=device)
+    key = (fallback, H, W, str(device))
+    fb = _FALLBACKS.get(key)
+    if fb is None:
+        if len(_FALLBACKS) >= 64:
+            _FALLBACKS.clear()
+        fb = _FALLBACKS[key] = geometric(fallback, H, W, device=device)
+    return fb
 
 
 def content_based(images: Tensor, threshold: float = 0.1, open_radius: int = 1, close_radius: int = 2,
@@ -38,12 +56,17 @@ def content_based(images: Tensor, threshold: float = 0.1, open_radius: int = 1, 
                          f"min_coverage={min_coverage}, max_coverage={max_coverage}")
     mask, coverage = foreground_mask(images, threshold, open_radius, close_radius, fill_holes, sigma)
     H, W = images.shape[-2], images.shape[-1]
-    fb = _resolve(fallback, H, W, images.device)
+    fb = _fallback(fallback, H, W, images.device)
     accepted = (coverage >= min_coverage) & (coverage <= max_coverage)
-    if fb is not None:
-        if fb.dim() not in (2, 3) or tuple(fb.shape[-2:]) != (H, W) or (fb.dim() == 3 and fb.shape[0] != images.shape[0]):
-            raise ValueError(f"content_based: fallback must be [H, W] = [{H}, {W}] or [B, H, W], got shape "
-                             f"{tuple(fb.shape)}")
+    # On CPU, checking whether any image needs the fallback costs nothing (no device sync) and
+    # saves a full pass over the masks in the common case; CUDA and compiled graphs always select.
+    if fb is not None and (fb.dim() not in (2, 3) or tuple(fb.shape[-2:]) != (H, W)
+                           or (fb.dim() == 3 and fb.shape[0] != images.shape[0])):
+        raise ValueError(f"content_based: fallback must be [H, W] = [{H}, {W}] or [B, H, W], got shape "
+                         f"{tuple(fb.shape)}")
+    skip = fb is None or (images.device.type == "cpu" and not torch.compiler.is_compiling()
+                          and bool(accepted.all()))
+    if not skip:
         mask = torch.where(accepted.view(-1, 1, 1), mask, fb.to(device=mask.device, dtype=mask.dtype))
     if return_info:
         return mask, coverage, accepted

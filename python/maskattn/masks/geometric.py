@@ -5,8 +5,6 @@ Pixel (i, j) is sampled at its centre ``(j + 0.5, i + 0.5)`` and the shapes are 
 between even and odd sizes.
 """
 import math
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -85,9 +83,3 @@ def geometric(kind: str, h: int, w: int, *, device=None, dtype: torch.dtype = to
     if kind not in _GEOMETRIC:
         raise ValueError(f"masks.geometric: kind must be one of {sorted(_GEOMETRIC)}, got {kind!r}")
     return _GEOMETRIC[kind](h, w, device=device, dtype=dtype)
-
-
-def _resolve(fallback, h: int, w: int, device) -> Optional[Tensor]:
-    if fallback is None or isinstance(fallback, Tensor):
-        return fallback
-    return geometric(fallback, h, w, device=device)
