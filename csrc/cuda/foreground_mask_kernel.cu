@@ -8,8 +8,9 @@
 // maskattn.masks.content_based. Results are identical to the CPU backend's.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -130,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cuda(const at::Tensor& images
     coverage.zero_();
     return {mask, coverage};
   }
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t total = B * H * W;
   at::Tensor bin = at::empty({B, H, W}, im.options().dtype(at::kByte));
   at::Tensor tmp = at::empty_like(bin);

@@ -8,8 +8,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -206,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& feat
     return ret();
   }
   const Layout L = layout_of(features);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_type = at::toOpMathType(features.scalar_type());
   at::Tensor w = at::empty({B, HW}, features.options().dtype(acc_type));
   const bool* mp = in.mask.defined() ? in.mask.const_data_ptr<bool>() : nullptr;
@@ -260,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cuda(
   const at::Tensor ggd = g.grad_gate.defined() ? g.grad_gate.to(acc_type).contiguous() : at::Tensor();
   const at::Tensor gate_c = g.gate.contiguous();
   at::Tensor inv = at::empty({B}, features.options().dtype(acc_type));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const bool* mp = bmask.defined() ? bmask.const_data_ptr<bool>() : nullptr;
   const int64_t m0 = mp ? bmask.stride(0) : 0, m1 = mp ? bmask.stride(1) : 0, m2 = mp ? bmask.stride(2) : 0;
 
