@@ -183,3 +183,20 @@ def test_cuda_matches_cpu(dtype):
     out = maskattn.masks.content_based(imgs.cuda().to(memory_format=torch.channels_last))
     torch.testing.assert_close(out.cpu(), maskattn.masks.content_based(imgs), atol=1e-6, rtol=0)
     torch.library.opcheck(op, (imgs.cuda(), 0.1, 1, 2, True, 1.0))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_binary_patterns_match_reference(seed):
+    # Noise-like patterns stress the run labelling: many components, nested holes, diagonal-only
+    # contacts, runs touching every border, ties between equal components.
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(8):
+        H, W = (int(v) for v in torch.randint(1, 24, (2,), generator=g))
+        density = float(torch.rand((), generator=g)) * 0.8 + 0.1
+        x = ((torch.rand(3, H, W, generator=g) < density).to(torch.uint8) * 255)
+        o, c = (int(v) for v in torch.randint(0, 3, (2,), generator=g))
+        fill = bool(torch.randint(0, 2, (), generator=g))
+        m, cov = op(x, 0.5, o, c, fill, 0.0)
+        ref, rcov = reference_content_mask(x, 0.5, o, c, fill, 0.0)
+        assert torch.equal(m, ref), (H, W, o, c, fill)
+        torch.testing.assert_close(cov, rcov)
