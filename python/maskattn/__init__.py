@@ -6,6 +6,9 @@ the functions here are thin, documented wrappers around them.
 from ._loader import build_info, cuda_available  # noqa: F401  (loads the compiled ops first)
 from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
 from ._padding import pack, pad_sequences, unpack
+from ._ops.gated_masked_mean import gated_masked_mean
+from ._ops.foreground_mask import foreground_mask
+from . import masks, transforms  # noqa: E402
 from . import nn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -19,4 +22,8 @@ __all__ = [
     "pad_sequences",
     "unpack",
     "nn",
+    "gated_masked_mean",
+    "foreground_mask",
+    "masks",
+    "transforms",
 ]

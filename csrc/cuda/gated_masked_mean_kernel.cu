@@ -1,0 +1,305 @@
+// CUDA kernels of gated_masked_mean and its backward.
+//
+// Forward: one small kernel turns gate logits + mask into per-pixel pooling weights (gate/#valid)
+// and the gate output; one pass over the features then pools (a warp per (b, c) plane for
+// channels-first features, a thread per (b, c) walking the pixels for channels-last, so reads are
+// coalesced either way). Backward: the feature gradient is an outer product written in one pass;
+// the gate gradient reduces grad_pooled . features over channels per pixel.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common/checks.h"
+#include "gated_masked_mean.h"
+
+namespace maskattn {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Block-wide count of valid pixels of sample b; every thread gets the result.
+__device__ __forceinline__ int64_t block_count_valid(const bool* mask, int64_t b, int64_t H, int64_t W, int64_t m0,
+                                                     int64_t m1, int64_t m2) {
+  __shared__ int64_t part[kThreads / 32];
+  int64_t n = 0;
+  if (mask == nullptr) {
+    n = threadIdx.x == 0 ? H * W : 0;
+  } else {
+    for (int64_t p = threadIdx.x; p < H * W; p += blockDim.x) n += mask[b * m0 + (p / W) * m1 + (p % W) * m2];
+  }
+  for (int o = 16; o > 0; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = n;
+  __syncthreads();
+  int64_t total = 0;
+  for (int i = 0; i < static_cast<int>(blockDim.x >> 5); ++i) total += part[i];
+  __syncthreads();
+  return total;
+}
+
+// One block per sample: gate = valid * sigmoid(logit) (output) and w = gate / #valid (fp32/fp64).
+template <typename scalar_t, typename acc_t>
+__global__ void gate_weights_kernel(const scalar_t* __restrict__ logits, int64_t l0, int64_t l1, int64_t l2,
+                                    const bool* __restrict__ mask, int64_t m0, int64_t m1, int64_t m2, int64_t H,
+                                    int64_t W, scalar_t* __restrict__ gate, acc_t* __restrict__ w) {
+  const int64_t b = blockIdx.x, HW = H * W;
+  const int64_t n = block_count_valid(mask, b, H, W, m0, m1, m2);
+  const acc_t inv = n > 0 ? acc_t(1) / static_cast<acc_t>(n) : acc_t(0);
+  for (int64_t p = threadIdx.x; p < HW; p += blockDim.x) {
+    const int64_t y = p / W, x = p % W;
+    const bool valid = mask == nullptr || mask[b * m0 + y * m1 + x * m2];
+    const acc_t s = acc_t(1) / (acc_t(1) + ::exp(-static_cast<acc_t>(logits[b * l0 + y * l1 + x * l2])));
+    const scalar_t g = valid ? static_cast<scalar_t>(s) : scalar_t(0);
+    gate[b * HW + p] = g;
+    w[b * HW + p] = static_cast<acc_t>(g) * inv;
+  }
+}
+
+// Channels-first: a warp per (b, c) plane of HW contiguous pixels.
+template <typename scalar_t, typename acc_t>
+__global__ void pool_planar_kernel(const scalar_t* __restrict__ f, int64_t bs, int64_t cs, const acc_t* __restrict__ w,
+                                   int64_t B, int64_t C, int64_t HW, scalar_t* __restrict__ out) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= B * C) return;
+  const int64_t b = warp / C, c = warp % C;
+  const scalar_t* row = f + b * bs + c * cs;
+  const acc_t* wb = w + b * HW;
+  acc_t s = 0;
+  for (int64_t p = lane; p < HW; p += 32) {
+    const acc_t wp = wb[p];
+    if (wp != acc_t(0)) s += wp * static_cast<acc_t>(row[p]);  // padding (weight 0) is never read
+  }
+  s = warp_sum(s);
+  if (lane == 0) out[warp] = static_cast<scalar_t>(s);
+}
+
+// Channels-last (or any pixel stride): a thread per (b, c), consecutive threads on consecutive c.
+template <typename scalar_t, typename acc_t>
+__global__ void pool_strided_kernel(const scalar_t* __restrict__ f, int64_t bs, int64_t cs, int64_t ps,
+                                    const acc_t* __restrict__ w, int64_t C, int64_t HW, int64_t cblocks,
+                                    scalar_t* __restrict__ out) {
+  // The batch is folded into grid.x: grid.y is limited to 65535.
+  const int64_t b = blockIdx.x / cblocks;
+  const int64_t c = (blockIdx.x % cblocks) * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  const scalar_t* base = f + b * bs + c * cs;
+  const acc_t* wb = w + b * HW;
+  acc_t s = 0;
+  for (int64_t p = 0; p < HW; ++p) {
+    const acc_t wp = wb[p];
+    if (wp != acc_t(0)) s += wp * static_cast<acc_t>(base[p * ps]);
+  }
+  out[b * C + c] = static_cast<scalar_t>(s);
+}
+
+template <typename acc_t>
+__global__ void inverse_counts_kernel(const bool* __restrict__ mask, int64_t m0, int64_t m1, int64_t m2, int64_t H,
+                                      int64_t W, acc_t* __restrict__ inv) {
+  const int64_t b = blockIdx.x;
+  const int64_t n = block_count_valid(mask, b, H, W, m0, m1, m2);
+  if (threadIdx.x == 0) inv[b] = n > 0 ? acc_t(1) / static_cast<acc_t>(n) : acc_t(0);
+}
+
+// grad_features[b,c,p] = grad_pooled[b,c] * gate[b,p] / #valid(b), contiguous output.
+template <typename scalar_t, typename acc_t>
+__global__ void grad_features_kernel(const acc_t* __restrict__ gp, const scalar_t* __restrict__ gate,
+                                     const acc_t* __restrict__ inv, int64_t C, int64_t HW, int64_t total,
+                                     scalar_t* __restrict__ gf) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = i % HW, bc = i / HW, b = bc / C;
+    gf[i] = static_cast<scalar_t>(gp[bc] * inv[b] * static_cast<acc_t>(gate[b * HW + p]));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t gate_grad(acc_t s, acc_t dot, acc_t inv, acc_t gg) {
+  // padding (gate exactly 0) gets exactly 0, whatever the features hold there
+  return s != acc_t(0) ? static_cast<scalar_t>(s * (acc_t(1) - s) * (dot * inv + gg)) : scalar_t(0);
+}
+
+// Channels-first gate gradient: block = 32 pixels x 8 channel groups, reduced in shared memory.
+template <typename scalar_t, typename acc_t>
+__global__ void grad_logits_planar_kernel(const scalar_t* __restrict__ f, int64_t bs, int64_t cs,
+                                          const acc_t* __restrict__ gp, const scalar_t* __restrict__ gate,
+                                          const acc_t* __restrict__ gg, const acc_t* __restrict__ inv, int64_t C,
+                                          int64_t HW, int64_t pblocks, scalar_t* __restrict__ gl) {
+  __shared__ acc_t part[8][32];
+  const int64_t b = blockIdx.x / pblocks;
+  const int px = threadIdx.x & 31, cg = threadIdx.x >> 5;
+  const int64_t p = (blockIdx.x % pblocks) * 32 + px;
+  acc_t s = 0;
+  if (p < HW) {
+    for (int64_t c = cg; c < C; c += 8) s += gp[b * C + c] * static_cast<acc_t>(f[b * bs + c * cs + p]);
+  }
+  part[cg][px] = s;
+  __syncthreads();
+  if (cg == 0 && p < HW) {
+    acc_t dot = 0;
+    for (int k = 0; k < 8; ++k) dot += part[k][px];
+    const int64_t i = b * HW + p;
+    gl[i] = gate_grad<scalar_t>(static_cast<acc_t>(gate[i]), dot, inv[b], gg ? gg[i] : acc_t(0));
+  }
+}
+
+// Channels-last gate gradient: a warp per pixel, lanes over channels.
+template <typename scalar_t, typename acc_t>
+__global__ void grad_logits_strided_kernel(const scalar_t* __restrict__ f, int64_t bs, int64_t cs, int64_t ps,
+                                           const acc_t* __restrict__ gp, const scalar_t* __restrict__ gate,
+                                           const acc_t* __restrict__ gg, const acc_t* __restrict__ inv, int64_t B,
+                                           int64_t C, int64_t HW, scalar_t* __restrict__ gl) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= B * HW) return;
+  const int64_t b = warp / HW, p = warp % HW;
+  const scalar_t* base = f + b * bs + p * ps;
+  acc_t s = 0;
+  for (int64_t c = lane; c < C; c += 32) s += gp[b * C + c] * static_cast<acc_t>(base[c * cs]);
+  s = warp_sum(s);
+  if (lane == 0) gl[warp] = gate_grad<scalar_t>(static_cast<acc_t>(gate[warp]), s, inv[b], gg ? gg[warp] : acc_t(0));
+}
+
+struct Layout {
+  at::Tensor f;
+  bool planar;
+  int64_t bs, cs, ps;
+};
+
+Layout layout_of(const at::Tensor& features) {
+  const int64_t C = features.size(1), HW = features.size(2) * features.size(3);
+  int64_t ps = HW <= 1 ? 1 : pixel_stride(features);
+  Layout L;
+  L.f = ps > 0 ? features : features.contiguous();
+  if (ps <= 0) ps = 1;
+  L.planar = ps == 1;
+  L.ps = ps;
+  L.cs = C <= 1 ? 1 : L.f.stride(1);
+  L.bs = L.f.stride(0);
+  return L;
+}
+
+int64_t blocks_for(int64_t n, int64_t per_block) { return std::max<int64_t>(1, (n + per_block - 1) / per_block); }
+
+std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& features, const at::Tensor& gate_logits,
+                                                          const std::optional<at::Tensor>& mask) {
+  GatedInputs in = check_gated_inputs(features, gate_logits, mask, "gated_masked_mean");
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const int64_t HW = H * W;
+  at::Tensor gate = at::empty({B, H, W}, gate_logits.options());
+  at::Tensor pooled = at::empty({B, C}, features.options());
+  auto ret = [&] { return std::make_tuple(pooled, gate_logits.dim() == 4 ? gate.unsqueeze(1) : gate); };
+  if (B == 0) return ret();
+  if (HW == 0) {
+    pooled.zero_();
+    return ret();
+  }
+  const Layout L = layout_of(features);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto acc_type = at::toOpMathType(features.scalar_type());
+  at::Tensor w = at::empty({B, HW}, features.options().dtype(acc_type));
+  const bool* mp = in.mask.defined() ? in.mask.const_data_ptr<bool>() : nullptr;
+  const int64_t m0 = mp ? in.mask.stride(0) : 0, m1 = mp ? in.mask.stride(1) : 0, m2 = mp ? in.mask.stride(2) : 0;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    gate_weights_kernel<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(
+        in.logits.const_data_ptr<scalar_t>(), in.logits.stride(0), in.logits.stride(1), in.logits.stride(2), mp, m0,
+        m1, m2, H, W, gate.data_ptr<scalar_t>(), w.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (C == 0) return;
+    if (L.planar) {
+      pool_planar_kernel<scalar_t, acc_t><<<blocks_for(B * C, kThreads / 32), kThreads, 0, stream>>>(
+          L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, w.const_data_ptr<acc_t>(), B, C, HW, pooled.data_ptr<scalar_t>());
+    } else {
+      const int64_t cblocks = blocks_for(C, kThreads);
+      pool_strided_kernel<scalar_t, acc_t><<<B * cblocks, kThreads, 0, stream>>>(
+          L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, w.const_data_ptr<acc_t>(), C, HW, cblocks,
+          pooled.data_ptr<scalar_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return ret();
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cuda(
+    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_gate, const at::Tensor& features,
+    const at::Tensor& gate, const std::optional<at::Tensor>& mask, std::array<bool, 2> output_mask) {
+  GatedGrads g = check_gated_grads(grad_pooled, grad_gate, features, gate);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const int64_t HW = H * W;
+  at::Tensor bmask;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->dim() == 3 && mask->size(0) == B && mask->size(1) == H && mask->size(2) == W,
+                "_gated_masked_mean_backward: mask must be [B, H, W] matching features ", shape_str(features),
+                ", got shape ", shape_str(*mask));
+    check_same_device(*mask, "_gated_masked_mean_backward: mask", features, "features");
+    bmask = as_bool_mask(*mask);
+  }
+  const bool need_f = output_mask[0], need_l = output_mask[1];
+  at::Tensor grad_features = need_f ? at::empty({B, C, H, W}, features.options()) : at::empty({0}, features.options());
+  at::Tensor grad_logits = need_l ? at::empty({B, H, W}, gate.options()) : at::empty({0}, gate.options());
+  auto ret = [&] {
+    return std::make_tuple(grad_features, need_l && gate.dim() == 4 ? grad_logits.unsqueeze(1) : grad_logits);
+  };
+  if ((!need_f && !need_l) || B == 0 || HW == 0) return ret();
+  const auto acc_type = at::toOpMathType(features.scalar_type());
+  const at::Tensor gpd = g.grad_pooled.to(acc_type).contiguous();
+  const at::Tensor ggd = g.grad_gate.defined() ? g.grad_gate.to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor gate_c = g.gate.contiguous();
+  at::Tensor inv = at::empty({B}, features.options().dtype(acc_type));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool* mp = bmask.defined() ? bmask.const_data_ptr<bool>() : nullptr;
+  const int64_t m0 = mp ? bmask.stride(0) : 0, m1 = mp ? bmask.stride(1) : 0, m2 = mp ? bmask.stride(2) : 0;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    inverse_counts_kernel<acc_t><<<B, kThreads, 0, stream>>>(mp, m0, m1, m2, H, W, inv.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (need_f && C > 0) {
+      const int64_t total = B * C * HW;
+      grad_features_kernel<scalar_t, acc_t><<<std::min<int64_t>(blocks_for(total, kThreads), 1 << 20), kThreads, 0,
+                                               stream>>>(gpd.const_data_ptr<acc_t>(), gate_c.const_data_ptr<scalar_t>(),
+                                                         inv.const_data_ptr<acc_t>(), C, HW, total,
+                                                         grad_features.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (!need_l) return;
+    const Layout L = layout_of(features);
+    const acc_t* ggp = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
+    if (L.planar) {
+      const int64_t pblocks = blocks_for(HW, 32);
+      grad_logits_planar_kernel<scalar_t, acc_t><<<B * pblocks, kThreads, 0, stream>>>(
+          L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, gpd.const_data_ptr<acc_t>(), gate_c.const_data_ptr<scalar_t>(),
+          ggp, inv.const_data_ptr<acc_t>(), C, HW, pblocks, grad_logits.data_ptr<scalar_t>());
+    } else {
+      grad_logits_strided_kernel<scalar_t, acc_t><<<blocks_for(B * HW, kThreads / 32), kThreads, 0, stream>>>(
+          L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, gpd.const_data_ptr<acc_t>(),
+          gate_c.const_data_ptr<scalar_t>(), ggp, inv.const_data_ptr<acc_t>(), B, C, HW,
+          grad_logits.data_ptr<scalar_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return ret();
+}
+
+}  // namespace
+}  // namespace maskattn
+
+TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
+  m.impl("gated_masked_mean", &maskattn::gated_masked_mean_cuda);
+  m.impl("_gated_masked_mean_backward", &maskattn::gated_masked_mean_backward_cuda);
+}
