@@ -54,3 +54,8 @@ def _backward(ctx, grad_pooled, grad_gate):
 
 
 torch.library.register_autograd("maskattn::gated_masked_mean", _backward, setup_context=_setup)
+
+from . import _registration  # noqa: E402
+
+_registration.register_low_precision("gated_masked_mean")
+_registration.forbid_double_backward("_gated_masked_mean_backward")
