@@ -3,7 +3,7 @@
 // Each row is read once from memory into a small per-thread float buffer (masked positions become
 // -inf there), reduced and exponentiated in that L1-resident buffer, and written once: one read and
 // one write per element, against masked_fill + softmax's two of each plus a temporary. The exp is a
-// branch-free polynomial the compiler vectorises; x86-64 builds also carry an AVX2+FMA clone of the
+// branch-free polynomial the compiler vectorises; x86-64 builds also carry an AVX2 clone of the
 // hot loops, picked at load time, because the package is built for baseline x86-64 (SSE2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -12,17 +12,22 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
 #include "masked_softmax.h"
 
+// The 8-float vector type below changes the calling convention between the clones; every
+// function taking one is always inlined, so no such call exists.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__INTEL_COMPILER)
-#define MASKATTN_HOT __attribute__((target_clones("arch=haswell", "default")))
+// "avx2" (not "arch=haswell", which the resolver matches by CPU model, not by feature).
+#define MASKATTN_HOT __attribute__((target_clones("avx2", "default")))
 #else
 #define MASKATTN_HOT
 #endif
@@ -32,36 +37,56 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// e^x for x <= 0 (the row max is subtracted first): Cephes' expf polynomial after rounding
-// x*log2(e) with the 1.5*2^23 trick, so every step is plain float/int arithmetic that vectorises.
-// Below -87 (where e^x is subnormal anyway) and at -inf it returns exactly 0; NaN stays NaN.
-inline float exp_nonpos(float x) {
-  const bool under = x < -87.0f;
-  x = under ? -87.0f : x;
-  const float t = x * 1.44269504088896341f + 12582912.0f;
-  const float n = t - 12582912.0f;
-  const int32_t ni = std::bit_cast<int32_t>(t) - 0x4B400000;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = (p * r) * r + r + 1.0f;
-  const float s = std::bit_cast<float>((ni + 127) << 23);
-  return under ? 0.0f : y * s;
+// Eight floats as one GCC/Clang vector: the default build lowers it to two SSE registers, the
+// AVX2 clone to one ymm register. Written explicitly because the autovectoriser will not
+// reassociate float reductions without -ffast-math.
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline f8 splat(float a) {
+  return f8{a, a, a, a, a, a, a, a};
+}
+__attribute__((always_inline)) inline f8 load8(const float* p) {
+  f8 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+__attribute__((always_inline)) inline void store8(float* p, f8 v) {
+  __builtin_memcpy(p, &v, sizeof(v));
 }
 
-// Eight independent lanes so that the compiler can turn the reductions into SIMD without
-// reassociating a single float sum (which it may not do without -ffast-math).
+// e^x for x <= 0 (the row max is subtracted first): Cephes' expf polynomial after rounding
+// x*log2(e) with the 1.5*2^23 trick, so every step is plain float/int arithmetic. Below -87 (where
+// e^x is subnormal anyway) and at -inf it returns exactly 0; NaN stays NaN.
+__attribute__((always_inline)) inline f8 exp_nonpos(f8 x) {
+  const i8 under = x < splat(-87.0f);
+  x = under ? splat(-87.0f) : x;
+  const f8 t = x * splat(1.44269504088896341f) + splat(12582912.0f);
+  const f8 n = t - splat(12582912.0f);
+  const i8 ni = reinterpret_cast<i8>(t) - 0x4B400000;
+  f8 r = x - n * splat(0.693359375f);
+  r = r + n * splat(2.12194440e-4f);
+  f8 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  const f8 y = (p * r) * r + r + splat(1.0f);
+  const f8 s = reinterpret_cast<f8>((ni + 127) << 23);
+  return under ? splat(0.0f) : y * s;
+}
+
+__attribute__((always_inline)) inline float hsum(f8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
 MASKATTN_HOT float row_max(const float* __restrict__ v, int64_t n) {
-  float acc[8];
-  for (int k = 0; k < 8; ++k) acc[k] = kNegInf;
+  f8 acc = splat(kNegInf);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) acc[k] = acc[k] > v[i + k] ? acc[k] : v[i + k];
+    const f8 x = load8(v + i);
+    acc = acc > x ? acc : x;  // NaN never wins; it poisons the sum instead
   }
   float m = kNegInf;
   for (int k = 0; k < 8; ++k) m = acc[k] > m ? acc[k] : m;
@@ -69,36 +94,64 @@ MASKATTN_HOT float row_max(const float* __restrict__ v, int64_t n) {
   return m;
 }
 
-// v[i] = e^(v[i] - mx) in place; returns the sum.
+// v[i] = e^(v[i] - mx) in place; returns the sum. The tail goes through one padded vector.
 MASKATTN_HOT float row_exp_sum(float* __restrict__ v, int64_t n, float mx) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  f8 acc = splat(0.0f);
+  const f8 m = splat(mx);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) {
-      const float e = exp_nonpos(v[i + k] - mx);
-      v[i + k] = e;
-      acc[k] += e;
-    }
+    const f8 e = exp_nonpos(load8(v + i) - m);
+    store8(v + i, e);
+    acc += e;
   }
-  float s = 0;
+  if (i < n) {
+    f8 x = splat(kNegInf);
+    for (int64_t k = 0; i + k < n; ++k) x[k] = v[i + k] - mx;
+    const f8 e = exp_nonpos(x);
+    for (int64_t k = 0; i + k < n; ++k) v[i + k] = e[k];
+    acc += e;
+  }
+  return hsum(acc);
+}
+
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+
+// float32 rows with unit-stride scores and mask: v = mask ? scale * x : -inf, returning max(v).
+MASKATTN_HOT float load_row_f32(const float* __restrict__ x, const uint8_t* __restrict__ mk, float scale,
+                                float* __restrict__ v, int64_t n) {
+  f8 acc = splat(kNegInf);
+  const f8 sc = splat(scale), ninf = splat(kNegInf);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    u8x8 mb;
+    __builtin_memcpy(&mb, mk + i, 8);
+    const i8 valid = __builtin_convertvector(mb, i8) != 0;
+    const f8 e = valid ? load8(x + i) * sc : ninf;
+    store8(v + i, e);
+    acc = acc > e ? acc : e;
+  }
+  float m = kNegInf;
+  for (int k = 0; k < 8; ++k) m = acc[k] > m ? acc[k] : m;
   for (; i < n; ++i) {
-    const float e = exp_nonpos(v[i] - mx);
-    v[i] = e;
-    s += e;
+    v[i] = mk[i] ? x[i] * scale : kNegInf;
+    m = m > v[i] ? m : v[i];
   }
-  for (int k = 0; k < 8; ++k) s += acc[k];
-  return s;
+  return m;
+}
+
+MASKATTN_HOT void store_row_f32(const float* __restrict__ v, float inv, float* __restrict__ y, int64_t n) {
+  const f8 s = splat(inv);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(y + i, load8(v + i) * s);
+  for (; i < n; ++i) y[i] = v[i] * inv;
 }
 
 MASKATTN_HOT float row_dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  f8 acc = splat(0.0f);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
-  }
-  float s = 0;
+  for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
+  float s = hsum(acc);
   for (; i < n; ++i) s += a[i] * b[i];
-  for (int k = 0; k < 8; ++k) s += acc[k];
   return s;
 }
 
@@ -149,6 +202,19 @@ void softmax_forward(const SoftmaxArgs& a, const at::Tensor& out_moved, double s
       const scalar_t* xr = x + off[0];
       const uint8_t* mr = m + off[1];
       scalar_t* yr = y + off[2];
+      acc_t mx;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (xs == 1 && ms == 1 && ys == 1) {
+          // The common case (key mask, dim = -1) in SIMD from end to end.
+          mx = load_row_f32(xr, mr, scale, v, N);
+          if (mx == ninf) {
+            std::fill(yr, yr + N, 0.0f);  // no valid position: zeros, never NaN
+          } else {
+            store_row_f32(v, 1.0f / row_exp_sum(v, N, mx), yr, N);
+          }
+          continue;
+        }
+      }
       if (xs == 1 && ms == 1) {
         for (int64_t i = 0; i < N; ++i) v[i] = mr[i] ? scale * static_cast<acc_t>(xr[i]) : ninf;
       } else if (xs == 1 && ms == 0) {
@@ -161,7 +227,7 @@ void softmax_forward(const SoftmaxArgs& a, const at::Tensor& out_moved, double s
       } else {
         for (int64_t i = 0; i < N; ++i) v[i] = mr[i * ms] ? scale * static_cast<acc_t>(xr[i * xs]) : ninf;
       }
-      const acc_t mx = row_max(v, N);
+      mx = row_max(v, N);
       if (mx == ninf) {
         // No valid position (or only -inf scores): zeros, never NaN.
         for (int64_t i = 0; i < N; ++i) yr[i * ys] = scalar_t(0);
