@@ -6,6 +6,9 @@ the functions here are thin, documented wrappers around them.
 from ._loader import build_info, cuda_available  # noqa: F401  (loads the compiled ops first)
 from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
 from ._padding import pack, pad_sequences, unpack
+from ._ops.patch_mask import patch_mask, patch_mask_to_image
+from ._ops.masked_softmax import masked_softmax
+from . import losses  # noqa: E402
 from . import nn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -19,4 +22,8 @@ __all__ = [
     "pad_sequences",
     "unpack",
     "nn",
+    "patch_mask",
+    "patch_mask_to_image",
+    "masked_softmax",
+    "losses",
 ]
