@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
@@ -27,6 +28,16 @@ struct Storage<bool> {
   using type = uint8_t;  // a nonzero byte is a valid pixel
 };
 
+// Half types compare through float: torch builds device code without c10::Half operators.
+template <typename S>
+__device__ __forceinline__ bool nonzero(S v) {
+  if constexpr (std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>) {
+    return static_cast<float>(v) != 0.0f;
+  } else {
+    return v != S(0);
+  }
+}
+
 template <typename S>
 __global__ void patch_mask_kernel(const S* __restrict__ m, bool* __restrict__ out, int64_t total, int64_t nh,
                                   int64_t nw, int64_t p, int64_t sb, int64_t sh, int64_t sw, int64_t min_count) {
@@ -38,7 +49,7 @@ __global__ void patch_mask_kernel(const S* __restrict__ m, bool* __restrict__ ou
     int64_t c = 0;
     for (int64_t r = 0; r < p; ++r) {
       const S* row = base + r * sh;
-      for (int64_t k = 0; k < p; ++k) c += row[k * sw] != S(0);
+      for (int64_t k = 0; k < p; ++k) c += nonzero(row[k * sw]);
     }
     out[t] = c >= min_count;
   }
