@@ -94,6 +94,24 @@ def test_padding_invariance_content_and_amount():
             torch.testing.assert_close(o[b], alone)
 
 
+def test_packed_path_matches_padded_path():
+    _, mod = pair()
+    mask = lengths_mask([6, 0, 3, 10], 10)
+    x = torch.randn(4, 10, 32, dtype=torch.float64, requires_grad=True)
+    mod.pack_padding = False
+    y = mod(x, mask=mask)
+    gy = torch.randn_like(y)
+    g = torch.autograd.grad(y, [x, *mod.parameters()], gy)
+    mod.pack_padding = True  # CPU: packs, then SDPA per sequence (CUDA uses varlen FlashAttention)
+    yp = mod(x, mask=mask)
+    torch.testing.assert_close(yp, y)
+    assert (yp[~mask] == 0).all()
+    for a, b in zip(torch.autograd.grad(yp, [x, *mod.parameters()], gy), g):
+        torch.testing.assert_close(a, b)
+    assert (mod(x, mask=torch.zeros(4, 10)) == 0).all()
+    assert not mod._use_packed(x, None, False) and not mod._use_packed(x, mask, True)
+
+
 def test_condition_tokens():
     pm = lengths_mask([3, 1], 4).float()
     got = prepend_condition_mask(pm, 2)
@@ -173,7 +191,9 @@ def test_cuda_bf16_matches_cpu():
     x = torch.randn(4, 256, 256)
     y = mod(x, mask=mask)
     mc = mod.cuda().bfloat16()
-    for nw in (False, True):
+    for nw, pack in ((False, None), (False, False), (True, None)):
+        mc.pack_padding = pack
         out = mc(x.cuda().bfloat16(), mask=mask.cuda(), need_weights=nw)
         yc = out[0] if nw else out
         torch.testing.assert_close(yc.float().cpu(), y, atol=3e-2, rtol=3e-2)
+    assert mc._use_packed(x.cuda().bfloat16(), mask.cuda(), False)
