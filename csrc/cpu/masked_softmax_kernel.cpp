@@ -3,7 +3,7 @@
 // Each row is read once from memory into a small per-thread float buffer (masked positions become
 // -inf there), reduced and exponentiated in that L1-resident buffer, and written once: one read and
 // one write per element, against masked_fill + softmax's two of each plus a temporary. The exp is a
-// branch-free polynomial the compiler vectorises; x86-64 builds also carry an AVX2 clone of the
+// branch-free polynomial the compiler vectorises; x86-64 builds also carry an AVX+FMA clone of the
 // hot loops, picked at load time, because the package is built for baseline x86-64 (SSE2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -26,8 +26,9 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__INTEL_COMPILER)
-// "avx2" (not "arch=haswell", which the resolver matches by CPU model, not by feature).
-#define MASKATTN_HOT __attribute__((target_clones("avx2", "default")))
+// "fma" implies AVX (256-bit float ops); every AVX2 CPU has it too, and CI machines with AVX + FMA
+// but no AVX2 still get the fast clone. ("arch=haswell" would be matched by CPU model, not feature.)
+#define MASKATTN_HOT __attribute__((target_clones("fma", "default")))
 #else
 #define MASKATTN_HOT
 #endif
@@ -38,7 +39,7 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Eight floats as one GCC/Clang vector: the default build lowers it to two SSE registers, the
-// AVX2 clone to one ymm register. Written explicitly because the autovectoriser will not
+// AVX+FMA clone to one ymm register. Written explicitly because the autovectoriser will not
 // reassociate float reductions without -ffast-math.
 typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8 __attribute__((vector_size(32)));
