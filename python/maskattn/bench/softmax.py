@@ -86,7 +86,7 @@ def run(args):
         seed_c = maybe_compile(seed_masked_softmax, compile_ok)
         _time_set(rows, case, "masked softmax fwd", [
             ("seed eager", lambda: seed_masked_softmax(x, m)),
-            ("seed compiled", (lambda: seed_c(x, m)) if seed_c else None),
+            ("seed compiled", (lambda: seed_c(x, m)) if seed_c is not None else None),
             ("maskattn", lambda: masked_softmax(x, m)),
             ("floor: copy (1 read + 1 write)", lambda: x.clone()),
         ], dev, args, gbytes=nbytes)
@@ -102,7 +102,7 @@ def run(args):
         seed_fb_c = maybe_compile(lambda t, mk: seed_masked_softmax(t, mk), compile_ok)
         _time_set(rows, case, "masked softmax fwd+bwd", [
             ("seed eager", seed_fb),
-            ("seed compiled", (lambda: torch.autograd.grad(seed_fb_c(xg, m), xg, go)) if seed_fb_c else None),
+            ("seed compiled", (lambda: torch.autograd.grad(seed_fb_c(xg, m), xg, go)) if seed_fb_c is not None else None),
             ("maskattn", ours_fb),
         ], dev, args)
 
@@ -119,7 +119,7 @@ def run(args):
     case = f"B={B} {S}x{S} p={p}"
     _time_set(rows, case, "patch mask (float mask)", [
         ("seed eager", lambda: seed_patch_mask(img, p)),
-        ("seed compiled", (lambda: seed_pm_c(img)) if seed_pm_c else None),
+        ("seed compiled", (lambda: seed_pm_c(img)) if seed_pm_c is not None else None),
         ("maskattn", lambda: patch_mask(img, p)),
     ], dev, args, gbytes=img.numel() * img.element_size())
     _time_set(rows, case, "patch mask (bool mask)", [
@@ -147,7 +147,7 @@ def run(args):
             with torch.no_grad():
                 _time_set(rows, case, f"self-attention fwd {str(mdt)[6:]}", [
                     ("seed eager", lambda: seed_mod(x, vf)),
-                    ("seed compiled", (lambda: seed_mod_c(x, vf)) if seed_mod_c else None),
+                    ("seed compiled", (lambda: seed_mod_c(x, vf)) if seed_mod_c is not None else None),
                     ("maskattn", lambda: ours(x, mask=valid)),
                 ], dev, args)
             xg = x.clone().requires_grad_()
