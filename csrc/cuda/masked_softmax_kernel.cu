@@ -360,7 +360,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& mask, at::Tensor& y, 
   const int threads = block_threads(N);
   const auto grid = static_cast<unsigned>(std::min(rows, kMaxGrid));
   const size_t smem = static_cast<size_t>(N) * sizeof(acc_t);
-  const bool use_smem = smem <= 48 * 1024;
+  // 48 KB is the launch limit without opt-in for static (the reduction scratch) plus dynamic memory.
+  const bool use_smem = smem + 32 * sizeof(acc_t) <= 48 * 1024;
   auto run = [&](auto vec_c) {
     constexpr int V = decltype(vec_c)::value;
     if (use_smem) {
