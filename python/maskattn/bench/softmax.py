@@ -62,7 +62,8 @@ def _time_set(rows, case, mode, fns, device, args, gbytes=None):
         if fn is None:
             continue
         try:
-            t = timeit(fn, device, min_time=args.min_time)
+            # --quick is a smoke test: a few runs each, so that the whole suite takes seconds.
+            t = timeit(fn, device, min_time=min(args.min_time, 0.05) if args.quick else args.min_time)
         except Exception as e:  # a compile failure is reported, not fatal
             rows.append(Row(SUITE, case, mode, impl, float("nan"), notes=f"failed: {type(e).__name__}"))
             continue
