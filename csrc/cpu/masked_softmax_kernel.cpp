@@ -78,7 +78,7 @@ __attribute__((always_inline)) inline f8 exp_nonpos(f8 x) {
   return under ? splat(0.0f) : y * s;
 }
 
-__attribute__((always_inline)) inline float hsum(f8 v) {
+__attribute__((always_inline)) inline float hsum(const f8& v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 

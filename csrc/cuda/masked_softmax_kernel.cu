@@ -64,6 +64,30 @@ __device__ __forceinline__ void store_row(scalar_t* p, const Pack<scalar_t, VEC>
   }
 }
 
+// The mask bits of VEC consecutive elements: one VEC-byte load when the mask row is unit-stride and
+// aligned (the usual [B,1,1,N] key mask), one byte when it is broadcast along the row (a query
+// mask), else VEC byte loads through its stride.
+template <int VEC>
+__device__ __forceinline__ void load_mask(const bool* mr, int64_t col, int64_t ms, bool (&ok)[VEC]) {
+  if constexpr (VEC > 1) {
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(mr + col * ms);
+    if (ms == 1 && (reinterpret_cast<uintptr_t>(p) & (VEC - 1)) == 0) {
+      const auto m = load_pack<uint8_t, VEC>(p);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ok[k] = m.v[k] != 0;
+      return;
+    }
+    if (ms == 0) {
+      const bool b = *p != 0;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ok[k] = b;
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) ok[k] = mr[(col + k) * ms];
+}
+
 // ---------------------------------------------------------------- forward, warp per row
 template <typename scalar_t, typename acc_t, int ELEMS, int VEC>
 __global__ void __launch_bounds__(32 * kWarpRowsPerBlock)
@@ -86,9 +110,11 @@ __global__ void __launch_bounds__(32 * kWarpRowsPerBlock)
       const int col = (it * 32 + lane) * VEC;
       if (col < N) {
         const auto p = load_row<scalar_t, VEC>(xr + col);
+        bool ok[VEC];
+        load_mask<VEC>(mr, col, ms, ok);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          v[it * VEC + k] = mr[(col + k) * ms] ? scale * static_cast<acc_t>(p.v[k]) : neg_inf<acc_t>();
+          v[it * VEC + k] = ok[k] ? scale * static_cast<acc_t>(p.v[k]) : neg_inf<acc_t>();
         }
       } else {
 #pragma unroll
@@ -149,9 +175,11 @@ __global__ void softmax_fwd_block(const scalar_t* __restrict__ x, const bool* __
     acc_t mx = neg_inf<acc_t>(), s = 0;
     for (int64_t col = first; col < N; col += stride) {
       const auto p = load_row<scalar_t, VEC>(xr + col);
+      bool ok[VEC];
+      load_mask<VEC>(mr, col, ms, ok);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const acc_t v = mr[(col + k) * ms] ? scale * static_cast<acc_t>(p.v[k]) : neg_inf<acc_t>();
+        const acc_t v = ok[k] ? scale * static_cast<acc_t>(p.v[k]) : neg_inf<acc_t>();
         if constexpr (SMEM) {
           buf[col + k] = v;
           mx = v > mx ? v : mx;
@@ -193,9 +221,11 @@ __global__ void softmax_fwd_block(const scalar_t* __restrict__ x, const bool* __
         for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<scalar_t>(buf[col + k] * inv);
       } else {
         const auto p = load_row<scalar_t, VEC>(xr + col);
+        bool ok[VEC];
+        load_mask<VEC>(mr, col, ms, ok);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const acc_t e = mr[(col + k) * ms] ? fast_exp(scale * static_cast<acc_t>(p.v[k]) - M) : acc_t(0);
+          const acc_t e = ok[k] ? fast_exp(scale * static_cast<acc_t>(p.v[k]) - M) : acc_t(0);
           o.v[k] = static_cast<scalar_t>(e * inv);
         }
       }
