@@ -6,9 +6,11 @@ the functions here are thin, documented wrappers around them.
 from ._loader import build_info, cuda_available  # noqa: F401  (loads the compiled ops first)
 from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
 from ._padding import pack, pad_sequences, unpack
+from ._ops.patch_mask import patch_mask, patch_mask_to_image
+from ._ops.masked_softmax import masked_softmax
 from ._ops.gated_masked_mean import gated_masked_mean
 from ._ops.foreground_mask import foreground_mask
-from . import masks, transforms  # noqa: E402
+from . import losses, masks, transforms  # noqa: E402
 from . import nn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -21,9 +23,13 @@ __all__ = [
     "pack",
     "pad_sequences",
     "unpack",
-    "nn",
+    "patch_mask",
+    "patch_mask_to_image",
+    "masked_softmax",
     "gated_masked_mean",
     "foreground_mask",
+    "losses",
     "masks",
     "transforms",
+    "nn",
 ]

@@ -11,8 +11,7 @@ import maskattn
 from ._harness import print_table
 
 # Suite modules in maskattn.bench; each has run(args) -> list[Row] and add_args(parser) (optional).
-SUITES = ["pool"]
-SUITES += ["face"]
+SUITES = ["pool", "softmax", "face"]
 
 
 def main(argv=None):

@@ -1,0 +1,319 @@
+// CPU kernels of masked_softmax and its backward.
+//
+// Each row is read once from memory into a small per-thread float buffer (masked positions become
+// -inf there), reduced and exponentiated in that L1-resident buffer, and written once: one read and
+// one write per element, against masked_fill + softmax's two of each plus a temporary. The exp is a
+// branch-free polynomial the compiler vectorises; x86-64 builds also carry an AVX+FMA clone of the
+// hot loops, picked at load time, because the package is built for baseline x86-64 (SSE2).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+#include "masked_softmax.h"
+
+// The 8-float vector type below changes the calling convention between the clones; every
+// function taking one is always inlined, so no such call exists.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__INTEL_COMPILER)
+// "fma" implies AVX (256-bit float ops); every AVX2 CPU has it too, and CI machines with AVX + FMA
+// but no AVX2 still get the fast clone. ("arch=haswell" would be matched by CPU model, not feature.)
+#define MASKATTN_HOT __attribute__((target_clones("fma", "default")))
+#else
+#define MASKATTN_HOT
+#endif
+
+namespace maskattn {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Eight floats as one GCC/Clang vector: the default build lowers it to two SSE registers, the
+// AVX+FMA clone to one ymm register. Written explicitly because the autovectoriser will not
+// reassociate float reductions without -ffast-math.
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline f8 splat(float a) {
+  return f8{a, a, a, a, a, a, a, a};
+}
+__attribute__((always_inline)) inline f8 load8(const float* p) {
+  f8 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+__attribute__((always_inline)) inline void store8(float* p, f8 v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// e^x for x <= 0 (the row max is subtracted first): Cephes' expf polynomial after rounding
+// x*log2(e) with the 1.5*2^23 trick, so every step is plain float/int arithmetic. Below -87 (where
+// e^x is subnormal anyway) and at -inf it returns exactly 0; NaN stays NaN.
+__attribute__((always_inline)) inline f8 exp_nonpos(f8 x) {
+  const i8 under = x < splat(-87.0f);
+  x = under ? splat(-87.0f) : x;
+  const f8 t = x * splat(1.44269504088896341f) + splat(12582912.0f);
+  const f8 n = t - splat(12582912.0f);
+  const i8 ni = reinterpret_cast<i8>(t) - 0x4B400000;
+  f8 r = x - n * splat(0.693359375f);
+  r = r + n * splat(2.12194440e-4f);
+  f8 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  const f8 y = (p * r) * r + r + splat(1.0f);
+  const f8 s = reinterpret_cast<f8>((ni + 127) << 23);
+  return under ? splat(0.0f) : y * s;
+}
+
+__attribute__((always_inline)) inline float hsum(const f8& v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+MASKATTN_HOT float row_max(const float* __restrict__ v, int64_t n) {
+  f8 acc = splat(kNegInf);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const f8 x = load8(v + i);
+    acc = acc > x ? acc : x;  // NaN never wins; it poisons the sum instead
+  }
+  float m = kNegInf;
+  for (int k = 0; k < 8; ++k) m = acc[k] > m ? acc[k] : m;
+  for (; i < n; ++i) m = m > v[i] ? m : v[i];
+  return m;
+}
+
+// v[i] = e^(v[i] - mx) in place; returns the sum. The tail goes through one padded vector.
+MASKATTN_HOT float row_exp_sum(float* __restrict__ v, int64_t n, float mx) {
+  f8 acc = splat(0.0f);
+  const f8 m = splat(mx);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const f8 e = exp_nonpos(load8(v + i) - m);
+    store8(v + i, e);
+    acc += e;
+  }
+  if (i < n) {
+    f8 x = splat(kNegInf);
+    for (int64_t k = 0; i + k < n; ++k) x[k] = v[i + k] - mx;
+    const f8 e = exp_nonpos(x);
+    for (int64_t k = 0; i + k < n; ++k) v[i + k] = e[k];
+    acc += e;
+  }
+  return hsum(acc);
+}
+
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+
+// float32 rows with unit-stride scores and mask: v = mask ? scale * x : -inf, returning max(v).
+MASKATTN_HOT float load_row_f32(const float* __restrict__ x, const uint8_t* __restrict__ mk, float scale,
+                                float* __restrict__ v, int64_t n) {
+  f8 acc = splat(kNegInf);
+  const f8 sc = splat(scale), ninf = splat(kNegInf);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    u8x8 mb;
+    __builtin_memcpy(&mb, mk + i, 8);
+    const i8 valid = __builtin_convertvector(mb, i8) != 0;
+    const f8 e = valid ? load8(x + i) * sc : ninf;
+    store8(v + i, e);
+    acc = acc > e ? acc : e;
+  }
+  float m = kNegInf;
+  for (int k = 0; k < 8; ++k) m = acc[k] > m ? acc[k] : m;
+  for (; i < n; ++i) {
+    v[i] = mk[i] ? x[i] * scale : kNegInf;
+    m = m > v[i] ? m : v[i];
+  }
+  return m;
+}
+
+MASKATTN_HOT void store_row_f32(const float* __restrict__ v, float inv, float* __restrict__ y, int64_t n) {
+  const f8 s = splat(inv);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(y + i, load8(v + i) * s);
+  for (; i < n; ++i) y[i] = v[i] * inv;
+}
+
+MASKATTN_HOT float row_dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  f8 acc = splat(0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// float64 keeps the library exp: it is the reference dtype, not the fast one.
+double row_max(const double* v, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = m > v[i] ? m : v[i];
+  return m;
+}
+
+double row_exp_sum(double* v, int64_t n, double mx) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    v[i] = std::exp(v[i] - mx);
+    s += v[i];
+  }
+  return s;
+}
+
+double row_dot(const double* a, const double* b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Rows of work per task: enough elements that scheduling costs nothing next to them.
+int64_t row_grain(int64_t N) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N));
+}
+
+template <typename scalar_t>
+void softmax_forward(const SoftmaxArgs& a, const at::Tensor& out_moved, double scale_d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor ts[3] = {a.x, a.y, out_moved};
+  const RowLayout L = make_row_layout(ts, 3);
+  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(a.y.const_data_ptr<bool>());
+  scalar_t* y = out_moved.data_ptr<scalar_t>();
+  const int64_t N = a.N, xs = L.inner[0], ms = L.inner[1], ys = L.inner[2];
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, a.rows, row_grain(N), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> buf(N);
+    acc_t* v = buf.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t off[3];
+      row_offsets(L, r, off, 3);
+      const scalar_t* xr = x + off[0];
+      const uint8_t* mr = m + off[1];
+      scalar_t* yr = y + off[2];
+      acc_t mx;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (xs == 1 && ms == 1 && ys == 1) {
+          // The common case (key mask, dim = -1) in SIMD from end to end.
+          mx = load_row_f32(xr, mr, scale, v, N);
+          if (mx == ninf) {
+            std::fill(yr, yr + N, 0.0f);  // no valid position: zeros, never NaN
+          } else {
+            store_row_f32(v, 1.0f / row_exp_sum(v, N, mx), yr, N);
+          }
+          continue;
+        }
+      }
+      if (xs == 1 && ms == 1) {
+        for (int64_t i = 0; i < N; ++i) v[i] = mr[i] ? scale * static_cast<acc_t>(xr[i]) : ninf;
+      } else if (xs == 1 && ms == 0) {
+        // Mask broadcast along the row (a query mask): the whole row is in or out.
+        if (mr[0]) {
+          for (int64_t i = 0; i < N; ++i) v[i] = scale * static_cast<acc_t>(xr[i]);
+        } else {
+          std::fill(v, v + N, ninf);
+        }
+      } else {
+        for (int64_t i = 0; i < N; ++i) v[i] = mr[i * ms] ? scale * static_cast<acc_t>(xr[i * xs]) : ninf;
+      }
+      mx = row_max(v, N);
+      if (mx == ninf) {
+        // No valid position (or only -inf scores): zeros, never NaN.
+        for (int64_t i = 0; i < N; ++i) yr[i * ys] = scalar_t(0);
+        continue;
+      }
+      const acc_t inv = acc_t(1) / row_exp_sum(v, N, mx);
+      if (ys == 1) {
+        for (int64_t i = 0; i < N; ++i) yr[i] = static_cast<scalar_t>(v[i] * inv);
+      } else {
+        for (int64_t i = 0; i < N; ++i) yr[i * ys] = static_cast<scalar_t>(v[i] * inv);
+      }
+    }
+  });
+}
+
+// grad_in = scale * y * (g - <g, y>), and exactly 0 wherever y is 0 (masked positions, fully
+// masked rows) whatever the incoming gradient holds there.
+template <typename scalar_t>
+void softmax_backward(const SoftmaxArgs& a, const at::Tensor& out_moved, double scale_d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor ts[3] = {a.x, a.y, out_moved};
+  const RowLayout L = make_row_layout(ts, 3);
+  const scalar_t* g = a.x.const_data_ptr<scalar_t>();
+  const scalar_t* y = a.y.const_data_ptr<scalar_t>();
+  scalar_t* o = out_moved.data_ptr<scalar_t>();
+  const int64_t N = a.N, gs = L.inner[0], ys = L.inner[1], os = L.inner[2];
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  at::parallel_for(0, a.rows, row_grain(N), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> buf(2 * N);
+    acc_t* bg = buf.data();
+    acc_t* by = buf.data() + N;
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t off[3];
+      row_offsets(L, r, off, 3);
+      const scalar_t* gr = g + off[0];
+      const scalar_t* yr = y + off[1];
+      scalar_t* orow = o + off[2];
+      if (gs == 1 && ys == 1) {
+        for (int64_t i = 0; i < N; ++i) {
+          by[i] = static_cast<acc_t>(yr[i]);
+          bg[i] = by[i] != acc_t(0) ? static_cast<acc_t>(gr[i]) : acc_t(0);
+        }
+      } else {
+        for (int64_t i = 0; i < N; ++i) {
+          by[i] = static_cast<acc_t>(yr[i * ys]);
+          bg[i] = by[i] != acc_t(0) ? static_cast<acc_t>(gr[i * gs]) : acc_t(0);
+        }
+      }
+      const acc_t d = row_dot(bg, by, N);
+      if (os == 1) {
+        for (int64_t i = 0; i < N; ++i) orow[i] = static_cast<scalar_t>(scale * by[i] * (bg[i] - d));
+      } else {
+        for (int64_t i = 0; i < N; ++i) orow[i * os] = static_cast<scalar_t>(scale * by[i] * (bg[i] - d));
+      }
+    }
+  });
+}
+
+// Output is contiguous in the input's shape (what the fake kernel promises); the kernels write it
+// through the dim-moved view, so no transpose copy is needed for dim != -1.
+at::Tensor masked_softmax_cpu(const at::Tensor& scores, const at::Tensor& mask, int64_t dim, double scale) {
+  const SoftmaxArgs a = check_masked_softmax(scores, mask, dim, scale);
+  auto out = at::empty(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor om = out.movedim(a.dim, -1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "masked_softmax_cpu",
+                                  [&] { softmax_forward<scalar_t>(a, om, scale); });
+  return out;
+}
+
+at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
+                                       double scale) {
+  const SoftmaxArgs a = check_masked_softmax_backward(grad_output, output, dim, scale);
+  auto out = at::empty(output.sizes(), output.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor om = out.movedim(a.dim, -1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "masked_softmax_backward_cpu",
+                                  [&] { softmax_backward<scalar_t>(a, om, scale); });
+  return out;
+}
+
+}  // namespace
+}  // namespace maskattn
+
+TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
+  m.impl("masked_softmax", &maskattn::masked_softmax_cpu);
+  m.impl("_masked_softmax_backward", &maskattn::masked_softmax_backward_cpu);
+}

@@ -1,0 +1,75 @@
+"""masked_softmax: softmax over the valid positions of a broadcastable mask; wrapper, fake, autograd."""
+import torch
+from torch import Tensor
+
+_ops = torch.ops.maskattn
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1, scale: float = 1.0) -> Tensor:
+    """``softmax(scale * scores)`` over ``dim`` among the positions where ``mask`` is valid.
+
+    Args:
+        scores: any shape, float32/float64/float16/bfloat16, any strides.
+        mask: valid mask (nonzero = take part) of any dtype, broadcastable to ``scores`` - e.g. a
+            ``[B, 1, 1, N]`` key mask for ``[B, H, N, N]`` scores, ``[B, 1, N, N]`` for a per-pair
+            mask, ``[N, N]`` for a causal one. It is read through its strides, never expanded.
+        dim: the softmax dim.
+        scale: multiplies the scores before the softmax (fused: no scaled copy of the scores).
+
+    Returns:
+        probabilities shaped like ``scores`` (contiguous, scores' dtype): exactly 0 at masked
+        positions, and all 0 (not NaN, not uniform) in a slice with no valid position; the gradient
+        there is 0 too. Half types accumulate in float32.
+
+    This replaces ``scores.masked_fill(mask == 0, float('-inf')).softmax(dim)`` (NaN on fully
+    masked rows) and the ``-1e9`` fill (uniform weights over padding on fully masked rows) with one
+    read of the scores and one write of the result.
+    """
+    return _ops.masked_softmax(scores, mask, dim, scale)
+
+
+def _wrap(dim: int, nd: int) -> int:
+    torch._check(nd >= 1 and -nd <= dim < nd, lambda: f"masked_softmax: dim = {dim} is out of range for {nd}-d scores")
+    return dim % nd
+
+
+@torch.library.register_fake("maskattn::masked_softmax")
+def _(scores, mask, dim=-1, scale=1.0):
+    _wrap(dim, scores.dim())
+    torch._check(scores.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                 lambda: f"masked_softmax: scores must be float32, float64, float16 or bfloat16, got {scores.dtype}")
+    torch._check(mask.dim() <= scores.dim(),
+                 lambda: f"masked_softmax: mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}")
+    for i in range(1, mask.dim() + 1):
+        torch._check(mask.shape[-i] == 1 or mask.shape[-i] == scores.shape[-i],
+                     lambda: f"masked_softmax: mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}")
+    return torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+
+
+@torch.library.register_fake("maskattn::_masked_softmax_backward")
+def _(grad_output, output, dim, scale):
+    _wrap(dim, output.dim())
+    torch._check(grad_output.shape == output.shape, lambda: "_masked_softmax_backward: grad_output must have the shape of output")
+    return torch.empty(output.shape, dtype=output.dtype, device=output.device)
+
+
+# Only the output is saved: the softmax backward needs y alone (y is 0 wherever the mask is not).
+def _setup(ctx, inputs, output):
+    _, _, dim, scale = inputs
+    ctx.dim, ctx.scale = dim, scale
+    ctx.save_for_backward(output)
+
+
+def _backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    g = _ops._masked_softmax_backward(grad, y, ctx.dim, ctx.scale) if ctx.needs_input_grad[0] else None
+    return g, None, None, None
+
+
+torch.library.register_autograd("maskattn::masked_softmax", _backward, setup_context=_setup)
+
+from . import _registration  # noqa: E402
+
+# Under autocast the softmax runs in the autocast dtype (float32 accumulation); the mask keeps its dtype.
+_registration.register_low_precision("masked_softmax", keep=("mask",))
+_registration.forbid_double_backward("_masked_softmax_backward")

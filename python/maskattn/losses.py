@@ -1,0 +1,50 @@
+"""Losses over padded batches."""
+import torch
+from torch import Tensor
+
+
+def masked_mse_loss(pred: Tensor, target: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
+    """Mean squared error over the valid elements of a padded image batch.
+
+    Args:
+        pred, target: ``[B, C, H, W]`` (or any ``[B, C, *spatial]``), same shape.
+        mask: valid mask of any dtype (nonzero = valid pixel), ``[B, H, W]`` or ``[B, 1, H, W]``
+            (broadcast over channels) or ``pred``'s full shape.
+        reduction: ``"mean"`` - sum of squared errors over valid elements divided by their number
+            (valid pixels x C when the mask is broadcast over channels), 0 when nothing is valid;
+            ``"sum"``; or ``"none"`` - the elementwise loss, 0 at padding.
+
+    Padding never reaches the loss or the gradient, even if ``pred`` holds inf/NaN there (the
+    difference is selected, not multiplied by the mask).
+
+    Difference from the JiT seed: it computes ``(diff * mask).sum() / (mask.sum() + 1e-8)`` with a
+    ``[B, 1, H, W]`` mask, i.e. a sum over C x pixels divided by the *pixel* count - C times the
+    per-element mean (3x for RGB), which also rescales the effective learning rate. This function
+    returns the per-element mean; multiply by C to reproduce the seed's numbers.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"masked_mse_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+    if pred.dim() < 2:
+        raise ValueError(f"masked_mse_loss: pred must be [B, C, ...], got shape {tuple(pred.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"masked_mse_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    if valid.dim() == pred.dim() - 1 and valid.shape[0] == pred.shape[0] and valid.shape[1:] == pred.shape[2:]:
+        valid = valid.unsqueeze(1)
+    ok = valid.dim() == pred.dim() and valid.shape[0] == pred.shape[0] and valid.shape[1] in (1, pred.shape[1]) \
+        and valid.shape[2:] == pred.shape[2:]
+    if not ok:
+        raise ValueError(f"masked_mse_loss: mask must be [B, H, W], [B, 1, H, W] or pred's shape {tuple(pred.shape)}, "
+                         f"got shape {tuple(mask.shape)}")
+    if valid.device != pred.device:
+        raise ValueError(f"masked_mse_loss: mask ({valid.device}) and pred ({pred.device}) must be on the same device")
+    diff = torch.where(valid, pred - target, (pred - target).new_zeros(()))
+    sq = diff * diff
+    if reduction == "none":
+        return sq
+    total = sq.sum(dtype=torch.float32 if sq.dtype in (torch.float16, torch.bfloat16) else None)
+    if reduction == "sum":
+        return total.to(pred.dtype)
+    channels = pred.shape[1] // valid.shape[1]
+    count = valid.sum() * channels
+    return (total / count.clamp(min=1)).to(pred.dtype)
