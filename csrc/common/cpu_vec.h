@@ -10,6 +10,10 @@ namespace cpu {
 // compiler may not reorder, and runs at a fraction of the memory bandwidth).
 float dot_f32(const float* a, const float* b, int64_t n);
 
+// out[j] = sum_d a[d] * rows[j][d] for nrows <= 4 rows at once: a is loaded once for all of them and
+// the rows' independent sums keep the FMA units busy.
+void dot_rows_f32(const float* a, const float* const* rows, int nrows, int64_t n, float* out);
+
 // acc[d] += sum_{j < nrows} w[j] * rows[j][d], nrows <= 8: acc is loaded and stored once per
 // group of rows instead of once per row.
 void axpy_rows_f32(float* acc, const float* const* rows, const float* w, int nrows, int64_t n);
@@ -29,6 +33,15 @@ inline acc_t dot_any(const acc_t* a, const scalar_t* p, int64_t n) {
 
 inline float dot_any(const float* a, const float* p, int64_t n) {
   return dot_f32(a, p, n);
+}
+
+template <typename acc_t, typename scalar_t>
+inline void dot_rows_any(const acc_t* a, const scalar_t* const* rows, int nrows, int64_t n, acc_t* out) {
+  for (int j = 0; j < nrows; ++j) out[j] = dot_any(a, rows[j], n);
+}
+
+inline void dot_rows_any(const float* a, const float* const* rows, int nrows, int64_t n, float* out) {
+  dot_rows_f32(a, rows, nrows, n, out);
 }
 
 template <typename acc_t, typename scalar_t>

@@ -309,7 +309,26 @@ std::tuple<at::Tensor, at::Tensor> pool_backward(const PoolGrads& g, const at::T
         }
         if (!need_logits) continue;
         acc_t* gs = gsum.data() + bag.w_off;
-        if (L.fs_d == 1) {
+        if (L.fs_d == 1 && K == 1) {
+          // live rows (weight != 0) four at a time; padding rows are never read
+          const scalar_t* rows[4];
+          int64_t idx[4];
+          acc_t out[4];
+          int n = 0;
+          for (int64_t r = c.r0; r < c.r1; ++r) {
+            gs[r] = acc_t(0);
+            if (w[bag.w_off + r] == acc_t(0)) continue;
+            rows[n] = f + bag.f_off + r * L.fs_n;
+            idx[n] = r;
+            if (++n == 4) {
+              cpu::dot_rows_any(gpb, rows, 4, D, out);
+              for (int j = 0; j < 4; ++j) gs[idx[j]] = out[j];
+              n = 0;
+            }
+          }
+          cpu::dot_rows_any(gpb, rows, n, D, out);
+          for (int j = 0; j < n; ++j) gs[idx[j]] = out[j];
+        } else if (L.fs_d == 1) {
           for (int64_t r = c.r0; r < c.r1; ++r) {
             const scalar_t* row = f + bag.f_off + r * L.fs_n;
             for (int64_t k = 0; k < K; ++k) {

@@ -56,6 +56,12 @@ def maybe_compile(fn, enabled: bool = True):
     """torch.compile'd fn, or None when compilation is unavailable here (reported, not hidden)."""
     if not enabled:
         return None
+    # Every shape and every requires_grad pattern is its own specialised graph (dynamic=False, so the
+    # compiled seed is at its best); the suites compile more of those than dynamo's default limit.
+    import torch._dynamo.config as dcfg
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dcfg, name):
+            setattr(dcfg, name, max(getattr(dcfg, name), 256))
     try:
         return torch.compile(fn, fullgraph=True, dynamic=False)
     except Exception:  # pragma: no cover - depends on the toolchain present
