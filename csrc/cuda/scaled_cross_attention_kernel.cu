@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <limits>
 
 #include "scaled_cross_attention.h"
@@ -43,6 +44,21 @@ __device__ __forceinline__ T warp_max(T v) {
     v = x > v ? x : v;
   }
   return v;
+}
+
+// Index of the largest v across the warp (lowest index on ties); INT_MAX when no lane has one.
+template <typename T>
+__device__ __forceinline__ int warp_argmax(T v, int j) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const T ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oj = __shfl_xor_sync(0xffffffffu, j, o);
+    if (ov > v || (ov == v && oj < j)) {
+      v = ov;
+      j = oj;
+    }
+  }
+  return j;
 }
 
 template <typename T>
@@ -265,15 +281,31 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     s = warp_sum(s);
+    // The softmax gradient sums to zero only in exact arithmetic; as the eager composition's
+    // row-max subtraction does, minus its float sum goes to the arg-max key (this keeps the
+    // scale's gradient, sum dlogit * cos, accurate in float32).
+    acc_t ds[2], best = acc_t(-1);
+    int bestj = INT_MAX;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = lane + h * kWarp;
+      ds[h] = a[h] != acc_t(0) ? a[h] * (da[h] - s) : acc_t(0);
+      if (j < Lk && a[h] != acc_t(0) && a[h] > best) {
+        best = a[h];
+        bestj = j;
+      }
+    }
+    const acc_t dsum = warp_sum(ds[0] + ds[1]);
+    const int jm = warp_argmax(best, bestj);
     acc_t psum = 0;
     __syncwarp();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int j = lane + h * kWarp;
       if (j < Lk) {
-        const acc_t ds = a[h] != acc_t(0) ? a[h] * (da[h] - s) : acc_t(0);
-        const acc_t pj = ds * (wc[j] * qinv * kinv[h]);
-        const acc_t wj = c * ds * qinv * kinv[h];
+        const acc_t dsj = j == jm ? ds[h] - dsum : ds[h];
+        const acc_t pj = dsj * (wc[j] * qinv * kinv[h]);
+        const acc_t wj = c * dsj * qinv * kinv[h];
         p[r * Lk + j] = pj;
         wqk[r * Lk + j] = wj;
         wd[j] = wj;  // reused below as grad_query's key weights
@@ -355,19 +387,35 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = r / Lq;
     const acc_t qn = qnrm ? qnrm[r] : acc_t(1);
     const acc_t qinv = qnrm ? inv_norm(qn) : acc_t(1);
-    acc_t s = 0;
+    acc_t s = 0, best = acc_t(-1);
+    int bestj = INT_MAX;
+    for (int64_t j = lane; j < Lk; j += kWarp) {
+      const acc_t a = static_cast<acc_t>(attn[r * Lk + j]);
+      if (a != acc_t(0)) {
+        s += a * (static_cast<acc_t>(dA[r * Lk + j]) + (gattn ? static_cast<acc_t>(gattn[r * Lk + j]) : acc_t(0)));
+        if (a > best) {
+          best = a;
+          bestj = static_cast<int>(j);
+        }
+      }
+    }
+    s = warp_sum(s);
+    const int jm = warp_argmax(best, bestj);
+    // minus the float sum of the softmax gradient goes to the arg-max key (see the fused kernel)
+    acc_t dsum = 0;
     for (int64_t j = lane; j < Lk; j += kWarp) {
       const acc_t a = static_cast<acc_t>(attn[r * Lk + j]);
       const acc_t da = static_cast<acc_t>(dA[r * Lk + j]) + (gattn ? static_cast<acc_t>(gattn[r * Lk + j]) : acc_t(0));
-      if (a != acc_t(0)) s += a * da;
+      dsum += a != acc_t(0) ? a * (da - s) : acc_t(0);
     }
-    s = warp_sum(s);
+    dsum = warp_sum(dsum);
     acc_t psum = 0;
     for (int64_t j = lane; j < Lk; j += kWarp) {
       const acc_t a = static_cast<acc_t>(attn[r * Lk + j]);
       const acc_t da = static_cast<acc_t>(dA[r * Lk + j]) + (gattn ? static_cast<acc_t>(gattn[r * Lk + j]) : acc_t(0));
       const acc_t kinv = knrm ? inv_norm(knrm[b * st.nb + j]) : acc_t(1);
-      const acc_t ds = a != acc_t(0) ? a * (da - s) : acc_t(0);
+      acc_t ds = a != acc_t(0) ? a * (da - s) : acc_t(0);
+      if (j == jm) ds -= dsum;
       const acc_t pj = ds * (static_cast<acc_t>(S[r * Lk + j]) * qinv * kinv);
       p[r * Lk + j] = pj;
       wqk[r * Lk + j] = c * ds * qinv * kinv;

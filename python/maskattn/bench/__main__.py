@@ -12,6 +12,7 @@ from ._harness import print_table
 
 # Suite modules in maskattn.bench; each has run(args) -> list[Row] and add_args(parser) (optional).
 SUITES = ["pool"]
+SUITES += ["xattn"]
 
 
 def main(argv=None):
