@@ -418,8 +418,11 @@ void softmax_backward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Ten
   });
 }
 
-// Above this many keys the CPU's GEMMs (BLAS) beat one-pass rows (measured: Lk = 64, D = 512).
-constexpr int64_t kCpuMaxFusedKeys = 16;
+// Above this many keys the CPU uses BLAS GEMMs around the fused softmax. Measured on the target CPU
+// (AVX+FMA, no AVX2) the one-pass rows lost to the GEMM path even at Lk = 5, D = 640 (the
+// at::vec code is not built with AVX here), so every Lk takes the GEMM path until the rows get
+// FMA-targeted clones.
+constexpr int64_t kCpuMaxFusedKeys = 0;
 
 const XattnKernels& cpu_kernels() {
   static const XattnKernels k{kCpuMaxFusedKeys, &row_norms_cpu, &fused_forward_cpu, &softmax_forward_cpu,
