@@ -10,7 +10,8 @@ from ._ops.patch_mask import patch_mask, patch_mask_to_image
 from ._ops.masked_softmax import masked_softmax
 from ._ops.gated_masked_mean import gated_masked_mean
 from ._ops.foreground_mask import foreground_mask
-from . import losses, masks, transforms  # noqa: E402
+from ._ops.scaled_cross_attention import scaled_cross_attention
+from . import losses, masks, optim, transforms  # noqa: E402
 from . import nn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -32,4 +33,6 @@ __all__ = [
     "masks",
     "transforms",
     "nn",
+    "scaled_cross_attention",
+    "optim",
 ]

@@ -1,0 +1,227 @@
+// Schema of scaled_cross_attention, the argument checks every backend runs first, and the
+// device-agnostic driver: which path (one-pass row kernels or GEMMs around a fused softmax) and
+// the reductions over query rows, which are GEMMs and sums over small [R, Lk] tensors.
+#include "scaled_cross_attention.h"
+
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common/checks.h"
+
+namespace maskattn {
+
+XattnArgs check_xattn_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                             const at::Tensor& lsl, double max_scale, const std::optional<at::Tensor>& key_mask,
+                             const char* op) {
+  TORCH_CHECK(query.dim() == 2 || query.dim() == 3, op, ": query must be [B, Lq, D] or [B, D], got shape ",
+              shape_str(query));
+  TORCH_CHECK(key.dim() == 2 || key.dim() == 3, op, ": key must be [B, Lk, D] or [Lk, D] (shared), got shape ",
+              shape_str(key));
+  TORCH_CHECK(value.dim() == 2 || value.dim() == 3, op,
+              ": value must be [B, Lk, Dv] or [Lk, Dv] (shared), got shape ", shape_str(value));
+  check_floating(query, (std::string(op) + ": query").c_str());
+  TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(), op,
+              ": query (", query.scalar_type(), "), key (", key.scalar_type(), ") and value (", value.scalar_type(),
+              ") must have the same dtype");
+  TORCH_CHECK(lsl.dim() == 0, op, ": logit_scale_log must be a 0-dim tensor, got shape ", shape_str(lsl));
+  check_floating(lsl, (std::string(op) + ": logit_scale_log").c_str());
+  TORCH_CHECK(!std::isnan(max_scale) && max_scale > 0, op, ": max_scale must be positive (inf = no cap), got ",
+              max_scale);
+  check_same_device(key, (std::string(op) + ": key").c_str(), query, "query");
+  check_same_device(value, (std::string(op) + ": value").c_str(), query, "query");
+  check_same_device(lsl, (std::string(op) + ": logit_scale_log").c_str(), query, "query");
+
+  XattnArgs a;
+  a.q2d = query.dim() == 2;
+  a.k2d = key.dim() == 2;
+  a.v2d = value.dim() == 2;
+  at::Tensor q = a.q2d ? query.unsqueeze(1) : query;
+  at::Tensor k = a.k2d ? key.unsqueeze(0) : key;
+  at::Tensor v = a.v2d ? value.unsqueeze(0) : value;
+  a.B = q.size(0);
+  a.Lq = q.size(1);
+  a.D = q.size(2);
+  a.Lk = k.size(1);
+  a.Dv = v.size(2);
+  TORCH_CHECK(k.size(2) == a.D, op, ": key ", shape_str(key), " and query ", shape_str(query),
+              " must have the same feature size D");
+  TORCH_CHECK(k.size(0) == a.B || a.k2d, op, ": key ", shape_str(key), " must have batch size B = ", a.B,
+              " of query ", shape_str(query), " (or be [Lk, D], shared by the batch)");
+  TORCH_CHECK(v.size(1) == a.Lk, op, ": value ", shape_str(value), " must have Lk = ", a.Lk,
+              " rows, one per key of key ", shape_str(key));
+  TORCH_CHECK(v.size(0) == a.B || a.v2d, op, ": value ", shape_str(value), " must have batch size B = ", a.B,
+              " of query ", shape_str(query), " (or be [Lk, Dv], shared by the batch)");
+  // Rows are read with unit stride along the features; anything else is copied once.
+  a.q = (q.stride(2) == 1 || a.D <= 1) ? q : q.contiguous();
+  a.k = k.contiguous();
+  a.v = v.contiguous();
+  a.lsl = lsl;
+  if (key_mask.has_value() && key_mask->defined()) {
+    const auto& m = *key_mask;
+    const bool ok = (m.dim() == 1 && m.size(0) == a.Lk) || (m.dim() == 2 && m.size(0) == a.B && m.size(1) == a.Lk);
+    TORCH_CHECK(ok, op, ": key_mask must be [B, Lk] = [", a.B, ", ", a.Lk, "] or [Lk] = [", a.Lk,
+                "] to match query ", shape_str(query), " and key ", shape_str(key), ", got shape ", shape_str(m));
+    check_same_device(m, (std::string(op) + ": key_mask").c_str(), query, "query");
+    at::Tensor mb = as_bool_mask(m);
+    a.mask = (m.dim() == 1 ? mb.unsqueeze(0) : mb).contiguous();
+  }
+  return a;
+}
+
+namespace {
+
+at::Tensor raw_dots(const XattnArgs& a) {
+  // Shared prototypes fold the whole batch into one GEMM.
+  if (a.k.size(0) == 1) return at::matmul(a.q, a.k[0].t()).reshape({a.B * a.Lq, a.Lk});
+  return at::bmm(a.q, a.k.transpose(1, 2)).reshape({a.B * a.Lq, a.Lk});
+}
+
+// min(exp(lsl), max_scale) as a device tensor, computed exactly as the eager composition does.
+at::Tensor clamped_scale(const at::Tensor& lsl, double max_scale) { return lsl.exp().clamp_max(max_scale); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const at::Tensor& key,
+                                                 const at::Tensor& value, const at::Tensor& lsl, double max_scale,
+                                                 const std::optional<at::Tensor>& key_mask, bool normalize,
+                                                 const XattnKernels& kern) {
+  XattnArgs a = check_xattn_inputs(query, key, value, lsl, max_scale, key_mask, "scaled_cross_attention");
+  const int64_t R = a.B * a.Lq;
+  at::Tensor out = at::empty({R, a.Dv}, a.q.options());
+  at::Tensor attn = at::empty({R, a.Lk}, a.q.options());
+  if (R > 0 && a.Lk == 0) {
+    out.zero_();  // no key at all: every query has no valid key
+  } else if (R > 0) {
+    const at::Tensor knrm = normalize ? kern.row_norms(a.k) : at::Tensor();
+    if (a.Lk <= kern.max_fused_keys) {
+      kern.fused_forward(a, knrm, max_scale, normalize, out, attn);
+    } else {
+      const at::Tensor S = raw_dots(a);
+      const at::Tensor qnrm = normalize ? kern.row_norms(a.q) : at::Tensor();
+      kern.softmax_forward(a, S, qnrm, knrm, max_scale, normalize, attn);
+      if (a.v.size(0) == 1) {
+        at::mm_out(out, attn, a.v[0]);
+      } else {
+        at::Tensor out3 = out.view({a.B, a.Lq, a.Dv});
+        at::bmm_out(out3, attn.view({a.B, a.Lq, a.Lk}), a.v);
+      }
+    }
+  }
+  if (a.q2d) return {out.view({a.B, a.Dv}), attn.view({a.B, a.Lk})};
+  return {out.view({a.B, a.Lq, a.Dv}), attn.view({a.B, a.Lq, a.Lk})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& value, const at::Tensor& lsl, const at::Tensor& attn,
+    double max_scale, bool normalize, std::array<bool, 4> output_mask, const XattnKernels& kern) {
+  const char* op = "_scaled_cross_attention_backward";
+  XattnArgs a = check_xattn_inputs(query, key, value, lsl, max_scale, std::nullopt, op);
+  const int64_t B = a.B, Lq = a.Lq, Lk = a.Lk, D = a.D, Dv = a.Dv, R = B * Lq;
+  std::vector<int64_t> out_shape = a.q2d ? std::vector<int64_t>{B, Dv} : std::vector<int64_t>{B, Lq, Dv};
+  std::vector<int64_t> attn_shape = a.q2d ? std::vector<int64_t>{B, Lk} : std::vector<int64_t>{B, Lq, Lk};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out has shape ", shape_str(grad_out),
+              ", expected ", at::IntArrayRef(out_shape));
+  TORCH_CHECK(attn.sizes() == at::IntArrayRef(attn_shape), op, ": attn has shape ", shape_str(attn), ", expected ",
+              at::IntArrayRef(attn_shape));
+  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && attn.scalar_type() == query.scalar_type(), op,
+              ": grad_out (", grad_out.scalar_type(), ") and attn (", attn.scalar_type(), ") must have query's dtype ",
+              query.scalar_type());
+  check_same_device(grad_out, "_scaled_cross_attention_backward: grad_out", query, "query");
+  check_same_device(attn, "_scaled_cross_attention_backward: attn", query, "query");
+  at::Tensor gattn;
+  if (grad_attn.has_value() && grad_attn->defined()) {
+    TORCH_CHECK(grad_attn->sizes() == attn.sizes(), op, ": grad_attn ", shape_str(*grad_attn), " must match attn ",
+                shape_str(attn));
+    check_same_device(*grad_attn, "_scaled_cross_attention_backward: grad_attn", query, "query");
+    gattn = grad_attn->to(query.scalar_type()).reshape({R, Lk}).contiguous();
+  }
+  const auto [need_q, need_k, need_v, need_s] = output_mask;
+  const auto dt = query.scalar_type();
+  const auto acc = at::toOpMathType(dt);
+  // opcheck feeds expanded (zero-stride) gradients; the kernels want plain rows.
+  const at::Tensor gout = grad_out.reshape({R, Dv}).contiguous();
+  const at::Tensor A = attn.reshape({R, Lk}).contiguous();
+
+  at::Tensor dq = at::empty({0}, query.options()), dk = at::empty({0}, key.options()),
+             dv = at::empty({0}, value.options()), ds = at::empty({0}, lsl.options());
+  if (R == 0 || Lk == 0) {
+    if (need_q) dq = at::zeros(query.sizes(), query.options());
+    if (need_k) dk = at::zeros(key.sizes(), key.options());
+    if (need_v) dv = at::zeros(value.sizes(), value.options());
+    if (need_s) ds = at::zeros_like(lsl);
+    return {dq, dk, dv, ds};
+  }
+  if (need_v) {
+    if (a.v.size(0) == 1) {
+      dv = at::mm(A.t(), gout).reshape(value.sizes());
+    } else {
+      dv = at::bmm(A.view({B, Lq, Lk}).transpose(1, 2), gout.view({B, Lq, Dv})).reshape(value.sizes());
+    }
+  }
+  if (!(need_q || need_k || need_s)) return {dq, dk, dv, ds};
+
+  const at::Tensor knrm = normalize ? kern.row_norms(a.k) : at::Tensor();
+  at::Tensor wqk = at::empty({R, Lk}, a.q.options().dtype(acc));
+  at::Tensor p = at::empty({R, Lk}, a.q.options().dtype(acc));
+  at::Tensor kk = a.k.size(0) == 1 ? a.k[0] : a.k;  // [Lk, D] shared or [B, Lk, D]
+  if (Lk <= kern.max_fused_keys) {
+    at::Tensor dq_rows = need_q ? at::empty({R, D}, a.q.options()) : at::Tensor();
+    kern.fused_backward(a, knrm, gout, gattn, A, max_scale, normalize, dq_rows, wqk, p);
+    if (need_q) dq = dq_rows.view(query.sizes());
+  } else {
+    const at::Tensor S = raw_dots(a);
+    const at::Tensor dA = a.v.size(0) == 1 ? at::mm(gout, a.v[0].t())
+                                           : at::bmm(gout.view({B, Lq, Dv}), a.v.transpose(1, 2)).reshape({R, Lk});
+    const at::Tensor qnrm = normalize ? kern.row_norms(a.q) : at::Tensor();
+    at::Tensor rowcoef = at::empty({R}, a.q.options().dtype(acc));
+    kern.softmax_backward(a, S, dA, gattn, A, qnrm, knrm, max_scale, normalize, wqk, p, rowcoef);
+    if (need_q) {
+      const at::Tensor w = wqk.to(dt);
+      at::Tensor g = a.k.size(0) == 1 ? at::matmul(w.view({B, Lq, Lk}), kk) : at::bmm(w.view({B, Lq, Lk}), kk);
+      if (normalize) g = (g.to(acc) - a.q.to(acc) * rowcoef.view({B, Lq, 1})).to(dt);
+      dq = g.reshape(query.sizes());
+    }
+  }
+  if (need_k) {
+    const at::Tensor w = wqk.to(dt);
+    at::Tensor g;
+    if (a.k.size(0) == 1) {
+      g = at::mm(w.t(), a.q.reshape({R, D}));  // [Lk, D]
+    } else {
+      g = at::bmm(w.view({B, Lq, Lk}).transpose(1, 2), a.q);  // [B, Lk, D]
+    }
+    if (normalize) {
+      // Projection term of F.normalize's backward, only where the norm was not clamped to eps:
+      // dk_j -= k_j / |k_j|^2 * scale * sum_i dlogit_ij cos_ij.
+      const at::Tensor colsum = a.k.size(0) == 1 ? p.sum(0) : p.view({B, Lq, Lk}).sum(1);
+      const at::Tensor kn = knrm.view(colsum.sizes());
+      const at::Tensor kinv = kn.clamp_min(kXattnNormEps).reciprocal();
+      const at::Tensor c = clamped_scale(lsl, max_scale).to(acc);
+      const at::Tensor coef = at::where(kn >= kXattnNormEps, kinv * kinv * c * colsum, at::zeros_like(colsum));
+      g = (g.to(acc) - kk.to(acc) * coef.unsqueeze(-1)).to(dt);
+    }
+    dk = g.reshape(key.sizes());
+  }
+  if (need_s) {
+    // d scale / d lsl = exp(lsl), and torch.clamp passes the gradient only where exp(lsl) <= max.
+    const at::Tensor s = lsl.exp();
+    const at::Tensor dc = p.sum().to(lsl.scalar_type());
+    ds = at::where(s <= max_scale, dc * s, at::zeros_like(s));
+  }
+  return {dq, dk, dv, ds};
+}
+
+}  // namespace maskattn
+
+TORCH_LIBRARY_FRAGMENT(maskattn, m) {
+  m.def(
+      "scaled_cross_attention(Tensor query, Tensor key, Tensor value, Tensor logit_scale_log, "
+      "float max_scale=100.0, Tensor? key_mask=None, bool normalize=False) -> (Tensor, Tensor)");
+  m.def(
+      "_scaled_cross_attention_backward(Tensor grad_out, Tensor? grad_attn, Tensor query, Tensor key, "
+      "Tensor value, Tensor logit_scale_log, Tensor attn, float max_scale, bool normalize, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+}
