@@ -132,3 +132,31 @@ def test_cuda_graph_capture_replays_forward_and_backward():
     eager = run()
     for a, b in zip(static, eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_rules_for_every_differentiable_op(dtype):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 5, 7, generator=g)
+    keymask = torch.rand(2, 1, 1, 7, generator=g) < 0.7
+    q = torch.randn(2, 4, 8, generator=g)
+    protos = torch.randn(3, 8, generator=g)
+    scale = torch.tensor(2.5, requires_grad=True)
+    feats = torch.randn(2, 6, 4, 4, generator=g)
+    gate = torch.randn(2, 1, 4, 4, generator=g)
+    with torch.autocast("cpu", dtype=dtype):
+        y = maskattn.masked_softmax(scores, keymask)
+        out, attn = maskattn.scaled_cross_attention(q, protos, protos, scale, normalize=True)
+        pooled, _ = maskattn.gated_masked_mean(feats, gate)
+    assert y.dtype == dtype and out.dtype == dtype and attn.dtype == dtype and pooled.dtype == dtype
+    torch.testing.assert_close(y.float(), torch.softmax(scores.masked_fill(~keymask, float("-inf")), -1),
+                               atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert scale.grad is not None and scale.grad.dtype == torch.float32  # the scale was left in float32
+
+
+@pytest.mark.parametrize("name", ["_masked_softmax_backward", "_scaled_cross_attention_backward",
+                                  "_gated_masked_mean_backward", "_masked_attention_pool_backward"])
+def test_every_backward_op_refuses_double_backward(name):
+    kernel = torch._C._dispatch_get_registrations_for_dispatch_key("Autograd")
+    assert f"maskattn::{name}" in kernel
