@@ -41,7 +41,8 @@ GatedInputs check_gated_inputs(const at::Tensor& features, const at::Tensor& gat
 }
 
 GatedGrads check_gated_grads(const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_gate,
-                             const at::Tensor& features, const at::Tensor& gate) {
+                             const at::Tensor& features, const at::Tensor& gate,
+                             const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(features.dim() == 4, "_gated_masked_mean_backward: features must be [B, C, H, W], got shape ",
               shape_str(features));
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
@@ -62,6 +63,13 @@ GatedGrads check_gated_grads(const at::Tensor& grad_pooled, const std::optional<
                 shape_str(*grad_gate), " must match gate ", shape_str(gate));
     check_same_device(*grad_gate, "_gated_masked_mean_backward: grad_gate", features, "features");
     g.grad_gate = g4 ? grad_gate->squeeze(1) : *grad_gate;
+  }
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->dim() == 3 && mask->size(0) == B && mask->size(1) == H && mask->size(2) == W,
+                "_gated_masked_mean_backward: mask must be [B, H, W] matching features ", shape_str(features),
+                ", got shape ", shape_str(*mask));
+    check_same_device(*mask, "_gated_masked_mean_backward: mask", features, "features");
+    g.mask = as_bool_mask(*mask);
   }
   return g;
 }

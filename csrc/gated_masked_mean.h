@@ -20,10 +20,12 @@ struct GatedGrads {
   at::Tensor grad_pooled;  // [B, C]
   at::Tensor grad_gate;    // [B, H, W] view, or undefined
   at::Tensor gate;         // [B, H, W] view
+  at::Tensor mask;         // bool [B, H, W] or undefined
 };
 
 GatedGrads check_gated_grads(const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_gate,
-                             const at::Tensor& features, const at::Tensor& gate);
+                             const at::Tensor& features, const at::Tensor& gate,
+                             const std::optional<at::Tensor>& mask);
 
 // Stride of the merged H*W pixel dimension of a [B, C, H, W] tensor, or -1 when H and W do not
 // merge into one strided dimension.

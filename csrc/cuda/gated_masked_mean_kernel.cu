@@ -237,18 +237,11 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& feat
 std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cuda(
     const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_gate, const at::Tensor& features,
     const at::Tensor& gate, const std::optional<at::Tensor>& mask, std::array<bool, 2> output_mask) {
-  GatedGrads g = check_gated_grads(grad_pooled, grad_gate, features, gate);
+  GatedGrads g = check_gated_grads(grad_pooled, grad_gate, features, gate, mask);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t HW = H * W;
-  at::Tensor bmask;
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->dim() == 3 && mask->size(0) == B && mask->size(1) == H && mask->size(2) == W,
-                "_gated_masked_mean_backward: mask must be [B, H, W] matching features ", shape_str(features),
-                ", got shape ", shape_str(*mask));
-    check_same_device(*mask, "_gated_masked_mean_backward: mask", features, "features");
-    bmask = as_bool_mask(*mask);
-  }
+  const at::Tensor bmask = g.mask;
   const bool need_f = output_mask[0], need_l = output_mask[1];
   at::Tensor grad_features = need_f ? at::empty({B, C, H, W}, features.options()) : at::empty({0}, features.options());
   at::Tensor grad_logits = need_l ? at::empty({B, H, W}, gate.options()) : at::empty({0}, gate.options());
