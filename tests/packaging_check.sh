@@ -66,7 +66,7 @@ CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-1} "$work/fresh/bin/pip
   > "$work/install.log" 2>&1 || { tail -60 "$work/install.log"; echo "packaging: installing the sdist failed"; exit 1; }
 lap
 mkdir "$work/run"
-cp -r "$root/tests" "$work/run/tests"
+cp -r "$root/tests" "$root/docs" "$root/pyproject.toml" "$work/run/"  # docs: tests/test_docs.py runs their code
 cd "$work/run"
 "$work/fresh/bin/python" - "$root/pyproject.toml" <<'PY'
 import sys, tomllib, maskattn
