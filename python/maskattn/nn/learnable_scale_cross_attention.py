@@ -80,7 +80,9 @@ class LearnableScaleCrossAttention(nn.Module):
             values = prototypes
         cap = self.max_scale if self.clamp == "forward" else math.inf
         out, attn = scaled_cross_attention(query, prototypes, values, self.logit_scale_log, cap, key_mask, self.normalize)
-        if self.track_stats:
+        # Not under torch.export: an exported program cannot write module attributes (export warns
+        # and drops them), so the stats would be stale there anyway.
+        if self.track_stats and not torch.compiler.is_exporting():
             self.stats = self._stats(attn)
         return out, attn
 
