@@ -90,7 +90,7 @@ CASES = [
          r"logits \(Double\) and features \(Float\) must have the same dtype"),
     Case("masked_attention_pool", "dtype", "complex mask",
          lambda: maskattn.masked_attention_pool(r(2, 3), r(2, 3, 4), torch.ones(2, 3, dtype=torch.complex64)),
-         RuntimeError, r"mask must be a bool, integer or floating tensor"),
+         RuntimeError, r"masked_attention_pool: mask must be a bool, integer or floating tensor"),
     Case("masked_attention_pool", "device", "logits on another device than features",
          lambda: maskattn.masked_attention_pool(r(2, 3, device=OTHER), r(2, 3, 4)), RuntimeError,
          r"logits \(.*\) and features \(.*\) must be on the same device"),
