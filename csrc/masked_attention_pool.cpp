@@ -31,6 +31,9 @@ PoolInputs check_pool_inputs(const at::Tensor& logits, const at::Tensor& feature
                 "masked_attention_pool: mask must be [B, N] = [", features.size(0), ", ", features.size(1),
                 "] to match features ", shape_str(features), ", got shape ", shape_str(m));
     check_same_device(m, "masked_attention_pool: mask", features, "features");
+    // checked here too so that the message names the op (as_bool_mask's own check cannot)
+    TORCH_CHECK(!m.is_complex(), "masked_attention_pool: mask must be a bool, integer or floating tensor, got ",
+                m.scalar_type());
     in.mask = as_bool_mask(m);
   }
   return in;

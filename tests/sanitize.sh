@@ -1,23 +1,66 @@
 #!/usr/bin/env bash
-# Build the CPU extension with AddressSanitizer + UndefinedBehaviorSanitizer into a throw-away venv
-# and run the op tests under them. Any report fails the run. Usage: bash tests/sanitize.sh [pytest args]
+# Build the CPU extension with AddressSanitizer + UndefinedBehaviorSanitizer and run every op test
+# under it. Any sanitizer report fails the run (ASan aborts on its first report, UBSan is compiled
+# with -fno-sanitize-recover and halts on its first report, and the log is grepped as well so that a
+# report from a child process cannot slip through).
+#
+# Usage (repo root): bash tests/sanitize.sh [pytest args]
+#   PYTHON=/path/to/python  interpreter that already has torch + pytest (default: python3; when that
+#                           has no torch, a throw-away venv with torch==2.13.0 is made)
+#   SANITIZE_LOG=path       where the pytest log goes (default: build/sanitize/pytest.log)
+#
+# The instrumented build goes into a private --target directory put first on PYTHONPATH, so the
+# interpreter's installed (uninstrumented) maskattn is shadowed but not touched. build/sanitize keeps
+# the object files, so a second run only recompiles what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python3 -m venv --system-site-packages "$work/venv"
-. "$work/venv/bin/activate"
-python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-pip install -q pytest hypothesis expecttest numpy ninja cmake scikit-build-core pybind11
+py=${PYTHON:-python3}
+if ! "$py" -c "import torch, pytest" 2>/dev/null; then
+  "$py" -m venv --system-site-packages "$work/venv"
+  py="$work/venv/bin/python"
+  "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q torch==2.13.0
+  "$py" -m pip install -q pytest hypothesis expecttest numpy ninja cmake scikit-build-core pybind11
+fi
 flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1"
-MASKATTN_CUDA=OFF pip install -q --no-build-isolation --no-deps --force-reinstall \
+t0=$(date +%s)
+MASKATTN_CUDA=OFF "$py" -m pip install -q --no-build-isolation --no-deps --target "$work/site" \
   --config-settings=build-dir=build/sanitize \
   --config-settings=cmake.define.CMAKE_CXX_FLAGS="$flags" \
   --config-settings=cmake.define.CMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" .
-# Python itself is not instrumented: preload the runtimes; leaks of the interpreter are not ours.
+echo "sanitize: instrumented build in $(( $(date +%s) - t0 )) s"
+log=${SANITIZE_LOG:-$root/build/sanitize/pytest.log}
+mkdir -p "$(dirname "$log")"
+
+# Python and torch are not instrumented: preload the runtimes. Leak checking is off because the
+# interpreter's own allocations at exit are not ours (tests/test_threads_leaks.py covers our leaks).
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
-export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1
-export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
+export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 cd "$work"
-python -m pytest -q -x -p no:cacheprovider "$OLDPWD/tests" -k "not distributed and not ecosystem" "$@"
+"$py" -c "import maskattn, os; f = maskattn.__file__; assert f.startswith('$work'), f; print('sanitize: testing', f)"
+# Every op test file. Left out, and why:
+#  - test_distributed.py: a multi-process gloo DDP run (torch.multiprocessing workers that would
+#    inherit the preloaded runtimes and each pay ASan's start-up and shadow memory); its workers only
+#    call the pooling kernels that the single-process tests here already cover. Not tried under ASan.
+#  - tests marked `large` (setup.cfg excludes them by default): 4+ GiB tensors under ASan's shadow
+#    memory and -O1 would take far too long.
+#  - the RSS leak loops of test_threads_leaks.py (test_no_leak, test_leak_check_can_fail): ASan keeps
+#    freed memory in its quarantine and grows shadow memory, so resident size says nothing about
+#    leaks there; they run in the normal test suite. The multi-thread tests of that file do run here.
+t0=$(date +%s)
+set +e
+"$py" -m pytest -q -p no:cacheprovider -c "$root/setup.cfg" --rootdir "$root" \
+  --ignore "$root/tests/test_distributed.py" -k "not test_no_leak and not test_leak_check_can_fail" \
+  "$root/tests" "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+echo "sanitize: pytest rc=$rc in $(( $(date +%s) - t0 )) s"
+if grep -qE "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
+  echo "sanitize: SANITIZER REPORT (see $log)"; exit 1
+fi
+[ "$rc" = 0 ] || { echo "sanitize: tests failed"; exit "$rc"; }
 echo "sanitize: no reports"

@@ -305,6 +305,10 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images,
   const ForegroundParams p{threshold, open_radius, close_radius, fill_holes, sigma};
   const at::Tensor im = check_foreground_inputs(images, p);
   const int64_t B = im.size(0), C = im.size(1), H = im.size(2), W = im.size(3);
+  // The per-image stages index rows, runs and labels with int (half the memory of int64 in the
+  // union-find); an image of 2^31 pixels or more would overflow them, so refuse it up front.
+  TORCH_CHECK(H * W <= INT32_MAX, "foreground_mask: images of ", H, "x", W,
+              " pixels are too large (at most 2^31 - 1 pixels per image)");
   auto opts = im.options().dtype(at::kFloat);
   at::Tensor mask = at::empty({B, H, W}, opts);
   at::Tensor coverage = at::empty({B}, opts);
@@ -363,6 +367,8 @@ void largest_component_cpu(uint8_t* masks, int64_t B, int64_t H, int64_t W, bool
     for (int64_t b = 0; b < B; ++b) coverage[b] = 0.f;
     return;
   }
+  TORCH_CHECK(H * W <= INT32_MAX, "foreground_mask: images of ", H, "x", W,
+              " pixels are too large (at most 2^31 - 1 pixels per image)");  // int run labels, see above
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     RunLabels L;
     std::vector<int64_t> area;

@@ -192,6 +192,14 @@ Layout layout_of(const at::Tensor& features) {
 
 int64_t blocks_for(int64_t n, int64_t per_block) { return std::max<int64_t>(1, (n + per_block - 1) / per_block); }
 
+// These kernels map each block to a fixed slice (no grid-stride loop), so a grid past gridDim.x's
+// limit of 2^31 - 1 must be refused: passing the int64 count straight to <<<>>> would truncate it.
+unsigned grid_x(int64_t blocks, const char* what) {
+  TORCH_CHECK(blocks <= INT32_MAX, "gated_masked_mean: ", what, " = ", blocks,
+              " CUDA blocks exceeds the grid limit 2^31 - 1");
+  return static_cast<unsigned>(blocks);
+}
+
 std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& features, const at::Tensor& gate_logits,
                                                           const std::optional<at::Tensor>& mask) {
   GatedInputs in = check_gated_inputs(features, gate_logits, mask, "gated_masked_mean");
@@ -215,17 +223,17 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& feat
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gate_weights_kernel<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(
+    gate_weights_kernel<scalar_t, acc_t><<<grid_x(B, "B"), kThreads, 0, stream>>>(
         in.logits.const_data_ptr<scalar_t>(), in.logits.stride(0), in.logits.stride(1), in.logits.stride(2), mp, m0,
         m1, m2, H, W, gate.data_ptr<scalar_t>(), w.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (C == 0) return;
     if (L.planar) {
-      pool_planar_kernel<scalar_t, acc_t><<<blocks_for(B * C, kThreads / 32), kThreads, 0, stream>>>(
+      pool_planar_kernel<scalar_t, acc_t><<<grid_x(blocks_for(B * C, kThreads / 32), "B * C / 8"), kThreads, 0, stream>>>(
           L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, w.const_data_ptr<acc_t>(), B, C, HW, pooled.data_ptr<scalar_t>());
     } else {
       const int64_t cblocks = blocks_for(C, kThreads);
-      pool_strided_kernel<scalar_t, acc_t><<<B * cblocks, kThreads, 0, stream>>>(
+      pool_strided_kernel<scalar_t, acc_t><<<grid_x(B * cblocks, "B * ceil(C / 256)"), kThreads, 0, stream>>>(
           L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, w.const_data_ptr<acc_t>(), C, HW, cblocks,
           pooled.data_ptr<scalar_t>());
     }
@@ -260,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cuda(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    inverse_counts_kernel<acc_t><<<B, kThreads, 0, stream>>>(mp, m0, m1, m2, H, W, inv.data_ptr<acc_t>());
+    inverse_counts_kernel<acc_t><<<grid_x(B, "B"), kThreads, 0, stream>>>(mp, m0, m1, m2, H, W, inv.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (need_f && C > 0) {
       const int64_t total = B * C * HW;
@@ -275,11 +283,11 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cuda(
     const acc_t* ggp = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
     if (L.planar) {
       const int64_t pblocks = blocks_for(HW, 32);
-      grad_logits_planar_kernel<scalar_t, acc_t><<<B * pblocks, kThreads, 0, stream>>>(
+      grad_logits_planar_kernel<scalar_t, acc_t><<<grid_x(B * pblocks, "B * ceil(H * W / 32)"), kThreads, 0, stream>>>(
           L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, gpd.const_data_ptr<acc_t>(), gate_c.const_data_ptr<scalar_t>(),
           ggp, inv.const_data_ptr<acc_t>(), C, HW, pblocks, grad_logits.data_ptr<scalar_t>());
     } else {
-      grad_logits_strided_kernel<scalar_t, acc_t><<<blocks_for(B * HW, kThreads / 32), kThreads, 0, stream>>>(
+      grad_logits_strided_kernel<scalar_t, acc_t><<<grid_x(blocks_for(B * HW, kThreads / 32), "B * H * W / 8"), kThreads, 0, stream>>>(
           L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, gpd.const_data_ptr<acc_t>(),
           gate_c.const_data_ptr<scalar_t>(), ggp, inv.const_data_ptr<acc_t>(), B, C, HW,
           grad_logits.data_ptr<scalar_t>());

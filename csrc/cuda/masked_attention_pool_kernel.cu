@@ -37,7 +37,8 @@ struct BagGeom {
   int64_t ls_b, ls_n, ls_k;
   const bool* mask;        // null: all valid
   int64_t ms_b, ms_n;
-  int K, D;
+  // int64: k * D and row * K index [B, K, D] / [rows, K] buffers that may exceed 2^31 elements.
+  int64_t K, D;
 
   __device__ __forceinline__ void range(int64_t b, int64_t& r0, int64_t& r1) const {
     if (offsets == nullptr) {
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(THREADS) pool_partial_kernel(
   const int64_t bkg = blockIdx.x / dtiles;
   const int64_t b = bkg / kgroups;
   const int k0 = static_cast<int>(bkg % kgroups) * KB;
-  const int kc = min(KB, g.K - k0);
+  const int kc = static_cast<int>(min(static_cast<int64_t>(KB), g.K - k0));
   int64_t r0, r1;
   g.range(b, r0, r1);
   const int64_t nchunks = ceil_div(r1 - r0, chunk);
@@ -320,7 +321,7 @@ __global__ void pool_backward_softmax_kernel(BagGeom g, const scalar_t* __restri
                                              scalar_t* __restrict__ grad_logits) {
   __shared__ acc_t scratch[32];
   const int64_t b = blockIdx.x / g.K;
-  const int k = blockIdx.x % g.K;
+  const int64_t k = blockIdx.x % g.K;
   int64_t r0, r1;
   g.range(b, r0, r1);
   acc_t c = 0;
@@ -355,8 +356,8 @@ BagGeom make_geom(const at::Tensor& logits, const at::Tensor& features, const at
   BagGeom g{};
   const bool packed = offsets.defined();
   g.offsets = packed ? offsets.const_data_ptr<int64_t>() : nullptr;
-  g.K = static_cast<int>(logits.size(-1));
-  g.D = static_cast<int>(features.size(-1));
+  g.K = logits.size(-1);
+  g.D = features.size(-1);
   if (packed) {
     g.T = features.size(0);
     g.N = 0;
@@ -515,6 +516,8 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const PoolGrads& pg, const
     if (need_logits) {
       // Rows no bag covers (only with bad packed offsets) keep a zero gradient.
       if (offsets.defined()) grad_logits.zero_();
+      TORCH_CHECK(nbags * K <= INT32_MAX, "masked_attention_pool backward: B * K = ", nbags * K,
+                  " exceeds the CUDA grid limit");
       pool_backward_softmax_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * K), 256, 0, stream>>>(
           g, weights.const_data_ptr<scalar_t>(), gs, gw.defined() ? gw.const_data_ptr<scalar_t>() : nullptr,
           grad_logits.data_ptr<scalar_t>());

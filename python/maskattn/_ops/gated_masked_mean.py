@@ -4,6 +4,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _checks
+
 _ops = torch.ops.maskattn
 
 
@@ -27,6 +29,8 @@ def gated_masked_mean(features: Tensor, gate_logits: Tensor, mask: Optional[Tens
 
 @torch.library.register_fake("maskattn::gated_masked_mean")
 def _(features, gate_logits, mask=None):
+    _checks.same_device(gate_logits, "gated_masked_mean: gate_logits", features, "features")
+    _checks.same_device(mask, "gated_masked_mean: mask", features, "features")
     torch._check(features.dim() == 4, lambda: f"gated_masked_mean: features must be [B, C, H, W], got {tuple(features.shape)}")
     torch._check(gate_logits.dtype == features.dtype, lambda: "gated_masked_mean: gate_logits and features must have the same dtype")
     pooled = features.new_empty((features.shape[0], features.shape[1]))

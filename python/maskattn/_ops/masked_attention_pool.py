@@ -4,6 +4,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _checks
+
 from . import _registration
 
 _ops = torch.ops.maskattn
@@ -51,6 +53,8 @@ def _pooled_shape(logits: Tensor, features: Tensor, batch: int, has_k: bool):
 
 @torch.library.register_fake("maskattn::masked_attention_pool")
 def _(logits, features, mask=None):
+    _checks.same_device(logits, "masked_attention_pool: logits", features, "features")
+    _checks.same_device(mask, "masked_attention_pool: mask", features, "features")
     torch._check(features.dim() == 3, lambda: f"masked_attention_pool: features must be [B, N, D], got {tuple(features.shape)}")
     torch._check(logits.dim() in (2, 3), lambda: f"masked_attention_pool: logits must be [B, N] or [B, N, K], got {tuple(logits.shape)}")
     torch._check(logits.dtype == features.dtype, lambda: "masked_attention_pool: logits and features must have the same dtype")
@@ -61,6 +65,8 @@ def _(logits, features, mask=None):
 
 @torch.library.register_fake("maskattn::masked_attention_pool_packed")
 def _(logits, features, offsets):
+    _checks.same_device(logits, "masked_attention_pool_packed: logits", features, "features")
+    _checks.same_device(offsets, "masked_attention_pool_packed: offsets", features, "features")
     torch._check(features.dim() == 2, lambda: f"masked_attention_pool_packed: features must be [T, D], got {tuple(features.shape)}")
     torch._check(logits.dtype == features.dtype, lambda: "masked_attention_pool_packed: logits and features must have the same dtype")
     batch = offsets.shape[0] - 1

@@ -2,6 +2,8 @@
 import torch
 from torch import Tensor
 
+from . import _checks
+
 _ops = torch.ops.maskattn
 
 
@@ -35,6 +37,7 @@ def _wrap(dim: int, nd: int) -> int:
 
 @torch.library.register_fake("maskattn::masked_softmax")
 def _(scores, mask, dim=-1, scale=1.0):
+    _checks.same_device(scores, "masked_softmax: scores", mask, "mask")
     _wrap(dim, scores.dim())
     torch._check(scores.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
                  lambda: f"masked_softmax: scores must be float32, float64, float16 or bfloat16, got {scores.dtype}")

@@ -43,6 +43,8 @@ def patch_mask_to_image(patch_mask: Tensor, patch_size: int, image_size: Union[i
     p = int(patch_size)
     if p <= 0:
         raise ValueError(f"patch_mask_to_image: patch_size must be positive, got {patch_size}")
+    if h < 0 or w < 0:
+        raise ValueError(f"patch_mask_to_image: image_size must be non-negative, got {image_size}")
     if h % p or w % p:
         raise ValueError(f"patch_mask_to_image: image height H={h} and width W={w} must be multiples of patch_size={p}")
     nh, nw = h // p, w // p

@@ -4,6 +4,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _checks
+
 _ops = torch.ops.maskattn
 
 
@@ -40,6 +42,8 @@ def scaled_cross_attention(query: Tensor, key: Tensor, value: Tensor, logit_scal
 
 @torch.library.register_fake("maskattn::scaled_cross_attention")
 def _(query, key, value, logit_scale_log, max_scale=100.0, key_mask=None, normalize=False):
+    for t, n in ((key, "key"), (value, "value"), (logit_scale_log, "logit_scale_log"), (key_mask, "key_mask")):
+        _checks.same_device(t, f"scaled_cross_attention: {n}", query, "query")
     torch._check(query.dim() in (2, 3), lambda: f"scaled_cross_attention: query must be [B, Lq, D] or [B, D], got {tuple(query.shape)}")
     torch._check(key.dim() in (2, 3), lambda: f"scaled_cross_attention: key must be [B, Lk, D] or [Lk, D], got {tuple(key.shape)}")
     torch._check(value.dim() in (2, 3), lambda: f"scaled_cross_attention: value must be [B, Lk, Dv] or [Lk, Dv], got {tuple(value.shape)}")

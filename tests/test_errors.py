@@ -1,0 +1,455 @@
+"""Every public function rejects bad input with an error that names the argument (issue #7, point 6).
+
+The cases live in one list, CASES; docs/errors.md holds a table generated from it, and
+test_docs_table_matches_cases checks that the two agree. Regenerate the table after changing the
+cases with:
+
+    python tests/test_errors.py --write-docs
+"""
+import inspect
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple, Type
+
+import pytest
+import torch
+
+import maskattn
+import maskattn.nn as mnn
+from maskattn import losses, masks, transforms
+
+F32, F64, I64 = torch.float32, torch.float64, torch.int64
+HAS_CUDA = torch.cuda.is_available()
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "errors.md")
+
+
+@dataclass
+class Case:
+    func: str  # the public name, as users call it
+    kind: str  # rank | shape | dtype | device | offsets | size | value
+    bad: str  # what is wrong, in words (goes into the docs table)
+    call: Callable[[], object]
+    exc: Type[BaseException]
+    match: str  # regex the message must contain; it names the argument
+    cuda: bool = False  # needs a CUDA device (mixed-device cases)
+
+
+def r(*shape, dtype=F32, device="cpu"):
+    return torch.randn(shape, dtype=dtype, device=device) if dtype.is_floating_point else \
+        torch.ones(shape, dtype=dtype, device=device)
+
+
+def m(*shape, device="cpu"):
+    return torch.ones(*shape, dtype=torch.bool, device=device)
+
+
+# Mixed devices: 'meta' needs no accelerator, and the ops' device checks (C++ and fake kernels) see
+# it as a different device; on a CUDA machine the cuda variants run as well.
+OTHER = "meta"
+
+
+def _pool_module():
+    return mnn.AttentionPooling(4, hidden_dim=8)
+
+
+def _msa():
+    return mnn.MaskedSelfAttention(8, num_heads=2)
+
+
+def _lsca():
+    return mnn.LearnableScaleCrossAttention(4)
+
+
+def _sap():
+    return mnn.SpatialAttentionPool(3, hidden=4)
+
+
+def _offs(*v):
+    return torch.tensor(v, dtype=I64)
+
+
+CASES = [
+    # ---- masked_attention_pool
+    Case("masked_attention_pool", "rank", "features 2-D", lambda: maskattn.masked_attention_pool(r(2, 3), r(2, 3)),
+         RuntimeError, r"features must be \[B, N, D\]"),
+    Case("masked_attention_pool", "rank", "logits 4-D", lambda: maskattn.masked_attention_pool(r(2, 3, 1, 1), r(2, 3, 4)),
+         RuntimeError, r"logits must be \[B, N\] or \[B, N, K\]"),
+    Case("masked_attention_pool", "shape", "logits N != features N",
+         lambda: maskattn.masked_attention_pool(r(2, 5), r(2, 3, 4)), RuntimeError, r"logits .* and features .* must agree"),
+    Case("masked_attention_pool", "shape", "mask [B, N+1]",
+         lambda: maskattn.masked_attention_pool(r(2, 3), r(2, 3, 4), m(2, 4)), RuntimeError, r"mask must be \[B, N\]"),
+    Case("masked_attention_pool", "rank", "mask 3-D",
+         lambda: maskattn.masked_attention_pool(r(2, 3), r(2, 3, 4), m(2, 3, 1)), RuntimeError, r"mask must be \[B, N\]"),
+    Case("masked_attention_pool", "dtype", "integer features",
+         lambda: maskattn.masked_attention_pool(r(2, 3), r(2, 3, 4, dtype=I64)), RuntimeError,
+         r"features must be float32, float64, float16 or bfloat16"),
+    Case("masked_attention_pool", "dtype", "logits float64, features float32",
+         lambda: maskattn.masked_attention_pool(r(2, 3, dtype=F64), r(2, 3, 4)), RuntimeError,
+         r"logits \(Double\) and features \(Float\) must have the same dtype"),
+    Case("masked_attention_pool", "dtype", "complex mask",
+         lambda: maskattn.masked_attention_pool(r(2, 3), r(2, 3, 4), torch.ones(2, 3, dtype=torch.complex64)),
+         RuntimeError, r"masked_attention_pool: mask must be a bool, integer or floating tensor"),
+    Case("masked_attention_pool", "device", "logits on another device than features",
+         lambda: maskattn.masked_attention_pool(r(2, 3, device=OTHER), r(2, 3, 4)), RuntimeError,
+         r"logits \(.*\) and features \(.*\) must be on the same device"),
+    Case("masked_attention_pool", "device", "mask on another device than features",
+         lambda: maskattn.masked_attention_pool(r(2, 3), r(2, 3, 4), m(2, 3, device=OTHER)), RuntimeError,
+         r"mask \(.*\) and features \(.*\) must be on the same device"),
+    Case("masked_attention_pool", "device", "mask on CUDA, features on CPU",
+         lambda: maskattn.masked_attention_pool(r(2, 3), r(2, 3, 4), m(2, 3, device="cuda")), RuntimeError,
+         r"mask \(.*\) and features \(.*\) must be on the same device", cuda=True),
+    # ---- masked_attention_pool_packed
+    Case("masked_attention_pool_packed", "rank", "features 3-D",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(1, 5, 4), _offs(0, 5)), RuntimeError,
+         r"features must be \[T, D\]"),
+    Case("masked_attention_pool_packed", "rank", "logits 3-D",
+         lambda: maskattn.masked_attention_pool_packed(r(5, 1, 1), r(5, 4), _offs(0, 5)), RuntimeError,
+         r"logits must be \[T\] or \[T, K\]"),
+    Case("masked_attention_pool_packed", "shape", "logits T != features T",
+         lambda: maskattn.masked_attention_pool_packed(r(4), r(5, 4), _offs(0, 5)), RuntimeError,
+         r"logits .* and features .* must agree in T"),
+    Case("masked_attention_pool_packed", "rank", "offsets 2-D",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4), _offs(0, 5).view(1, 2)), RuntimeError,
+         r"offsets must be 1-D \[B\+1\]"),
+    Case("masked_attention_pool_packed", "shape", "offsets empty",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4), torch.empty(0, dtype=I64)), RuntimeError,
+         r"offsets must be 1-D \[B\+1\]"),
+    Case("masked_attention_pool_packed", "offsets", "float offsets",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4), torch.tensor([0.0, 5.0])), RuntimeError,
+         r"offsets must be int64"),
+    Case("masked_attention_pool_packed", "offsets", "int32 offsets",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4), torch.tensor([0, 5], dtype=torch.int32)),
+         RuntimeError, r"offsets must be int64"),
+    Case("masked_attention_pool_packed", "offsets", "offsets[0] != 0",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4), _offs(1, 5)), RuntimeError,
+         r"offsets\[0\] must be 0"),
+    Case("masked_attention_pool_packed", "offsets", "decreasing offsets",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4), _offs(0, 3, 2, 5)), RuntimeError,
+         r"offsets must be non-decreasing"),
+    Case("masked_attention_pool_packed", "offsets", "negative offset",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4), _offs(0, -1, 5)), RuntimeError,
+         r"offsets must be non-decreasing"),
+    Case("masked_attention_pool_packed", "offsets", "offsets[-1] != T",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4), _offs(0, 2, 4)), RuntimeError,
+         r"offsets\[-1\] = 4 must equal T"),
+    Case("masked_attention_pool_packed", "dtype", "integer features",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4, dtype=I64), _offs(0, 5)), RuntimeError,
+         r"features must be float32"),
+    Case("masked_attention_pool_packed", "dtype", "logits float64, features float32",
+         lambda: maskattn.masked_attention_pool_packed(r(5, dtype=F64), r(5, 4), _offs(0, 5)), RuntimeError,
+         r"logits \(Double\) and features \(Float\) must have the same dtype"),
+    Case("masked_attention_pool_packed", "device", "offsets on another device than features",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4), _offs(0, 5).to(OTHER)), RuntimeError,
+         r"offsets \(.*\) and features \(.*\) must be on the same device"),
+    Case("masked_attention_pool_packed", "device", "offsets on CUDA, features on CPU",
+         lambda: maskattn.masked_attention_pool_packed(r(5), r(5, 4), _offs(0, 5).cuda()), RuntimeError,
+         r"offsets \(.*\) and features \(.*\) must be on the same device", cuda=True),
+    # ---- masked_softmax
+    Case("masked_softmax", "dtype", "integer scores",
+         lambda: maskattn.masked_softmax(r(2, 3, dtype=I64), m(2, 3)), RuntimeError,
+         r"scores must be float32, float64, float16 or bfloat16"),
+    Case("masked_softmax", "shape", "mask not broadcastable",
+         lambda: maskattn.masked_softmax(r(2, 3), m(2, 4)), RuntimeError, r"mask of shape .* does not broadcast to scores"),
+    Case("masked_softmax", "rank", "mask of higher rank than scores",
+         lambda: maskattn.masked_softmax(r(2, 3), m(1, 2, 3)), RuntimeError, r"mask of shape .* does not broadcast to scores"),
+    Case("masked_softmax", "value", "dim out of range",
+         lambda: maskattn.masked_softmax(r(2, 3), m(2, 3), dim=2), (RuntimeError, IndexError), r"dim"),
+    Case("masked_softmax", "dtype", "complex mask",
+         lambda: maskattn.masked_softmax(r(2, 3), torch.ones(2, 3, dtype=torch.complex64)), RuntimeError,
+         r"mask must be a bool, integer or floating tensor"),
+    Case("masked_softmax", "device", "mask on another device than scores",
+         lambda: maskattn.masked_softmax(r(2, 3), m(2, 3, device=OTHER)), RuntimeError,
+         r"scores \(.*\) and mask \(.*\) must be on the same device"),
+    Case("masked_softmax", "device", "mask on CUDA, scores on CPU",
+         lambda: maskattn.masked_softmax(r(2, 3), m(2, 3, device="cuda")), RuntimeError,
+         r"scores \(.*\) and mask \(.*\) must be on the same device", cuda=True),
+    # ---- patch_mask / patch_mask_to_image
+    Case("patch_mask", "rank", "image_mask 2-D", lambda: maskattn.patch_mask(m(4, 4), 2), RuntimeError,
+         r"image_mask must be \[B, H, W\]"),
+    Case("patch_mask", "shape", "H not a multiple of patch_size", lambda: maskattn.patch_mask(m(1, 5, 4), 2), RuntimeError,
+         r"must both be multiples of patch_size"),
+    Case("patch_mask", "size", "patch_size 0", lambda: maskattn.patch_mask(m(1, 4, 4), 0), RuntimeError,
+         r"patch_size must be positive"),
+    Case("patch_mask", "size", "negative patch_size", lambda: maskattn.patch_mask(m(1, 4, 4), -2), RuntimeError,
+         r"patch_size must be positive"),
+    Case("patch_mask", "value", "threshold > 1", lambda: maskattn.patch_mask(m(1, 4, 4), 2, 1.5), RuntimeError,
+         r"threshold must be in \[0, 1\]"),
+    Case("patch_mask", "dtype", "float patch_size", lambda: maskattn.patch_mask(m(1, 4, 4), 2.5), (TypeError, RuntimeError),
+         r"patch_size"),
+    Case("patch_mask_to_image", "rank", "patch_mask 3-D",
+         lambda: maskattn.patch_mask_to_image(m(1, 2, 2), 2, 4), ValueError, r"patch_mask must be \[B, 4\]"),
+    Case("patch_mask_to_image", "shape", "patch_mask has the wrong number of patches",
+         lambda: maskattn.patch_mask_to_image(m(1, 3), 2, 4), ValueError, r"patch_mask must be \[B, 4\]"),
+    Case("patch_mask_to_image", "size", "negative patch_size",
+         lambda: maskattn.patch_mask_to_image(m(1, 4), -2, 4), ValueError, r"patch_size must be positive"),
+    Case("patch_mask_to_image", "size", "negative image_size",
+         lambda: maskattn.patch_mask_to_image(m(1, 4), 2, (-4, 4)), ValueError, r"image_size"),
+    Case("patch_mask_to_image", "shape", "image_size not a multiple of patch_size",
+         lambda: maskattn.patch_mask_to_image(m(1, 4), 3, 4), ValueError, r"must be multiples of patch_size"),
+    # ---- gated_masked_mean
+    Case("gated_masked_mean", "rank", "features 3-D",
+         lambda: maskattn.gated_masked_mean(r(2, 3, 4), r(2, 3, 4)), RuntimeError, r"features must be \[B, C, H, W\]"),
+    Case("gated_masked_mean", "shape", "gate_logits of another H, W",
+         lambda: maskattn.gated_masked_mean(r(2, 3, 4, 4), r(2, 1, 4, 5)), RuntimeError, r"gate_logits"),
+    Case("gated_masked_mean", "rank", "gate_logits 2-D",
+         lambda: maskattn.gated_masked_mean(r(2, 3, 4, 4), r(2, 16)), RuntimeError, r"gate_logits"),
+    Case("gated_masked_mean", "shape", "mask of another H, W",
+         lambda: maskattn.gated_masked_mean(r(2, 3, 4, 4), r(2, 1, 4, 4), m(2, 4, 5)), RuntimeError, r"mask"),
+    Case("gated_masked_mean", "dtype", "integer features",
+         lambda: maskattn.gated_masked_mean(r(2, 3, 4, 4, dtype=I64), r(2, 1, 4, 4, dtype=I64)), RuntimeError,
+         r"features must be float32"),
+    Case("gated_masked_mean", "dtype", "gate_logits float64, features float32",
+         lambda: maskattn.gated_masked_mean(r(2, 3, 4, 4), r(2, 1, 4, 4, dtype=F64)), RuntimeError,
+         r"gate_logits .*features .*same dtype"),
+    Case("gated_masked_mean", "device", "mask on another device than features",
+         lambda: maskattn.gated_masked_mean(r(2, 3, 4, 4), r(2, 1, 4, 4), m(2, 4, 4, device=OTHER)), RuntimeError,
+         r"mask \(.*\) and features \(.*\) must be on the same device"),
+    Case("gated_masked_mean", "device", "gate_logits on another device than features",
+         lambda: maskattn.gated_masked_mean(r(2, 3, 4, 4), r(2, 1, 4, 4, device=OTHER)), RuntimeError,
+         r"gate_logits \(.*\) and features \(.*\) must be on the same device"),
+    # ---- foreground_mask
+    Case("foreground_mask", "rank", "images 2-D", lambda: maskattn.foreground_mask(r(4, 4)), RuntimeError,
+         r"images must be \[B, C, H, W\] or \[B, H, W\]"),
+    Case("foreground_mask", "dtype", "bool images", lambda: maskattn.foreground_mask(m(1, 4, 4)), RuntimeError, r"images"),
+    Case("foreground_mask", "size", "negative open_radius",
+         lambda: maskattn.foreground_mask(r(1, 4, 4), open_radius=-1), RuntimeError, r"open_radius"),
+    Case("foreground_mask", "size", "negative close_radius",
+         lambda: maskattn.foreground_mask(r(1, 4, 4), close_radius=-1), RuntimeError, r"close_radius"),
+    Case("foreground_mask", "value", "negative sigma", lambda: maskattn.foreground_mask(r(1, 4, 4), sigma=-1.0),
+         RuntimeError, r"sigma"),
+    # ---- scaled_cross_attention
+    Case("scaled_cross_attention", "rank", "query 4-D",
+         lambda: maskattn.scaled_cross_attention(r(2, 1, 3, 4), r(5, 4), r(5, 6), r()), RuntimeError,
+         r"query must be \[B, Lq, D\] or \[B, D\]"),
+    Case("scaled_cross_attention", "rank", "key 1-D",
+         lambda: maskattn.scaled_cross_attention(r(2, 3, 4), r(4), r(5, 6), r()), RuntimeError, r"key must be"),
+    Case("scaled_cross_attention", "rank", "logit_scale_log 1-D",
+         lambda: maskattn.scaled_cross_attention(r(2, 3, 4), r(5, 4), r(5, 6), r(1)), RuntimeError,
+         r"logit_scale_log must be a 0-dim tensor"),
+    Case("scaled_cross_attention", "shape", "key D != query D",
+         lambda: maskattn.scaled_cross_attention(r(2, 3, 4), r(5, 3), r(5, 6), r()), RuntimeError, r"key .*query"),
+    Case("scaled_cross_attention", "shape", "value Lk != key Lk",
+         lambda: maskattn.scaled_cross_attention(r(2, 3, 4), r(5, 4), r(6, 6), r()), RuntimeError, r"value"),
+    Case("scaled_cross_attention", "shape", "key_mask of wrong Lk",
+         lambda: maskattn.scaled_cross_attention(r(2, 3, 4), r(5, 4), r(5, 6), r(), key_mask=m(2, 4)), RuntimeError,
+         r"key_mask"),
+    Case("scaled_cross_attention", "dtype", "integer query",
+         lambda: maskattn.scaled_cross_attention(r(2, 3, 4, dtype=I64), r(5, 4, dtype=I64), r(5, 6, dtype=I64), r()),
+         RuntimeError, r"query must be float32"),
+    Case("scaled_cross_attention", "dtype", "key float64, query float32",
+         lambda: maskattn.scaled_cross_attention(r(2, 3, 4), r(5, 4, dtype=F64), r(5, 6), r()), RuntimeError,
+         r"key"),
+    Case("scaled_cross_attention", "device", "key on another device than query",
+         lambda: maskattn.scaled_cross_attention(r(2, 3, 4), r(5, 4, device=OTHER), r(5, 6), r()), RuntimeError,
+         r"key \(.*\) and query \(.*\) must be on the same device"),
+    Case("scaled_cross_attention", "value", "max_scale <= 0",
+         lambda: maskattn.scaled_cross_attention(r(2, 3, 4), r(5, 4), r(5, 6), r(), max_scale=-1.0), RuntimeError,
+         r"max_scale"),
+    # ---- pack / unpack / pad_sequences
+    Case("pad_sequences", "size", "empty list", lambda: maskattn.pad_sequences([]), ValueError, r"seqs is empty"),
+    Case("pad_sequences", "shape", "trailing dims differ", lambda: maskattn.pad_sequences([r(2, 3), r(2, 4)]),
+         ValueError, r"seqs"),
+    Case("pack", "rank", "padded 1-D", lambda: maskattn.pack(r(3), m(3)), ValueError, r"padded must be \[B, N, \.\.\.\]"),
+    Case("pack", "shape", "mask [B, N+1]", lambda: maskattn.pack(r(2, 3, 4), m(2, 4)), ValueError, r"mask must be \[B, N\]"),
+    Case("pack", "device", "mask on another device than padded", lambda: maskattn.pack(r(2, 3, 4), m(2, 3, device=OTHER)),
+         ValueError, r"mask \(.*\) and padded \(.*\) must be on the same device"),
+    Case("unpack", "rank", "packed 0-D", lambda: maskattn.unpack(r(), _offs(0, 1)), ValueError, r"packed must be \[T, \.\.\.\]"),
+    Case("unpack", "offsets", "float offsets", lambda: maskattn.unpack(r(5, 2), torch.tensor([0.0, 5.0])), ValueError,
+         r"offsets must be an int64 \[B\+1\] tensor"),
+    Case("unpack", "offsets", "offsets not ending at T", lambda: maskattn.unpack(r(5, 2), _offs(0, 3)), ValueError,
+         r"offsets must rise from 0 to T"),
+    Case("unpack", "offsets", "negative offset", lambda: maskattn.unpack(r(5, 2), _offs(0, -1, 5)), ValueError,
+         r"offsets must rise from 0 to T"),
+    Case("unpack", "size", "negative max_len", lambda: maskattn.unpack(r(5, 2), _offs(0, 5), max_len=-1), ValueError,
+         r"max_len must be >= 0"),
+    # ---- nn modules
+    Case("nn.AttentionPooling.forward", "shape", "features with another D",
+         lambda: _pool_module()(r(2, 3, 5)), ValueError, r"features must be \[B, N, 4\]"),
+    Case("nn.AttentionPooling.forward", "rank", "features 2-D", lambda: _pool_module()(r(3, 4)), ValueError,
+         r"features must be \[B, N, 4\]"),
+    Case("nn.AttentionPooling.forward", "shape", "mask [B, N+1]", lambda: _pool_module()(r(2, 3, 4), m(2, 4)),
+         RuntimeError, r"mask must be \[B, N\]"),
+    Case("nn.AttentionPooling", "size", "negative in_dim", lambda: mnn.AttentionPooling(-1), ValueError, r"in_dim"),
+    Case("nn.MaskedSelfAttention.forward", "shape", "x with another dim", lambda: _msa()(r(2, 3, 4)), ValueError,
+         r"x must be \[B, N, 8\]"),
+    Case("nn.MaskedSelfAttention.forward", "shape", "mask [B, N+1]", lambda: _msa()(r(2, 3, 8), mask=m(2, 4)),
+         ValueError, r"mask must be \[B, N\]"),
+    Case("nn.MaskedSelfAttention.forward", "value", "both mask and key_padding_mask",
+         lambda: _msa()(r(2, 3, 8), mask=m(2, 3), key_padding_mask=m(2, 3)), ValueError,
+         r"either mask .* or key_padding_mask"),
+    Case("nn.MaskedSelfAttention.forward", "device", "mask on another device than x",
+         lambda: _msa()(r(2, 3, 8), mask=m(2, 3, device=OTHER)), ValueError,
+         r"mask \(.*\) and x \(.*\) must be on the same device"),
+    Case("nn.MaskedSelfAttention", "size", "dim not a multiple of num_heads",
+         lambda: mnn.MaskedSelfAttention(6, num_heads=4), ValueError, r"dim \(6\) must be a positive multiple of num_heads"),
+    Case("nn.LearnableScaleCrossAttention.forward", "shape", "query with another dim",
+         lambda: _lsca()(r(2, 3, 5), r(6, 4)), ValueError, r"query must have 4 features"),
+    Case("nn.LearnableScaleCrossAttention.forward", "shape", "prototypes with another dim",
+         lambda: _lsca()(r(2, 3, 4), r(6, 5)), (ValueError, RuntimeError), r"prototypes|key"),
+    Case("nn.LearnableScaleCrossAttention", "size", "negative dim", lambda: mnn.LearnableScaleCrossAttention(-4),
+         ValueError, r"dim must be positive"),
+    Case("nn.SpatialAttentionPool.forward", "shape", "features with another C",
+         lambda: _sap()(r(2, 4, 5, 5)), ValueError, r"features must be \[B, 3, H, W\]"),
+    Case("nn.SpatialAttentionPool.forward", "shape", "mask with another B",
+         lambda: _sap()(r(2, 3, 5, 5), m(3, 5, 5)), ValueError, r"mask must be \[B, H, W\] with B = 2"),
+    Case("nn.SpatialAttentionPool", "size", "negative channels", lambda: mnn.SpatialAttentionPool(-3), ValueError,
+         r"channels and hidden must be positive"),
+    Case("nn.prepend_condition_mask", "size", "negative num_condition_tokens",
+         lambda: mnn.prepend_condition_mask(m(2, 3), -1), ValueError, r"num_condition_tokens must be >= 0"),
+    # ---- masks
+    Case("masks.ellipse", "size", "negative h", lambda: masks.ellipse(-4, 4), ValueError, r"h and w must be non-negative ints"),
+    Case("masks.ellipse", "dtype", "float w", lambda: masks.ellipse(4, 4.5), ValueError, r"h and w must be non-negative ints"),
+    Case("masks.ellipse", "value", "negative ax", lambda: masks.ellipse(4, 4, ax=-0.1), ValueError,
+         r"ax must be a positive finite number"),
+    Case("masks.rectangle", "size", "negative w", lambda: masks.rectangle(4, -4), ValueError,
+         r"h and w must be non-negative ints"),
+    Case("masks.rectangle", "value", "fy = inf", lambda: masks.rectangle(4, 4, fy=float("inf")), ValueError,
+         r"fy must be a positive finite number"),
+    Case("masks.adaptive", "size", "negative h", lambda: masks.adaptive(-4, 4), ValueError, r"h and w must be non-negative"),
+    Case("masks.geometric", "value", "unknown kind", lambda: masks.geometric("circle", 4, 4), ValueError,
+         r"kind must be one of"),
+    Case("masks.content_based", "rank", "images 2-D", lambda: masks.content_based(r(4, 4)), ValueError,
+         r"images must be a \[B, C, H, W\] or \[B, H, W\] tensor"),
+    Case("masks.content_based", "value", "min_coverage > max_coverage",
+         lambda: masks.content_based(r(1, 4, 4), min_coverage=0.9, max_coverage=0.1), ValueError,
+         r"min_coverage <= max_coverage"),
+    Case("masks.content_based", "shape", "fallback of another H, W",
+         lambda: masks.content_based(r(1, 4, 4), fallback=r(5, 5)), ValueError, r"fallback must be \[H, W\]"),
+    Case("masks.content_based", "size", "negative open_radius",
+         lambda: masks.content_based(r(1, 4, 4), open_radius=-1), RuntimeError, r"open_radius"),
+    # ---- losses
+    Case("losses.masked_mse_loss", "shape", "pred and target shapes differ",
+         lambda: losses.masked_mse_loss(r(2, 3, 4, 4), r(2, 3, 4, 5), m(2, 4, 4)), ValueError,
+         r"pred .* and target .* must have the same shape"),
+    Case("losses.masked_mse_loss", "rank", "pred 1-D", lambda: losses.masked_mse_loss(r(4), r(4), m(4)), ValueError,
+         r"pred must be \[B, C, \.\.\.\]"),
+    Case("losses.masked_mse_loss", "shape", "mask of another H, W",
+         lambda: losses.masked_mse_loss(r(2, 3, 4, 4), r(2, 3, 4, 4), m(2, 4, 5)), ValueError, r"mask must be \[B, H, W\]"),
+    Case("losses.masked_mse_loss", "value", "unknown reduction",
+         lambda: losses.masked_mse_loss(r(2, 3, 4, 4), r(2, 3, 4, 4), m(2, 4, 4), reduction="max"), ValueError,
+         r"reduction must be 'mean', 'sum' or 'none'"),
+    Case("losses.masked_mse_loss", "device", "mask on another device than pred",
+         lambda: losses.masked_mse_loss(r(2, 3, 4, 4), r(2, 3, 4, 4), m(2, 4, 4, device=OTHER)), ValueError,
+         r"mask \(.*\) and pred \(.*\) must be on the same device"),
+    # ---- transforms
+    Case("transforms.FaceMask", "value", "unknown mask_type", lambda: transforms.FaceMask("circle"), ValueError,
+         r"mask_type must be one of"),
+    Case("transforms.FaceMask", "value", "content options with a geometric mask_type",
+         lambda: transforms.FaceMask("ellipse", threshold=0.2), ValueError, r"only apply to mask_type='content_based'"),
+    Case("transforms.FaceMask.__call__", "rank", "5-D tensor", lambda: transforms.FaceMask("ellipse")(r(1, 1, 1, 4, 4)),
+         ValueError, r"tensor images must be \[H, W\], \[C, H, W\] or \[B, C, H, W\]"),
+    Case("transforms.FaceMask.__call__", "dtype", "a list", lambda: transforms.FaceMask("ellipse")([[0.0]]), TypeError,
+         r"expected a tensor, numpy array or PIL image"),
+]
+
+
+def _id(c: Case) -> str:
+    return f"{c.func}-{c.bad}".replace(" ", "_")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_rejects(case):
+    if case.cuda and not HAS_CUDA:
+        pytest.skip("needs CUDA")
+    with pytest.raises(case.exc, match=case.match):
+        case.call()
+
+
+def test_every_public_function_has_a_case():
+    # A new public function must come with error cases (or be listed here with the reason it has none).
+    no_tensor_args = {"build_info", "cuda_available", "losses", "masks", "transforms", "nn", "optim"}
+    names = {c.func.split(".")[0] for c in CASES}
+    missing = [n for n in maskattn.__all__ if n not in no_tensor_args and n not in names]
+    assert not missing, f"no error case for {missing}"
+    for mod, prefix in ((losses, "losses"), (masks, "masks")):
+        public = getattr(mod, "__all__", None) or [
+            n for n, f in vars(mod).items()
+            if not n.startswith("_") and inspect.isfunction(f) and f.__module__ == mod.__name__]
+        for n in public:
+            assert any(c.func == f"{prefix}.{n}" for c in CASES), f"no error case for {prefix}.{n}"
+    for n in mnn.__all__:
+        assert any(c.func.startswith(f"nn.{n}") for c in CASES), f"no error case for nn.{n}"
+
+
+def test_every_category_is_covered():
+    # The issue's categories, each exercised at least once.
+    kinds = {c.kind for c in CASES}
+    assert {"rank", "shape", "dtype", "device", "offsets", "size"} <= kinds
+
+
+# ---- the docs table is generated from CASES
+
+
+def _excname(exc) -> str:
+    return " / ".join(e.__name__ for e in exc) if isinstance(exc, tuple) else exc.__name__
+
+
+def _message(case: Case) -> str:
+    try:
+        case.call()
+    except Exception as e:  # noqa: BLE001 - we document whatever it raises
+        return str(e).splitlines()[0]
+    return "(no error)"
+
+
+def _excerpt(msg: str, limit: int = 110) -> str:
+    msg = re.sub(r"\s+", " ", msg).strip()
+    msg = msg if len(msg) <= limit else msg[: limit - 3] + "..."
+    return msg.replace("|", "\\|").replace("`", "'")
+
+
+def render_table() -> str:
+    lines = [
+        "| function | bad input | exception | message excerpt |",
+        "| --- | --- | --- | --- |",
+    ]
+    for c in CASES:
+        if c.cuda:
+            msg = "(CUDA machines only) same message as the 'meta' case"
+        else:
+            msg = _excerpt(_message(c))
+        lines.append(f"| `{c.func}` | {c.bad} | `{_excname(c.exc)}` | `{msg}` |")
+    return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- BEGIN generated by tests/test_errors.py -->\n", "<!-- END generated -->\n"
+
+
+def _normalise(table: str) -> str:
+    # Device strings and shapes are stable, but torch may word its own part of a message
+    # differently across versions: compare function, bad input and exception columns exactly and
+    # only the start of each message.
+    rows = []
+    for line in table.strip().splitlines():
+        cells = [x.strip() for x in line.strip("|").split(" | ")]
+        if len(cells) == 4:
+            cells[3] = cells[3][:40]
+        rows.append(cells)
+    return repr(rows)
+
+
+def test_docs_table_matches_cases():
+    with open(DOCS) as f:
+        text = f.read()
+    assert BEGIN in text and END in text, "docs/errors.md lost its generated-table markers"
+    table = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert _normalise(table) == _normalise(render_table()), \
+        "docs/errors.md is out of date: run python tests/test_errors.py --write-docs"
+
+
+def write_docs() -> None:
+    with open(DOCS) as f:
+        text = f.read()
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(DOCS, "w") as f:
+        f.write(head + BEGIN + render_table() + END + tail)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-docs"]:
+        write_docs()
+    else:
+        sys.exit(pytest.main([__file__, *sys.argv[1:]]))
