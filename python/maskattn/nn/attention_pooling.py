@@ -58,7 +58,15 @@ class AttentionPooling(nn.Module):
     def forward(self, features: Tensor, mask: Optional[Tensor] = None, return_scores: bool = False):
         if features.dim() != 3 or features.shape[-1] != self.in_dim:
             raise ValueError(f"AttentionPooling: features must be [B, N, {self.in_dim}], got shape {tuple(features.shape)}")
-        scores = self.scores(features)
+        x = features
+        if mask is not None and mask.shape == features.shape[:2] and mask.device == features.device:
+            # Padding rows are zeroed before the scoring MLP: the pool ignores their scores anyway, but
+            # inf/NaN stored there would otherwise reach the MLP's parameter gradients (0 * NaN) and
+            # the features' gradient through tanh'(NaN). The pool itself still reads `features`.
+            # (A malformed mask skips this and reaches the op, whose error names it.)
+            valid = mask if mask.dtype == torch.bool else mask != 0
+            x = torch.where(valid.unsqueeze(-1), features, features.new_zeros(()))
+        scores = self.scores(x)
         pooled, weights = masked_attention_pool(scores, features, mask)
         if return_scores:
             return pooled, weights, scores
