@@ -60,12 +60,13 @@ class AttentionPooling(nn.Module):
             raise ValueError(f"AttentionPooling: features must be [B, N, {self.in_dim}], got shape {tuple(features.shape)}")
         x = features
         if mask is not None and mask.shape == features.shape[:2] and mask.device == features.device:
-            # Padding rows are zeroed before the scoring MLP: the pool ignores their scores anyway, but
-            # inf/NaN stored there would otherwise reach the MLP's parameter gradients (0 * NaN) and
-            # the features' gradient through tanh'(NaN). The pool itself still reads `features`.
+            # inf/NaN stored in padding rows is replaced by 0 before the scoring MLP: the pool
+            # ignores those rows' scores, but their content would otherwise reach the MLP's
+            # parameter gradients and the features' gradient through 0 * NaN (e.g. tanh'(NaN)).
+            # Finite padding is left alone, so the returned scores stay mod.scores(features).
             # (A malformed mask skips this and reaches the op, whose error names it.)
             valid = mask if mask.dtype == torch.bool else mask != 0
-            x = torch.where(valid.unsqueeze(-1), features, features.new_zeros(()))
+            x = features.masked_fill(~valid.unsqueeze(-1) & ~torch.isfinite(features), 0)
         scores = self.scores(x)
         pooled, weights = masked_attention_pool(scores, features, mask)
         if return_scores:
