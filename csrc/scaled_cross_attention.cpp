@@ -87,6 +87,13 @@ at::Tensor clear_dead_rows(const at::Tensor& x, const at::Tensor& attn, int64_t 
   return at::where(dead.unsqueeze(-1), at::zeros({}, x.options()), x);
 }
 
+// Whether clear_dead_rows can have anything to do: on the CPU a zero weight is looked for first (a
+// cheap pass over attn, no sync to speak of) so that unmasked calls pay nothing; on CUDA that
+// check would be a host sync, so the rows are cleared unconditionally there.
+bool may_have_dead_rows(const at::Tensor& attn) {
+  return !attn.is_cpu() || attn.eq(0).any().item<bool>();
+}
+
 // min(exp(lsl), max_scale) as a device tensor, computed exactly as the eager composition does.
 at::Tensor clamped_scale(const at::Tensor& lsl, double max_scale) { return lsl.exp().clamp_max(max_scale); }
 
@@ -110,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const 
       const at::Tensor S = raw_dots(a);
       const at::Tensor qnrm = normalize ? kern.row_norms(a.q) : at::Tensor();
       kern.softmax_forward(a, S, qnrm, knrm, max_scale, normalize, attn);
-      const at::Tensor v = clear_dead_rows(a.v, attn, a.B, a.Lq, a.Lk);
+      const at::Tensor v = may_have_dead_rows(attn) ? clear_dead_rows(a.v, attn, a.B, a.Lq, a.Lk) : a.v;
       if (v.size(0) == 1) {
         at::mm_out(out, attn, v[0]);
       } else {
@@ -154,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
   // opcheck feeds expanded (zero-stride) gradients; the kernels want plain rows.
   const at::Tensor gout = grad_out.reshape({R, Dv}).contiguous();
   const at::Tensor A = attn.reshape({R, Lk}).contiguous();
-  if (R > 0 && Lk > 0) {
+  if (R > 0 && Lk > 0 && may_have_dead_rows(A)) {
     // Masked keys (weight 0 everywhere) must not leak NaN / inf from their content into any
     // gradient through a 0 * NaN in the GEMMs, the norms or the fused rows.
     a.k = clear_dead_rows(a.k, A, B, Lq, Lk);
