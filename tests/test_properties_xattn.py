@@ -68,7 +68,10 @@ def test_scaled_cross_attention_matches_reference(case):
     if mkind != "none":
         mask = as_mask_dtype(random_mask((Lk,) if m1d else (B, Lk), mkind, g), mdtype)
     q, k, v = leaf(q0.to(device), qlay), leaf(k0.to(device), klay), leaf(v0.to(device), "offset")
-    s = torch.tensor(lsl, dtype=torch.float32, device=device, requires_grad=True)
+    # the scale is computed in logit_scale_log's dtype: float64 inputs get a float64 scale, or the
+    # float32 rounding of exp(lsl) alone would exceed the float64 tolerance
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    s = torch.tensor(lsl, dtype=sdt, device=device, requires_grad=True)
     out, attn = maskattn.scaled_cross_attention(q, k, v, s, max_scale, None if mask is None else mask.to(device),
                                                 normalize)
     qr, kr, vr = (t.double().requires_grad_() for t in (q0, k0, v0))
