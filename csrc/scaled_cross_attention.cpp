@@ -78,6 +78,22 @@ at::Tensor raw_dots(const XattnArgs& a) {
   return at::bmm(a.q, a.k.transpose(1, 2)).reshape({a.B * a.Lq, a.Lk});
 }
 
+// Key / value rows that no query of their sample weighs (masked keys, -inf logits) set to zero, so
+// that a NaN or inf stored there cannot reach a GEMM result through 0 * NaN. Only rows dead for
+// every query that reads them can be cleared: a shared row live for one sample is kept.
+at::Tensor clear_dead_rows(const at::Tensor& x, const at::Tensor& attn, int64_t B, int64_t Lq, int64_t Lk) {
+  const at::Tensor live = attn.reshape({B, Lq, Lk}).ne(0);
+  at::Tensor dead = x.size(0) == 1 ? live.any(1).any(0, true).logical_not() : live.any(1).logical_not();  // [Bx, Lk]
+  return at::where(dead.unsqueeze(-1), at::zeros({}, x.options()), x);
+}
+
+// Whether clear_dead_rows can have anything to do: on the CPU a zero weight is looked for first (a
+// cheap pass over attn, no sync to speak of) so that unmasked calls pay nothing; on CUDA that
+// check would be a host sync, so the rows are cleared unconditionally there.
+bool may_have_dead_rows(const at::Tensor& attn) {
+  return !attn.is_cpu() || attn.eq(0).any().item<bool>();
+}
+
 // min(exp(lsl), max_scale) as a device tensor, computed exactly as the eager composition does.
 at::Tensor clamped_scale(const at::Tensor& lsl, double max_scale) { return lsl.exp().clamp_max(max_scale); }
 
@@ -101,11 +117,12 @@ std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const 
       const at::Tensor S = raw_dots(a);
       const at::Tensor qnrm = normalize ? kern.row_norms(a.q) : at::Tensor();
       kern.softmax_forward(a, S, qnrm, knrm, max_scale, normalize, attn);
-      if (a.v.size(0) == 1) {
-        at::mm_out(out, attn, a.v[0]);
+      const at::Tensor v = may_have_dead_rows(attn) ? clear_dead_rows(a.v, attn, a.B, a.Lq, a.Lk) : a.v;
+      if (v.size(0) == 1) {
+        at::mm_out(out, attn, v[0]);
       } else {
         at::Tensor out3 = out.view({a.B, a.Lq, a.Dv});
-        at::bmm_out(out3, attn.view({a.B, a.Lq, a.Lk}), a.v);
+        at::bmm_out(out3, attn.view({a.B, a.Lq, a.Lk}), v);
       }
     }
   }
@@ -144,6 +161,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
   // opcheck feeds expanded (zero-stride) gradients; the kernels want plain rows.
   const at::Tensor gout = grad_out.reshape({R, Dv}).contiguous();
   const at::Tensor A = attn.reshape({R, Lk}).contiguous();
+  if (R > 0 && Lk > 0 && may_have_dead_rows(A)) {
+    // Masked keys (weight 0 everywhere) must not leak NaN / inf from their content into any
+    // gradient through a 0 * NaN in the GEMMs, the norms or the fused rows.
+    a.k = clear_dead_rows(a.k, A, B, Lq, Lk);
+    a.v = clear_dead_rows(a.v, A, B, Lq, Lk);
+  }
 
   at::Tensor dq = at::empty({0}, query.options()), dk = at::empty({0}, key.options()),
              dv = at::empty({0}, value.options()), ds = at::empty({0}, lsl.options());

@@ -1,41 +1,17 @@
 """Property tests: masked_attention_pool against the reference over generated shapes, masks,
 dtypes, strides and storage offsets. Fixed seed and bounded examples keep CI fast; set
 HYPOTHESIS_PROFILE=long for a long run."""
-import os
-
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis import given, strategies as st
 
 import maskattn
 from reference_mil import reference_pool, reference_pool_packed
-
-settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=2000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+from _props import TOL, layout, st_device  # registers and loads the hypothesis profiles
 
 
 def _layout(t, kind, draw_offset):
-    """The same values as t, stored another way: transposed, sliced, or at a storage offset."""
-    if kind == "contiguous":
-        return t
-    if kind == "transposed" and t.dim() >= 2:
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if kind == "sliced":
-        big = torch.zeros(t.shape[:-1] + (2 * t.shape[-1] + 1,), dtype=t.dtype) if t.dim() else t
-        if t.dim():
-            big[..., 1::2] = t
-            return big[..., 1::2]
-        return t
-    if kind == "offset":
-        flat = torch.zeros(t.numel() + draw_offset, dtype=t.dtype)
-        flat[draw_offset:] = t.flatten()
-        return flat[draw_offset:].view(t.shape)
-    return t
+    return layout(t, kind, draw_offset)
 
 
 @st.composite
@@ -50,26 +26,28 @@ def pool_case(draw):
     llay = draw(st.sampled_from(["contiguous", "transposed", "offset"]))
     seed = draw(st.integers(0, 2**16))
     off = draw(st.integers(1, 7))
-    return B, N, D, K, dtype, mask_kind, flay, llay, seed, off
+    device = draw(st_device)
+    return B, N, D, K, dtype, mask_kind, flay, llay, seed, off, device
 
 
 @given(pool_case())
 def test_pool_matches_reference(case):
-    B, N, D, K, dtype, mask_kind, flay, llay, seed, off = case
+    B, N, D, K, dtype, mask_kind, flay, llay, seed, off, device = case
     g = torch.Generator().manual_seed(seed)
     lshape = (B, N) if K is None else (B, N, K)
     logits = (torch.randn(lshape, generator=g) * 3).to(dtype)
     feats = torch.randn(B, N, D, generator=g).to(dtype)
     mask = {"none": None, "all": torch.ones(B, N, dtype=torch.bool), "empty": torch.zeros(B, N, dtype=torch.uint8),
             "random": torch.rand(B, N, generator=g) < 0.5}[mask_kind]
-    l = _layout(logits, llay, off).detach().requires_grad_()  # a leaf that keeps the strides
-    f = _layout(feats, flay, off).detach().requires_grad_()
+    l = _layout(logits.to(device), llay, off).detach().requires_grad_()  # a leaf that keeps the strides
+    f = _layout(feats.to(device), flay, off).detach().requires_grad_()
     assert l.stride() == _layout(logits, llay, off).stride()
-    pooled, weights = maskattn.masked_attention_pool(l, f, mask)
+    pooled, weights = maskattn.masked_attention_pool(l, f, None if mask is None else mask.to(device))
     lr = logits.double().requires_grad_()
     fr = feats.double().requires_grad_()
     pr, wr = reference_pool(lr, fr, mask)
     tol = TOL[dtype]
+    pooled, weights = pooled.cpu(), weights.cpu()
     torch.testing.assert_close(pooled.double(), pr, atol=tol, rtol=tol)
     torch.testing.assert_close(weights.double(), wr, atol=tol, rtol=tol)
     if pooled.numel() + weights.numel() == 0:
@@ -82,8 +60,8 @@ def test_pool_matches_reference(case):
     # with N == 0 the reference's graph never reaches its inputs: their gradient is zero
     lg = lr.grad if lr.grad is not None else torch.zeros_like(lr)
     fg = fr.grad if fr.grad is not None else torch.zeros_like(fr)
-    torch.testing.assert_close(l.grad.double(), lg, atol=gtol, rtol=gtol)
-    torch.testing.assert_close(f.grad.double(), fg, atol=gtol, rtol=gtol)
+    torch.testing.assert_close(l.grad.double().cpu(), lg, atol=gtol, rtol=gtol)
+    torch.testing.assert_close(f.grad.double().cpu(), fg, atol=gtol, rtol=gtol)
 
 
 @given(st.lists(st.integers(0, 30), min_size=0, max_size=5), st.integers(0, 17), st.sampled_from([None, 2]),

@@ -36,7 +36,9 @@ __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const T u = __shfl_xor_sync(0xffffffffu, v, o);
-    v = u > v ? u : v;  // NaN never wins: NaN is handled by the sums that follow
+    // NaN wins (and then stays): a row whose valid logits are all NaN (or NaN and -inf) must come
+    // out NaN, not look "empty" (max = -inf) and give zeros.
+    v = (u > v || u != u) ? u : v;
   }
   return v;
 }

@@ -79,7 +79,8 @@ void bag_softmax(const scalar_t* logits, const bool* mask, const std::vector<Bag
           const bool valid = mask == nullptr || mask[bag.m_off + r * L.ms_n];
           const acc_t v = valid ? static_cast<acc_t>(l[r * L.ls_n]) : -std::numeric_limits<acc_t>::infinity();
           wk[r * K] = v;
-          mx = v > mx ? v : mx;  // NaN never wins here; it poisons the sum below instead
+          // NaN wins: a bag whose valid logits are NaN (and -inf) must come out NaN, not "empty"
+          mx = (v > mx || v != v) ? v : mx;
         }
         if (mx == -std::numeric_limits<acc_t>::infinity()) {
           for (int64_t r = 0; r < bag.len; ++r) wk[r * K] = acc_t(0);
@@ -92,7 +93,12 @@ void bag_softmax(const scalar_t* logits, const bool* mask, const std::vector<Bag
           sum += e;
         }
         const acc_t inv = acc_t(1) / sum;
-        for (int64_t r = 0; r < bag.len; ++r) wk[r * K] *= inv;
+        // Padding keeps weight exactly 0 even when a NaN / +inf logit makes inv NaN (0 * NaN would
+        // poison it, and the backward, which sees only the weights, would then read the padding).
+        for (int64_t r = 0; r < bag.len; ++r) {
+          const bool valid = mask == nullptr || mask[bag.m_off + r * L.ms_n];
+          wk[r * K] = valid ? wk[r * K] * inv : acc_t(0);
+        }
       }
     }
   });

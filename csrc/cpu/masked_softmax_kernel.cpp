@@ -178,6 +178,22 @@ double row_dot(const double* a, const double* b, int64_t n) {
   return s;
 }
 
+// Rare paths for non-finite scores, kept out of the hot loops: a row is "poisoned" when a valid
+// score is NaN or +inf (its exp-sum is NaN). torch.softmax makes the whole row NaN then; we do the
+// same for the valid positions and keep padding exactly 0 (0 * NaN would otherwise leak into it).
+template <typename T>
+bool has_nan(const T* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (v[i] != v[i]) return true;
+  return false;
+}
+
+template <typename scalar_t>
+void poisoned_row(const uint8_t* mr, int64_t ms, scalar_t* yr, int64_t ys, int64_t N) {
+  const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
+  for (int64_t i = 0; i < N; ++i) yr[i * ys] = mr[i * ms] ? nan : scalar_t(0);
+}
+
 // Rows of work per task: enough elements that scheduling costs nothing next to them.
 int64_t row_grain(int64_t N) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N));
@@ -208,10 +224,15 @@ void softmax_forward(const SoftmaxArgs& a, const at::Tensor& out_moved, double s
         if (xs == 1 && ms == 1 && ys == 1) {
           // The common case (key mask, dim = -1) in SIMD from end to end.
           mx = load_row_f32(xr, mr, scale, v, N);
-          if (mx == ninf) {
+          if (mx == ninf && !has_nan(v, N)) {
             std::fill(yr, yr + N, 0.0f);  // no valid position: zeros, never NaN
           } else {
-            store_row_f32(v, 1.0f / row_exp_sum(v, N, mx), yr, N);
+            const float sum = row_exp_sum(v, N, mx);
+            if (sum != sum) {
+              poisoned_row(mr, 1, yr, 1, N);
+            } else {
+              store_row_f32(v, 1.0f / sum, yr, N);
+            }
           }
           continue;
         }
@@ -229,12 +250,17 @@ void softmax_forward(const SoftmaxArgs& a, const at::Tensor& out_moved, double s
         for (int64_t i = 0; i < N; ++i) v[i] = mr[i * ms] ? scale * static_cast<acc_t>(xr[i * xs]) : ninf;
       }
       mx = row_max(v, N);
-      if (mx == ninf) {
+      if (mx == ninf && !has_nan(v, N)) {
         // No valid position (or only -inf scores): zeros, never NaN.
         for (int64_t i = 0; i < N; ++i) yr[i * ys] = scalar_t(0);
         continue;
       }
-      const acc_t inv = acc_t(1) / row_exp_sum(v, N, mx);
+      const acc_t sum = row_exp_sum(v, N, mx);
+      if (sum != sum) {
+        poisoned_row(mr, ms, yr, ys, N);
+        continue;
+      }
+      const acc_t inv = acc_t(1) / sum;
       if (ys == 1) {
         for (int64_t i = 0; i < N; ++i) yr[i] = static_cast<scalar_t>(v[i] * inv);
       } else {
@@ -279,9 +305,10 @@ void softmax_backward(const SoftmaxArgs& a, const at::Tensor& out_moved, double 
       }
       const acc_t d = row_dot(bg, by, N);
       if (os == 1) {
-        for (int64_t i = 0; i < N; ++i) orow[i] = static_cast<scalar_t>(scale * by[i] * (bg[i] - d));
+        // selected, not multiplied: in a NaN (poisoned) row d is NaN and 0 * NaN would reach padding
+        for (int64_t i = 0; i < N; ++i) orow[i] = static_cast<scalar_t>(by[i] != acc_t(0) ? scale * by[i] * (bg[i] - d) : acc_t(0));
       } else {
-        for (int64_t i = 0; i < N; ++i) orow[i * os] = static_cast<scalar_t>(scale * by[i] * (bg[i] - d));
+        for (int64_t i = 0; i < N; ++i) orow[i * os] = static_cast<scalar_t>(by[i] != acc_t(0) ? scale * by[i] * (bg[i] - d) : acc_t(0));
       }
     }
   });

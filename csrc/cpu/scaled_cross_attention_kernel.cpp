@@ -90,7 +90,17 @@ template <typename acc_t>
 inline void softmax_row(acc_t* l, int64_t Lk) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   acc_t m = ninf;
-  for (int64_t j = 0; j < Lk; ++j) m = l[j] > m ? l[j] : m;
+  bool nan = false;
+  for (int64_t j = 0; j < Lk; ++j) {
+    m = l[j] > m ? l[j] : m;
+    nan = nan || l[j] != l[j];
+  }
+  if (nan || m == -ninf) {
+    // A NaN or +inf logit among the valid keys: NaN row, as torch.softmax gives; masked keys
+    // (and -inf logits) stay exactly 0, as the CUDA kernels give.
+    for (int64_t j = 0; j < Lk; ++j) l[j] = l[j] == ninf ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
   if (m == ninf) {
     std::fill(l, l + Lk, acc_t(0));
     return;

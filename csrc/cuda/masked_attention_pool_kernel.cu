@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(THREADS) pool_partial_kernel(
       for (int64_t r = c0 + tid; r < c1; r += nthreads) {
         if (g.valid(b, r)) {
           const acc_t v = static_cast<acc_t>(lb[r * g.ls_n + (k0 + kk) * g.ls_k]);
-          mx = v > mx ? v : mx;
+          mx = (v > mx || v != v) ? v : mx;  // NaN wins: an all-NaN bag is NaN, not empty
         }
       }
     }
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(COMBINE_X * COMBINE_Y) pool_combine_kernel(
   acc_t M = NEG_INF;
   for (int s = tid; s < nsplit; s += COMBINE_X * COMBINE_Y) {
     const acc_t m = part_m[s * nbk + bk];
-    M = m > M ? m : M;
+    M = (m > M || m != m) ? m : M;  // a NaN split max poisons the bag
   }
   M = cuda::block_reduce<acc_t, true>(M, scratch);
   acc_t S = 0;

@@ -121,7 +121,10 @@ __global__ void __launch_bounds__(32 * kWarpRowsPerBlock)
         for (int k = 0; k < VEC; ++k) v[it * VEC + k] = neg_inf<acc_t>();
       }
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) mx = v[it * VEC + k] > mx ? v[it * VEC + k] : mx;
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t t = v[it * VEC + k];
+        mx = (t > mx || t != t) ? t : mx;  // NaN wins: an all-NaN row is NaN, not empty
+      }
     }
     mx = warp_max(mx);
     Pack<scalar_t, VEC> o;
@@ -143,12 +146,22 @@ __global__ void __launch_bounds__(32 * kWarpRowsPerBlock)
       sum += v[i];
     }
     const acc_t inv = acc_t(1) / warp_sum(sum);
+    // A NaN or +inf valid score makes inv NaN (warp-uniform): the valid positions are NaN, as
+    // torch.softmax gives, and padding stays exactly 0 (0 * NaN would leak into it).
+    const bool poisoned = inv != inv;
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int col = (it * 32 + lane) * VEC;
       if (col < N) {
+        if (poisoned) {
+          bool ok[VEC];
+          load_mask<VEC>(mr, col, ms, ok);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<scalar_t>(v[it * VEC + k] * inv);
+          for (int k = 0; k < VEC; ++k) o.v[k] = ok[k] ? static_cast<scalar_t>(inv) : scalar_t(0);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<scalar_t>(v[it * VEC + k] * inv);
+        }
         store_row<scalar_t, VEC>(yr + col, o);
       }
     }
@@ -182,9 +195,9 @@ __global__ void softmax_fwd_block(const scalar_t* __restrict__ x, const bool* __
         const acc_t v = ok[k] ? scale * static_cast<acc_t>(p.v[k]) : neg_inf<acc_t>();
         if constexpr (SMEM) {
           buf[col + k] = v;
-          mx = v > mx ? v : mx;
+          mx = (v > mx || v != v) ? v : mx;  // NaN wins: an all-NaN row is NaN, not empty
         } else if (v != neg_inf<acc_t>()) {
-          if (v > mx) {
+          if (v > mx || v != v) {  // a NaN makes s and mx NaN: the row is poisoned
             s = s * fast_exp(mx - v) + acc_t(1);
             mx = v;
           } else {
@@ -215,8 +228,14 @@ __global__ void softmax_fwd_block(const scalar_t* __restrict__ x, const bool* __
       s = mx == neg_inf<acc_t>() ? acc_t(0) : s * fast_exp(mx - M);
     }
     const acc_t inv = acc_t(1) / block_reduce<acc_t, false>(s, scratch);
+    const bool poisoned = inv != inv;  // block-uniform; see softmax_fwd_warp
     for (int64_t col = first; col < N; col += stride) {
-      if constexpr (SMEM) {
+      if (poisoned) {
+        bool ok[VEC];
+        load_mask<VEC>(mr, col, ms, ok);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) o.v[k] = ok[k] ? static_cast<scalar_t>(inv) : scalar_t(0);
+      } else if constexpr (SMEM) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<scalar_t>(buf[col + k] * inv);
       } else {
@@ -273,7 +292,10 @@ __global__ void __launch_bounds__(32 * kWarpRowsPerBlock)
         Pack<scalar_t, VEC> o;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          o.v[k] = static_cast<scalar_t>(scale * yv[it * VEC + k] * (gv[it * VEC + k] - dot));
+          // selected, not multiplied: in a NaN (poisoned) row dot is NaN and 0 * NaN would reach padding
+          o.v[k] = yv[it * VEC + k] != acc_t(0)
+                       ? static_cast<scalar_t>(scale * yv[it * VEC + k] * (gv[it * VEC + k] - dot))
+                       : scalar_t(0);
         }
         store_row<scalar_t, VEC>(orow + col, o);
       }

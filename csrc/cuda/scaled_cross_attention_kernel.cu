@@ -41,7 +41,7 @@ __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) {
     const T x = __shfl_xor_sync(0xffffffffu, v, o);
-    v = x > v ? x : v;
+    v = (x > v || x != x) ? x : v;  // NaN wins: an all-NaN row is NaN, not "no valid key"
   }
   return v;
 }
@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kThreads)
         l[h] = c * (w[j] * qinv * kinv);
       }
     }
-    const acc_t m = warp_max(l[0] > l[1] ? l[0] : l[1]);
+    const acc_t m = warp_max((l[0] > l[1] || l[0] != l[0]) ? l[0] : l[1]);
     acc_t e[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) e[h] = (m == ninf<acc_t>() || l[h] == ninf<acc_t>()) ? acc_t(0) : dev_exp(l[h] - m);
@@ -222,7 +222,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int h = 0; h < 2; ++h) {
       const int j = lane + h * kWarp;
       if (j < Lk) {
-        const acc_t a = e[h] * inv;
+        // masked keys (-inf) stay exactly 0 even when a NaN / +inf logit makes inv NaN
+        const acc_t a = l[h] == ninf<acc_t>() ? acc_t(0) : e[h] * inv;
         w[j] = a;
         attn[r * Lk + j] = static_cast<scalar_t>(a);
       }
@@ -353,7 +354,7 @@ __global__ void __launch_bounds__(kThreads)
     acc_t m = ninf<acc_t>();
     for (int64_t j = lane; j < Lk; j += kWarp) {
       const acc_t l = gemm_logit(S, mask, knrm, st, r, b, j, Lk, c, qinv);
-      m = l > m ? l : m;
+      m = (l > m || l != l) ? l : m;
     }
     m = warp_max(m);
     if (m == ninf<acc_t>()) {  // no valid key: zeros

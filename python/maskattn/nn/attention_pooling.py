@@ -58,7 +58,16 @@ class AttentionPooling(nn.Module):
     def forward(self, features: Tensor, mask: Optional[Tensor] = None, return_scores: bool = False):
         if features.dim() != 3 or features.shape[-1] != self.in_dim:
             raise ValueError(f"AttentionPooling: features must be [B, N, {self.in_dim}], got shape {tuple(features.shape)}")
-        scores = self.scores(features)
+        x = features
+        if mask is not None and mask.shape == features.shape[:2] and mask.device == features.device:
+            # inf/NaN stored in padding rows is replaced by 0 before the scoring MLP: the pool
+            # ignores those rows' scores, but their content would otherwise reach the MLP's
+            # parameter gradients and the features' gradient through 0 * NaN (e.g. tanh'(NaN)).
+            # Finite padding is left alone, so the returned scores stay mod.scores(features).
+            # (A malformed mask skips this and reaches the op, whose error names it.)
+            valid = mask if mask.dtype == torch.bool else mask != 0
+            x = features.masked_fill(~valid.unsqueeze(-1) & ~torch.isfinite(features), 0)
+        scores = self.scores(x)
         pooled, weights = masked_attention_pool(scores, features, mask)
         if return_scores:
             return pooled, weights, scores
