@@ -1,5 +1,6 @@
 """DistributedDataParallel over maskattn modules: 2 gloo processes on CPU end with the same
 parameters as one process on the whole batch."""
+import datetime
 import os
 import socket
 import tempfile
@@ -7,10 +8,10 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import maskattn
+from _dist import spawn_or_fail
 
 STEPS, B, N, D = 3, 8, 12, 16
 
@@ -47,7 +48,8 @@ def train(model, x, mask, y):
 
 def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(Model())
     x, mask, y = data()
@@ -56,6 +58,9 @@ def _worker(rank, world, port, out_dir):
     train(model, x[:, sl], mask[:, sl], y[:, sl])
     if rank == 0:
         torch.save(model.module.state_dict(), os.path.join(out_dir, "ddp.pt"))
+    # Both ranks leave together: rank 0 hosts the TCP store, and a rank still tearing down after
+    # it exited was seen to wait forever.
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -68,7 +73,7 @@ def _free_port():
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_ddp_two_processes_match_single_process():
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+        spawn_or_fail(_worker, (2, _free_port(), d))
         ddp_state = torch.load(os.path.join(d, "ddp.pt"))
     torch.manual_seed(0)
     single = train(Model(), *data())

@@ -3,6 +3,7 @@ LearnableScaleCrossAttention (clamp="after_step", clamped by its optimizer hook)
 on CPU, each with half of every batch, end with the same parameters as one process on the whole
 batch. Same pattern as test_distributed.py."""
 import math
+import datetime
 import os
 import socket
 import tempfile
@@ -10,10 +11,10 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import maskattn
+from _dist import spawn_or_fail
 
 STEPS, B, C, H, W, K = 4, 6, 8, 5, 6, 4
 MAX_SCALE = 12.0
@@ -72,7 +73,8 @@ def train(model, x, mask, target, xattn):
 
 def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(Model())
     x, mask, target = data()
@@ -80,6 +82,9 @@ def _worker(rank, world, port, out_dir):
     sl = slice(rank * half, (rank + 1) * half)
     _, scales = train(model, x[:, sl], mask[:, sl], target[:, sl], model.module.xattn)
     torch.save({"state": model.module.state_dict(), "scales": scales}, os.path.join(out_dir, f"ddp{rank}.pt"))
+    # Both ranks leave together: rank 0 hosts the TCP store, and a rank still tearing down after
+    # it exited was seen to wait forever.
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -92,7 +97,7 @@ def _free_port():
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_ddp_two_processes_match_single_process_for_every_module():
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+        spawn_or_fail(_worker, (2, _free_port(), d))
         ranks = [torch.load(os.path.join(d, f"ddp{r}.pt")) for r in range(2)]
     torch.manual_seed(0)
     single = Model()
