@@ -1,8 +1,6 @@
 """DistributedDataParallel over maskattn modules: 2 gloo processes on CPU end with the same
 parameters as one process on the whole batch."""
-import datetime
 import os
-import socket
 import tempfile
 
 import pytest
@@ -11,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 import maskattn
-from _dist import spawn_or_fail
+from _dist import join, leave, spawn_or_fail
 
 STEPS, B, N, D = 3, 8, 12, 16
 
@@ -47,9 +45,7 @@ def train(model, x, mask, y):
 
 
 def _worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    join(rank, world, port)
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(Model())
     x, mask, y = data()
@@ -58,22 +54,13 @@ def _worker(rank, world, port, out_dir):
     train(model, x[:, sl], mask[:, sl], y[:, sl])
     if rank == 0:
         torch.save(model.module.state_dict(), os.path.join(out_dir, "ddp.pt"))
-    # Both ranks leave together: rank 0 hosts the TCP store, and a rank still tearing down after
-    # it exited was seen to wait forever.
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    leave()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_ddp_two_processes_match_single_process():
     with tempfile.TemporaryDirectory() as d:
-        spawn_or_fail(_worker, (2, _free_port(), d))
+        spawn_or_fail(_worker, d)
         ddp_state = torch.load(os.path.join(d, "ddp.pt"))
     torch.manual_seed(0)
     single = train(Model(), *data())

@@ -3,9 +3,7 @@ LearnableScaleCrossAttention (clamp="after_step", clamped by its optimizer hook)
 on CPU, each with half of every batch, end with the same parameters as one process on the whole
 batch. Same pattern as test_distributed.py."""
 import math
-import datetime
 import os
-import socket
 import tempfile
 
 import pytest
@@ -14,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 import maskattn
-from _dist import spawn_or_fail
+from _dist import join, leave, spawn_or_fail
 
 STEPS, B, C, H, W, K = 4, 6, 8, 5, 6, 4
 MAX_SCALE = 12.0
@@ -72,9 +70,7 @@ def train(model, x, mask, target, xattn):
 
 
 def _worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    join(rank, world, port)
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(Model())
     x, mask, target = data()
@@ -82,22 +78,13 @@ def _worker(rank, world, port, out_dir):
     sl = slice(rank * half, (rank + 1) * half)
     _, scales = train(model, x[:, sl], mask[:, sl], target[:, sl], model.module.xattn)
     torch.save({"state": model.module.state_dict(), "scales": scales}, os.path.join(out_dir, f"ddp{rank}.pt"))
-    # Both ranks leave together: rank 0 hosts the TCP store, and a rank still tearing down after
-    # it exited was seen to wait forever.
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    leave()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_ddp_two_processes_match_single_process_for_every_module():
     with tempfile.TemporaryDirectory() as d:
-        spawn_or_fail(_worker, (2, _free_port(), d))
+        spawn_or_fail(_worker, d)
         ranks = [torch.load(os.path.join(d, f"ddp{r}.pt")) for r in range(2)]
     torch.manual_seed(0)
     single = Model()
