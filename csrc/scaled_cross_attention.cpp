@@ -78,13 +78,38 @@ at::Tensor raw_dots(const XattnArgs& a) {
   return at::bmm(a.q, a.k.transpose(1, 2)).reshape({a.B * a.Lq, a.Lk});
 }
 
-// Key / value rows that no query of their sample weighs (masked keys, -inf logits) set to zero, so
-// that a NaN or inf stored there cannot reach a GEMM result through 0 * NaN. Only rows dead for
-// every query that reads them can be cleared: a shared row live for one sample is kept.
-at::Tensor clear_dead_rows(const at::Tensor& x, const at::Tensor& attn, int64_t B, int64_t Lq, int64_t Lk) {
-  const at::Tensor live = attn.reshape({B, Lq, Lk}).ne(0);
-  at::Tensor dead = x.size(0) == 1 ? live.any(1).any(0, true).logical_not() : live.any(1).logical_not();  // [Bx, Lk]
-  return at::where(dead.unsqueeze(-1), at::zeros({}, x.options()), x);
+// [B, Lk]: true where no query row of sample b gives key j a nonzero weight (masked keys, -inf
+// logits).
+at::Tensor dead_keys(const at::Tensor& attn, int64_t B, int64_t Lq, int64_t Lk) {
+  return attn.reshape({B, Lq, Lk}).ne(0).any(1).logical_not();
+}
+
+// x [Bx, Lk, M] with its dead rows set to zero, so that a NaN or inf stored there cannot reach a
+// GEMM result through 0 * NaN. A shared x (Bx = 1) read by B > 1 samples can only be cleared in
+// place where a row is dead for every sample; a row dead for some samples only would still leak
+// into those through the GEMM. If such a row holds a non-finite value, x becomes a per-sample
+// copy [B, Lk, M] cleared per sample (the backward sums its gradient back). Finding out reads one
+// flag back from the device; where that is not allowed (CUDA graph capture) the copy is made
+// whenever x is shared.
+at::Tensor clear_dead_rows(const at::Tensor& x, const at::Tensor& dead, const XattnKernels& kern) {
+  const at::Tensor zero = at::zeros({}, x.options());
+  const int64_t B = dead.size(0);
+  if (x.size(0) != 1 || B == 1) return at::where(dead.unsqueeze(-1), zero, x);
+  const at::Tensor dead_all = dead.all(0);  // [Lk]
+  bool per_sample = true;
+  if (kern.may_sync()) {
+    const at::Tensor partly = dead.any(0).logical_and(dead_all.logical_not());
+    per_sample = partly.logical_and(x[0].isfinite().all(-1).logical_not()).any().item<bool>();
+  }
+  if (!per_sample) return at::where(dead_all.view({1, -1, 1}), zero, x);
+  return at::where(dead.unsqueeze(-1), zero, x.expand({B, x.size(1), x.size(2)}));
+}
+
+// The gradient of a key / value from the [Bx, Lk, M] tensor the GEMMs used, summed back over the
+// batch where clear_dead_rows made a per-sample copy of a shared one.
+at::Tensor grad_as(const at::Tensor& g, const at::Tensor& used, const at::Tensor& like) {
+  const bool copied = like.dim() == 2 && used.size(0) > 1;  // inputs were [Lk, M], shared
+  return (copied ? g.reshape(used.sizes()).sum(0) : g).reshape(like.sizes());
 }
 
 // Whether clear_dead_rows can have anything to do: on the CPU a zero weight is looked for first (a
@@ -117,7 +142,8 @@ std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const 
       const at::Tensor S = raw_dots(a);
       const at::Tensor qnrm = normalize ? kern.row_norms(a.q) : at::Tensor();
       kern.softmax_forward(a, S, qnrm, knrm, max_scale, normalize, attn);
-      const at::Tensor v = may_have_dead_rows(attn) ? clear_dead_rows(a.v, attn, a.B, a.Lq, a.Lk) : a.v;
+      const at::Tensor v =
+          may_have_dead_rows(attn) ? clear_dead_rows(a.v, dead_keys(attn, a.B, a.Lq, a.Lk), kern) : a.v;
       if (v.size(0) == 1) {
         at::mm_out(out, attn, v[0]);
       } else {
@@ -164,8 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
   if (R > 0 && Lk > 0 && may_have_dead_rows(A)) {
     // Masked keys (weight 0 everywhere) must not leak NaN / inf from their content into any
     // gradient through a 0 * NaN in the GEMMs, the norms or the fused rows.
-    a.k = clear_dead_rows(a.k, A, B, Lq, Lk);
-    a.v = clear_dead_rows(a.v, A, B, Lq, Lk);
+    const at::Tensor dead = dead_keys(A, B, Lq, Lk);
+    a.k = clear_dead_rows(a.k, dead, kern);
+    a.v = clear_dead_rows(a.v, dead, kern);
   }
 
   at::Tensor dq = at::empty({0}, query.options()), dk = at::empty({0}, key.options()),
@@ -181,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
     if (a.v.size(0) == 1) {
       dv = at::mm(A.t(), gout).reshape(value.sizes());
     } else {
-      dv = at::bmm(A.view({B, Lq, Lk}).transpose(1, 2), gout.view({B, Lq, Dv})).reshape(value.sizes());
+      dv = grad_as(at::bmm(A.view({B, Lq, Lk}).transpose(1, 2), gout.view({B, Lq, Dv})), a.v, value);
     }
   }
   if (!(need_q || need_k || need_s)) return {dq, dk, dv, ds};
@@ -226,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
       const at::Tensor coef = at::where(kn >= kXattnNormEps, kinv * kinv * c * colsum, at::zeros_like(colsum));
       g = (g.to(acc) - kk.to(acc) * coef.unsqueeze(-1)).to(dt);
     }
-    dk = g.reshape(key.sizes());
+    dk = grad_as(g, a.k, key);
   }
   if (need_s) {
     // d scale / d lsl = exp(lsl), and torch.clamp passes the gradient only where exp(lsl) <= max.

@@ -56,6 +56,9 @@ struct XattnKernels {
                            const at::Tensor& gattn, const at::Tensor& attn, const at::Tensor& qnrm,
                            const at::Tensor& knrm, double max_scale, bool normalize, const at::Tensor& wqk,
                            const at::Tensor& p, const at::Tensor& rowcoef);
+  // Whether the driver may read a value back from the device now (false while a CUDA graph is
+  // being captured, where a sync is an error).
+  bool (*may_sync)();
 };
 
 std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const at::Tensor& key,

@@ -365,8 +365,9 @@ void softmax_backward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Ten
 constexpr int64_t kCpuMaxFusedKeys = 8;
 
 const XattnKernels& cpu_kernels() {
-  static const XattnKernels k{kCpuMaxFusedKeys, &row_norms_cpu, &fused_forward_cpu, &softmax_forward_cpu,
-                              &fused_backward_cpu, &softmax_backward_cpu};
+  static const XattnKernels k{kCpuMaxFusedKeys,    &row_norms_cpu,        &fused_forward_cpu,
+                              &softmax_forward_cpu, &fused_backward_cpu,   &softmax_backward_cpu,
+                              [] { return true; }};
   return k;
 }
 

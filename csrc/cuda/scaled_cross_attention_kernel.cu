@@ -11,6 +11,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -517,8 +518,10 @@ void softmax_backward_cuda(const XattnArgs& a, const at::Tensor& S, const at::Te
 }
 
 const XattnKernels& cuda_kernels() {
-  static const XattnKernels k{kMaxFusedKeys, &row_norms_cuda, &fused_forward_cuda, &softmax_forward_cuda,
-                              &fused_backward_cuda, &softmax_backward_cuda};
+  static const XattnKernels k{
+      kMaxFusedKeys, &row_norms_cuda, &fused_forward_cuda, &softmax_forward_cuda, &fused_backward_cuda,
+      &softmax_backward_cuda,
+      [] { return at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None; }};
   return k;
 }
 
