@@ -10,7 +10,8 @@ AttentionPooling checks of test_ecosystem.py:
 * use_deterministic_algorithms(True): every op's forward + backward twice is bitwise identical;
 * double backward through every differentiable op raises an error saying it is not supported;
 * CUDA graphs (where a GPU is present): capture of forward + backward of masked_softmax,
-  scaled_cross_attention, gated_masked_mean and of patch_mask replays to the eager result.
+  scaled_cross_attention, gated_masked_mean, patch_mask and masked_attention_pool (padded and
+  packed) replays to the eager result.
 
 How the whole step fits in one graph: torch.optim's step() calls torch._dynamo.graph_break() on
 purpose (pytorch#104053), so `opt.step()` can never sit inside fullgraph=True, and
@@ -443,6 +444,25 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 @needs_cuda
+def test_cuda_graph_masked_attention_pool_padded_and_packed():
+    torch.manual_seed(0)
+    l = torch.randn(4, 500, device="cuda", requires_grad=True)
+    f = torch.randn(4, 500, 64, device="cuda", requires_grad=True)
+    mask = torch.rand(4, 500, device="cuda") < 0.8
+    offsets = torch.tensor([0, 100, 100, 400, 500], device="cuda")
+    gp = torch.randn(4, 64, device="cuda")
+
+    def run():
+        p, _ = maskattn.masked_attention_pool(l, f, mask)
+        pp, _ = maskattn.masked_attention_pool_packed(l.reshape(-1)[:500], f.reshape(-1, 64)[:500], offsets)
+        return torch.autograd.grad((p * gp).sum() + pp.sum(), (l, f))
+
+    before = [t.clone() for t in run()]
+    out = _graph_replay_matches_eager(run, lambda: f.mul_(0.5))
+    assert not torch.equal(out[0], before[0])
+
+
+@needs_cuda
 def test_cuda_graph_masked_softmax_forward_backward():
     torch.manual_seed(0)
     s = torch.randn(4, 2, 33, 300, device="cuda", requires_grad=True)
@@ -463,14 +483,18 @@ def test_cuda_graph_masked_softmax_forward_backward():
 
 @needs_cuda
 @pytest.mark.parametrize("shared_keys", [True, False])
-def test_cuda_graph_scaled_cross_attention_forward_backward(shared_keys):
+@pytest.mark.parametrize("per_sample_mask", [False, True])
+@pytest.mark.parametrize("Lk", [40, 100])  # one-pass rows / GEMM path
+def test_cuda_graph_scaled_cross_attention_forward_backward(shared_keys, per_sample_mask, Lk):
+    # shared keys with a per-sample mask: outside capture the op asks the device whether a
+    # per-sample copy is needed (docs/numerics.md); inside capture it must not ask
     torch.manual_seed(0)
     q = torch.randn(3, 17, 64, device="cuda", requires_grad=True)
-    kshape = (40, 64) if shared_keys else (3, 40, 64)
+    kshape = (Lk, 64) if shared_keys else (3, Lk, 64)
     k = torch.randn(*kshape, device="cuda", requires_grad=True)
     v = torch.randn(*kshape[:-1], 32, device="cuda", requires_grad=True)
     ls = torch.tensor(math.log(20.0), device="cuda", requires_grad=True)
-    km = torch.rand(40, device="cuda") < 0.8
+    km = torch.rand(*((3, Lk) if per_sample_mask else (Lk,)), device="cuda") < 0.8
     go = torch.randn(3, 17, 32, device="cuda")
 
     def run():

@@ -422,31 +422,47 @@ def test_gated_masked_mean_nonfinite(device, dtype):
 
 # ------------------------------------------------------------------ modules
 
+def _padded_tokens(device, N, D):
+    """[3, N, D] float64 tokens and their mask: token 0 valid, the last one padding, sample 2 empty."""
+    x = torch.randn(3, N, D, dtype=torch.float64, device=device)
+    m = torch.rand(3, N) < 0.6
+    m[:, 0] = True
+    m[:, -1] = False
+    m[2] = False
+    return x, m.to(device)
+
+
+def _module_run(mod, x, fn):
+    """fn(leaf copy of x) -> (outputs, loss); backprops loss: (outputs, grad x, parameter grads)."""
+    mod.zero_grad()
+    xx = x.clone().requires_grad_()
+    outs, loss = fn(xx)
+    loss.backward()
+    return outs, xx.grad, [p.grad.clone() for p in mod.parameters()]
+
+
+def _with_bad_padding(x, m):
+    for bad in (NAN, INF, -INF):
+        x2 = x.clone()
+        x2[~m] = bad
+        yield bad, x2
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_masked_self_attention_padding_content_never_leaks(device, need_weights):
     torch.manual_seed(0)
     mod = maskattn.nn.MaskedSelfAttention(16, num_heads=4).to(device).double()
-    x = torch.randn(3, 7, 16, dtype=torch.float64, device=device)
-    m = torch.rand(3, 7) < 0.6
-    m[:, 0] = True
-    m[:, -1] = False
-    m[2] = False
-    m = m.to(device)
+    x, m = _padded_tokens(device, 7, 16)
 
-    def run(x):
-        mod.zero_grad()
-        xx = x.clone().requires_grad_()
+    def fn(xx):
         y = mod(xx, mask=m, need_weights=need_weights)
         y = y[0] if need_weights else y
-        y.square().sum().backward()
-        return y, xx.grad, [p.grad.clone() for p in mod.parameters()]
+        return y, y.square().sum()
 
-    y0, gx0, gp0 = run(x)
-    for bad in (NAN, INF, -INF):
-        x2 = x.clone()
-        x2[~m] = bad
-        y, gx, gp = run(x2)
+    y0, gx0, gp0 = _module_run(mod, x, fn)
+    for bad, x2 in _with_bad_padding(x, m):
+        y, gx, gp = _module_run(mod, x2, fn)
         torch.testing.assert_close(y, y0, rtol=0, atol=1e-12)
         torch.testing.assert_close(gx, gx0, rtol=0, atol=1e-12)
         assert all(torch.isfinite(a).all() for a in gp), bad
@@ -467,25 +483,15 @@ def test_masked_self_attention_padding_content_never_leaks(device, need_weights)
 def test_attention_pooling_padding_content_never_leaks(device, gated, branches):
     torch.manual_seed(0)
     mod = maskattn.nn.AttentionPooling(12, hidden_dim=8, gated=gated, branches=branches).to(device).double()
-    x = torch.randn(3, 9, 12, dtype=torch.float64, device=device)
-    m = torch.rand(3, 9) < 0.6
-    m[:, 0] = True
-    m[:, -1] = False
-    m[2] = False
-    m = m.to(device)
+    x, m = _padded_tokens(device, 9, 12)
 
-    def run(x):
-        mod.zero_grad()
-        xx = x.clone().requires_grad_()
+    def fn(xx):
         p, w = mod(xx, m)
-        (p.square().sum() + w.sum()).backward()
-        return p, w, xx.grad, [q.grad.clone() for q in mod.parameters()]
+        return (p, w), p.square().sum() + w.sum()
 
-    p0, w0, gx0, gp0 = run(x)
-    for bad in (NAN, INF, -INF):
-        x2 = x.clone()
-        x2[~m] = bad
-        p, w, gx, gp = run(x2)
+    (p0, w0), gx0, gp0 = _module_run(mod, x, fn)
+    for bad, x2 in _with_bad_padding(x, m):
+        (p, w), gx, gp = _module_run(mod, x2, fn)
         assert torch.equal(p, p0) and torch.equal(w, w0), bad
         torch.testing.assert_close(gx, gx0, rtol=0, atol=1e-12)
         assert (gx[~m] == 0).all()
@@ -529,3 +535,44 @@ def test_xattn_nan_logit_scale_poisons_everything(device):
     has_key = km.any(1)
     assert o[has_key].isnan().all() and a[has_key][km[has_key].unsqueeze(1).expand(-1, q.shape[1], -1)].isnan().all()
     assert (o[~has_key] == 0).all() and (a[~has_key] == 0).all()  # no valid key: still zeros
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("Lk", [6, 20, 80])  # CPU: one-pass rows, GEMM, GEMM; CUDA: rows, rows, GEMM
+@pytest.mark.parametrize("where", ["key", "value"])
+def test_xattn_shared_keys_per_sample_mask_never_leak(device, dtype, normalize, Lk, where):
+    # A shared key j masked for samples 0 and 2 but valid for sample 1: whatever it holds reaches
+    # sample 1 only. Samples 0 and 2 (outputs, weights, query gradients) must equal the finite run.
+    g = torch.Generator().manual_seed(3)
+    B, Lq, D, Dv, j = 3, 4, 8, 5, 2
+    q = torch.randn(B, Lq, D, generator=g).to(dtype).to(device)
+    k = torch.randn(Lk, D, generator=g).to(dtype).to(device)
+    v = torch.randn(Lk, Dv, generator=g).to(dtype).to(device)
+    km = torch.rand(B, Lk, generator=g) < 0.7
+    km[:, 0] = True
+    km[:, j] = torch.tensor([False, True, False])
+    km = km.to(device)
+    s = torch.tensor(math.log(10.0), device=device)
+    gouts = [torch.randn(B, Lq, Dv, generator=g), torch.randn(B, Lq, Lk, generator=g)]
+    fn = lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km, normalize)  # noqa: E731
+    (o0, a0), g0 = _grads(fn, [q, k, v, s], gouts)
+    for bad in (NAN, INF, -INF):
+        k2, v2 = k.clone(), v.clone()
+        (k2 if where == "key" else v2)[j] = bad
+        (o, a), gr = _grads(fn, [q, k2, v2, s], gouts)
+        # (equal up to rounding: the fix may run these samples through a batched GEMM)
+        for b in (0, 2):
+            _close(o[b], o0[b], dtype, f"{bad}: out of sample {b}")
+            _close(a[b], a0[b], dtype, f"{bad}: attn of sample {b}")
+            _close(gr[0][b], g0[0][b], dtype, f"{bad}: grad query of sample {b}")
+        assert not torch.isfinite(o[1]).all(), bad  # sample 1 weighs key j: its rows are not finite
+        if where == "value":
+            # weights do not depend on the values, so neither does grad_value (sample 1's too)
+            _close(a, a0, dtype, f"{bad}: attn")
+            _close(gr[2], g0[2], dtype, f"{bad}: grad value")
+            # keys masked for sample 1 get nothing from its poisoned rows
+            only_0_2 = ~km[1]
+            only_0_2[j] = False
+            assert torch.isfinite(gr[1][only_0_2]).all(), bad

@@ -380,6 +380,32 @@ int block_threads(int64_t N) {
   return N <= 4096 ? 256 : (N <= 16384 ? 512 : 1024);
 }
 
+// Launches one kernel over `rows` rows of N: a warp per row with ELEMS values per lane in
+// registers up to kMaxWarpRow, else a block per row; packs of VMAX elements when `vec`.
+// warp(V, E, grid, block) and block_rows(V, grid, threads) launch the kernel for those choices.
+template <typename scalar_t, typename WarpLaunch, typename BlockLaunch>
+void launch_rows(int64_t rows, int64_t N, bool vec, WarpLaunch&& warp, BlockLaunch&& block_rows) {
+  auto with_vec = [&](auto&& f) {
+    if (vec) f(std::integral_constant<int, max_vec<scalar_t>()>{}); else f(std::integral_constant<int, 1>{});
+  };
+  if (N <= kMaxWarpRow) {
+    const dim3 block(32, kWarpRowsPerBlock);
+    const auto grid = static_cast<unsigned>(std::min(cuda::ceil_div(rows, kWarpRowsPerBlock), kMaxGrid));
+    with_vec([&](auto vec_c) {
+      dispatch_elems<scalar_t, decltype(vec_c)::value>(warp_elems(N), [&](auto e_c) {
+        warp(vec_c, e_c, grid, block);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    return;
+  }
+  const auto grid = static_cast<unsigned>(std::min(rows, kMaxGrid));
+  with_vec([&](auto vec_c) {
+    block_rows(vec_c, grid, block_threads(N));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 // x: [..., N] with unit inner stride; mask: bool, any strides; y: contiguous [rows, N].
 template <typename scalar_t>
 void launch_forward(const at::Tensor& x, const at::Tensor& mask, at::Tensor& y, int64_t rows, int64_t N,
@@ -387,43 +413,30 @@ void launch_forward(const at::Tensor& x, const at::Tensor& mask, at::Tensor& y, 
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor ts[2] = {x, mask};
   const RowLayout L = make_row_layout(ts, 2);
-  constexpr int VMAX = max_vec<scalar_t>();
-  const bool vec = rows_aligned(x, L, 0, N, VMAX, sizeof(scalar_t));
+  const bool vec = rows_aligned(x, L, 0, N, max_vec<scalar_t>(), sizeof(scalar_t));
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const bool* mp = mask.const_data_ptr<bool>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   const acc_t scale = static_cast<acc_t>(scale_d);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (N <= kMaxWarpRow) {
-    const dim3 block(32, kWarpRowsPerBlock);
-    const auto grid = static_cast<unsigned>(std::min(cuda::ceil_div(rows, kWarpRowsPerBlock), kMaxGrid));
-    const int n = static_cast<int>(N);
-    auto run = [&](auto vec_c) {
-      constexpr int V = decltype(vec_c)::value;
-      dispatch_elems<scalar_t, V>(warp_elems(N), [&](auto e_c) {
-        constexpr int E = decltype(e_c)::value;
-        softmax_fwd_warp<scalar_t, acc_t, E, V><<<grid, block, 0, stream>>>(xp, mp, yp, L, rows, n, scale);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    };
-    if (vec) run(std::integral_constant<int, VMAX>{}); else run(std::integral_constant<int, 1>{});
-    return;
-  }
-  const int threads = block_threads(N);
-  const auto grid = static_cast<unsigned>(std::min(rows, kMaxGrid));
   const size_t smem = static_cast<size_t>(N) * sizeof(acc_t);
   // 48 KB is the launch limit without opt-in for static (the reduction scratch) plus dynamic memory.
   const bool use_smem = smem + 32 * sizeof(acc_t) <= 48 * 1024;
-  auto run = [&](auto vec_c) {
-    constexpr int V = decltype(vec_c)::value;
-    if (use_smem) {
-      softmax_fwd_block<scalar_t, acc_t, V, true><<<grid, threads, smem, stream>>>(xp, mp, yp, L, rows, N, scale);
-    } else {
-      softmax_fwd_block<scalar_t, acc_t, V, false><<<grid, threads, 0, stream>>>(xp, mp, yp, L, rows, N, scale);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (vec) run(std::integral_constant<int, VMAX>{}); else run(std::integral_constant<int, 1>{});
+  launch_rows<scalar_t>(
+      rows, N, vec,
+      [&](auto vec_c, auto e_c, unsigned grid, dim3 block) {
+        constexpr int V = decltype(vec_c)::value, E = decltype(e_c)::value;
+        softmax_fwd_warp<scalar_t, acc_t, E, V>
+            <<<grid, block, 0, stream>>>(xp, mp, yp, L, rows, static_cast<int>(N), scale);
+      },
+      [&](auto vec_c, unsigned grid, int threads) {
+        constexpr int V = decltype(vec_c)::value;
+        if (use_smem) {
+          softmax_fwd_block<scalar_t, acc_t, V, true><<<grid, threads, smem, stream>>>(xp, mp, yp, L, rows, N, scale);
+        } else {
+          softmax_fwd_block<scalar_t, acc_t, V, false><<<grid, threads, 0, stream>>>(xp, mp, yp, L, rows, N, scale);
+        }
+      });
 }
 
 template <typename scalar_t>
@@ -439,29 +452,17 @@ void launch_backward(const at::Tensor& g, const at::Tensor& y, at::Tensor& out, 
   scalar_t* op = out.data_ptr<scalar_t>();
   const acc_t scale = static_cast<acc_t>(scale_d);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (N <= kMaxWarpRow) {
-    const dim3 block(32, kWarpRowsPerBlock);
-    const auto grid = static_cast<unsigned>(std::min(cuda::ceil_div(rows, kWarpRowsPerBlock), kMaxGrid));
-    const int n = static_cast<int>(N);
-    auto run = [&](auto vec_c) {
-      constexpr int V = decltype(vec_c)::value;
-      dispatch_elems<scalar_t, V>(warp_elems(N), [&](auto e_c) {
-        constexpr int E = decltype(e_c)::value;
-        softmax_bwd_warp<scalar_t, acc_t, E, V><<<grid, block, 0, stream>>>(gp, yp, op, L, rows, n, scale);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_rows<scalar_t>(
+      rows, N, vec,
+      [&](auto vec_c, auto e_c, unsigned grid, dim3 block) {
+        constexpr int V = decltype(vec_c)::value, E = decltype(e_c)::value;
+        softmax_bwd_warp<scalar_t, acc_t, E, V>
+            <<<grid, block, 0, stream>>>(gp, yp, op, L, rows, static_cast<int>(N), scale);
+      },
+      [&](auto vec_c, unsigned grid, int threads) {
+        constexpr int V = decltype(vec_c)::value;
+        softmax_bwd_block<scalar_t, acc_t, V><<<grid, threads, 0, stream>>>(gp, yp, op, L, rows, N, scale);
       });
-    };
-    if (vec) run(std::integral_constant<int, VMAX>{}); else run(std::integral_constant<int, 1>{});
-    return;
-  }
-  const int threads = block_threads(N);
-  const auto grid = static_cast<unsigned>(std::min(rows, kMaxGrid));
-  auto run = [&](auto vec_c) {
-    constexpr int V = decltype(vec_c)::value;
-    softmax_bwd_block<scalar_t, acc_t, V><<<grid, threads, 0, stream>>>(gp, yp, op, L, rows, N, scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (vec) run(std::integral_constant<int, VMAX>{}); else run(std::integral_constant<int, 1>{});
 }
 
 // Rows must be unit-stride for coalesced loads; the rare other layouts are copied once. The
