@@ -6,7 +6,7 @@ and prints one table. Every row names exactly what was timed.
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -27,29 +27,42 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def timeit(fn: Callable[[], object], device: torch.device, min_time: float = 0.3, warmup: int = 3,
            max_iters: int = 1000) -> float:
     """Median seconds per call of fn over repeated runs of at least ``min_time`` in total."""
-    for _ in range(warmup):
-        fn()
+    return timeit_interleaved({"fn": fn}, device, min_time, warmup, max_iters)["fn"]
+
+
+def timeit_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, min_time: float = 0.3,
+                       warmup: int = 3, max_iters: int = 1000) -> Dict[str, float]:
+    """Median seconds per call of each fn, the calls taken in turn (a, b, c, a, b, c, ...) until
+    every fn has run for ``min_time`` in total: on a shared, noisy host a slow spell then hits
+    every implementation alike instead of whichever happened to be timed during it."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times: List[float] = []
-    total = 0.0
-    while (total < min_time or len(times) < 5) and len(times) < max_iters:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t = time.perf_counter() - t0
-        times.append(t)
-        total += t
-    return statistics.median(times)
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    total = dict.fromkeys(fns, 0.0)
+    while any(total[n] < min_time or len(times[n]) < 5 for n in fns) and min(map(len, times.values())) < max_iters:
+        for name, fn in fns.items():
+            t = _time_once(fn, device)
+            times[name].append(t)
+            total[name] += t
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def maybe_compile(fn, enabled: bool = True):
