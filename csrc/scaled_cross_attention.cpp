@@ -119,6 +119,14 @@ bool may_have_dead_rows(const at::Tensor& attn) {
   return !attn.is_cpu() || attn.eq(0).any().item<bool>();
 }
 
+// g - x * coef in the accumulation type, in one pass and in place where g (a fresh GEMM result) is
+// already of that type; back in g's dtype.
+at::Tensor minus_product(const at::Tensor& g, const at::Tensor& x, const at::Tensor& coef, at::ScalarType acc) {
+  at::Tensor r = g.to(acc);
+  r.addcmul_(x, coef, -1);
+  return r.to(g.scalar_type());
+}
+
 // min(exp(lsl), max_scale) as a device tensor, computed exactly as the eager composition does.
 at::Tensor clamped_scale(const at::Tensor& lsl, double max_scale) { return lsl.exp().clamp_max(max_scale); }
 
@@ -231,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
     if (need_q) {
       const at::Tensor w = wqk.to(dt);
       at::Tensor g = a.k.size(0) == 1 ? at::matmul(w.view({B, Lq, Lk}), kk) : at::bmm(w.view({B, Lq, Lk}), kk);
-      if (normalize) g = (g.to(acc) - a.q.to(acc) * rowcoef.view({B, Lq, 1})).to(dt);
+      if (normalize) g = minus_product(g, a.q, rowcoef.view({B, Lq, 1}), acc);
       dq = g.reshape(query.sizes());
     }
   }
@@ -251,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
       const at::Tensor kinv = kn.clamp_min(kXattnNormEps).reciprocal();
       const at::Tensor c = clamped_scale(lsl, max_scale).to(acc);
       const at::Tensor coef = at::where(kn >= kXattnNormEps, kinv * kinv * c * colsum, at::zeros_like(colsum));
-      g = (g.to(acc) - kk.to(acc) * coef.unsqueeze(-1)).to(dt);
+      g = minus_product(g, kk, coef.unsqueeze(-1), acc);
     }
     dk = grad_as(g, a.k, key);
   }
