@@ -78,41 +78,33 @@ at::Tensor raw_dots(const XattnArgs& a) {
   return at::bmm(a.q, a.k.transpose(1, 2)).reshape({a.B * a.Lq, a.Lk});
 }
 
-// [B, Lk]: true where no query row of sample b gives key j a nonzero weight (masked keys, -inf
-// logits).
-at::Tensor dead_keys(const at::Tensor& attn, int64_t B, int64_t Lq, int64_t Lk) {
-  return attn.reshape({B, Lq, Lk}).ne(0).any(1).logical_not();
-}
-
-// x [Bx, Lk, M] with its dead rows set to zero, so that a NaN or inf stored there cannot reach a
-// GEMM result through 0 * NaN. A shared x (Bx = 1) read by B > 1 samples can only be cleared in
-// place where a row is dead for every sample; a row dead for some samples only would still leak
-// into those through the GEMM. If such a row holds a non-finite value, x becomes a per-sample
-// copy [B, Lk, M] cleared per sample (the backward sums its gradient back). Finding out reads one
-// flag back from the device; where that is not allowed (CUDA graph capture) the copy is made
-// whenever x is shared.
-at::Tensor clear_dead_rows(const at::Tensor& x, const at::Tensor& dead, const XattnKernels& kern) {
-  const at::Tensor zero = at::zeros({}, x.options());
-  const int64_t B = dead.size(0);
-  if (x.size(0) != 1 || B == 1) return at::where(dead.unsqueeze(-1), zero, x);
+// The values for attn @ v with every row that no query of its sample weighs (masked keys, -inf
+// logits) set to zero, so that a NaN or inf stored there cannot reach the GEMM result through
+// 0 * NaN. A shared v ([1, Lk, Dv]) read by B > 1 samples can only be cleared in place where a row
+// is dead for every sample; a row dead for some samples only would still leak into those. If such
+// a row holds a non-finite value, v becomes a per-sample copy [B, Lk, Dv] cleared per sample.
+// Finding out reads one flag back from the device. On CUDA that is a sync, paid only when the
+// mask differs per sample (rows dead for some samples only otherwise need non-finite logits as
+// well), and while a CUDA graph is being captured the copy is made without asking.
+at::Tensor cleared_values(const XattnArgs& a, const at::Tensor& attn, const XattnKernels& kern) {
+  const at::Tensor dead = attn.reshape({a.B, a.Lq, a.Lk}).ne(0).any(1).logical_not();  // [B, Lk]
+  const at::Tensor zero = at::zeros({}, a.v.options());
+  if (a.v.size(0) != 1 || a.B == 1) return at::where(dead.unsqueeze(-1), zero, a.v);
   const at::Tensor dead_all = dead.all(0);  // [Lk]
-  bool per_sample = true;
-  if (kern.may_sync()) {
-    const at::Tensor partly = dead.any(0).logical_and(dead_all.logical_not());
-    per_sample = partly.logical_and(x[0].isfinite().all(-1).logical_not()).any().item<bool>();
+  const bool per_sample_mask = a.mask.defined() && a.mask.size(0) > 1;
+  bool copy = false;
+  if (attn.is_cpu() || per_sample_mask) {
+    copy = true;
+    if (kern.may_sync()) {
+      const at::Tensor partly = dead.any(0).logical_and(dead_all.logical_not());
+      copy = partly.logical_and(a.v[0].isfinite().all(-1).logical_not()).any().item<bool>();
+    }
   }
-  if (!per_sample) return at::where(dead_all.view({1, -1, 1}), zero, x);
-  return at::where(dead.unsqueeze(-1), zero, x.expand({B, x.size(1), x.size(2)}));
+  if (!copy) return at::where(dead_all.view({1, -1, 1}), zero, a.v);
+  return at::where(dead.unsqueeze(-1), zero, a.v.expand({a.B, a.Lk, a.Dv}));
 }
 
-// The gradient of a key / value from the [Bx, Lk, M] tensor the GEMMs used, summed back over the
-// batch where clear_dead_rows made a per-sample copy of a shared one.
-at::Tensor grad_as(const at::Tensor& g, const at::Tensor& used, const at::Tensor& like) {
-  const bool copied = like.dim() == 2 && used.size(0) > 1;  // inputs were [Lk, M], shared
-  return (copied ? g.reshape(used.sizes()).sum(0) : g).reshape(like.sizes());
-}
-
-// Whether clear_dead_rows can have anything to do: on the CPU a zero weight is looked for first (a
+// Whether there can be dead keys to clear: on the CPU a zero weight is looked for first (a
 // cheap pass over attn, no sync to speak of) so that unmasked calls pay nothing; on CUDA that
 // check would be a host sync, so the rows are cleared unconditionally there.
 bool may_have_dead_rows(const at::Tensor& attn) {
@@ -150,8 +142,7 @@ std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const 
       const at::Tensor S = raw_dots(a);
       const at::Tensor qnrm = normalize ? kern.row_norms(a.q) : at::Tensor();
       kern.softmax_forward(a, S, qnrm, knrm, max_scale, normalize, attn);
-      const at::Tensor v =
-          may_have_dead_rows(attn) ? clear_dead_rows(a.v, dead_keys(attn, a.B, a.Lq, a.Lk), kern) : a.v;
+      const at::Tensor v = may_have_dead_rows(attn) ? cleared_values(a, attn, kern) : a.v;
       if (v.size(0) == 1) {
         at::mm_out(out, attn, v[0]);
       } else {
@@ -196,11 +187,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
   const at::Tensor gout = grad_out.reshape({R, Dv}).contiguous();
   const at::Tensor A = attn.reshape({R, Lk}).contiguous();
   if (R > 0 && Lk > 0 && may_have_dead_rows(A)) {
-    // Masked keys (weight 0 everywhere) must not leak NaN / inf from their content into any
-    // gradient through a 0 * NaN in the GEMMs, the norms or the fused rows.
-    const at::Tensor dead = dead_keys(A, B, Lq, Lk);
-    a.k = clear_dead_rows(a.k, dead, kern);
-    a.v = clear_dead_rows(a.v, dead, kern);
+    // A key no query row weighs (masked, -inf logit) must not leak NaN / inf from its content into
+    // any gradient through a 0 * NaN in the GEMMs, the norms or the row kernels. Zeroing every
+    // non-finite key entry is exact: a key with non-finite content that a row does weigh gives
+    // that row a NaN or +inf logit, so the row's weights, and every gradient they reach, are NaN
+    // whatever the key holds. It needs no per-sample view, so shared keys are handled as they are.
+    // Values need nothing: they enter the backward only through dA = gout v^T, which the softmax
+    // backward reads only where the weight is nonzero.
+    a.k = at::where(a.k.isfinite(), a.k, at::zeros({}, a.k.options()));
   }
 
   at::Tensor dq = at::empty({0}, query.options()), dk = at::empty({0}, key.options()),
@@ -216,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
     if (a.v.size(0) == 1) {
       dv = at::mm(A.t(), gout).reshape(value.sizes());
     } else {
-      dv = grad_as(at::bmm(A.view({B, Lq, Lk}).transpose(1, 2), gout.view({B, Lq, Dv})), a.v, value);
+      dv = at::bmm(A.view({B, Lq, Lk}).transpose(1, 2), gout.view({B, Lq, Dv})).reshape(value.sizes());
     }
   }
   if (!(need_q || need_k || need_s)) return {dq, dk, dv, ds};
@@ -261,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
       const at::Tensor coef = at::where(kn >= kXattnNormEps, kinv * kinv * c * colsum, at::zeros_like(colsum));
       g = minus_product(g, kk, coef.unsqueeze(-1), acc);
     }
-    dk = grad_as(g, a.k, key);
+    dk = g.reshape(key.sizes());
   }
   if (need_s) {
     // d scale / d lsl = exp(lsl), and torch.clamp passes the gradient only where exp(lsl) <= max.

@@ -576,3 +576,32 @@ def test_xattn_shared_keys_per_sample_mask_never_leak(device, dtype, normalize, 
             only_0_2 = ~km[1]
             only_0_2[j] = False
             assert torch.isfinite(gr[1][only_0_2]).all(), bad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("Lk", [6, 80])
+def test_xattn_key_dead_for_one_row_and_poisoning_another(device, dtype, Lk):
+    # key 2 of sample 0 holds +inf in feature 0: query rows with a positive feature 0 get a +inf
+    # logit (poisoned, NaN), row (0, 1) has a negative one and gets -inf (weight 0). Row (0, 1) must
+    # come out as if the key were masked, forward and grad_query: the key's inf must not reach it
+    # through 0 * inf in grad_query = sum_j wqk_j k_j.
+    q, k, v, _, s, gouts = _xattn_inputs(dtype, device, Lk=Lk)
+    km = torch.ones(q.shape[0], Lk, dtype=torch.bool, device=device)
+    q = q.abs()
+    q[0, 1, 0] = -q[0, 1, 0]
+    k2 = k.clone()
+    k2[0, 2] = 0.0
+    k2[0, 2, 0] = INF
+    fn = lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km, False)  # noqa: E731
+    (o, a), gr = _grads(fn, [q, k2, v, s], gouts)
+    km2 = km.clone()
+    km2[0, 2] = False
+    (orf, arf), grf = _grads(lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km2, False),
+                             [q, k, v, s], gouts)
+    assert o[0, 0].isnan().all() and (a[0, 1, 2] == 0)
+    _close(o[0, 1], orf[0, 1], dtype, "out of the row that does not weigh the key")
+    _close(a[0, 1], arf[0, 1], dtype, "attn of that row")
+    _close(gr[0][0, 1], grf[0][0, 1], dtype, "grad query of that row")
+    _close(o[1:], orf[1:], dtype, "other samples")
+    _close(gr[0][1:], grf[0][1:], dtype, "grad query of other samples")
