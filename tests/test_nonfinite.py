@@ -261,6 +261,11 @@ def test_masked_softmax_nonfinite_broadcast_mask_and_inner_dim(device):
 
 # ------------------------------------------------------------------ scaled_cross_attention
 
+def _xattn(km, normalize):
+    """scaled_cross_attention(q, k, v, s) with max_scale 100, key mask km."""
+    return lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km, normalize)
+
+
 def _xattn_inputs(dtype, device, B=3, Lq=4, Lk=6, D=8, Dv=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Lq, D, generator=g).to(dtype).to(device)
@@ -280,7 +285,7 @@ def _xattn_inputs(dtype, device, B=3, Lq=4, Lk=6, D=8, Dv=5, seed=0):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_xattn_masked_keys_never_leak(device, dtype, normalize):
     q, k, v, km, s, gouts = _xattn_inputs(dtype, device)
-    fn = lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km, normalize)  # noqa: E731
+    fn = _xattn(km, normalize)
     (o0, a0), g0 = _grads(fn, [q, k, v, s], gouts)
     pad = ~km
     for bad in (NAN, INF, -INF):
@@ -301,7 +306,7 @@ def test_xattn_masked_keys_never_leak(device, dtype, normalize):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_xattn_nan_poisons_only_its_rows(device, dtype, normalize):
     q, k, v, km, s, gouts = _xattn_inputs(dtype, device)
-    fn = lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km, normalize)  # noqa: E731
+    fn = _xattn(km, normalize)
     (o0, a0), g0 = _grads(fn, [q, k, v, s], gouts)
     q2 = q.clone()
     q2[0, 1, 3] = NAN  # query row (0, 1): its logits are NaN
@@ -354,11 +359,9 @@ def test_xattn_infinite_logit_scale_is_clamped(device):
     # logit_scale_log = +inf: exp = inf, clamped to max_scale; its gradient is zero, not NaN
     q, k, v, km, _, gouts = _xattn_inputs(torch.float64, device)
     s = torch.tensor(INF, dtype=torch.float64, device=device)
-    (o, a), gr = _grads(lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km, True),
-                        [q, k, v, s], gouts)
+    (o, a), gr = _grads(_xattn(km, True), [q, k, v, s], gouts)
     s100 = torch.tensor(math.log(100.0) + 1.0, dtype=torch.float64, device=device)
-    (orf, arf), grf = _grads(lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km, True),
-                             [q, k, v, s100], gouts)
+    (orf, arf), grf = _grads(_xattn(km, True), [q, k, v, s100], gouts)
     assert torch.equal(o, orf) and torch.equal(a, arf)
     assert gr[3] == 0 and all(torch.equal(x, y) for x, y in zip(gr[:3], grf[:3]))
 
@@ -556,7 +559,7 @@ def test_xattn_shared_keys_per_sample_mask_never_leak(device, dtype, normalize, 
     km = km.to(device)
     s = torch.tensor(math.log(10.0), device=device)
     gouts = [torch.randn(B, Lq, Dv, generator=g), torch.randn(B, Lq, Lk, generator=g)]
-    fn = lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km, normalize)  # noqa: E731
+    fn = _xattn(km, normalize)
     (o0, a0), g0 = _grads(fn, [q, k, v, s], gouts)
     for bad in (NAN, INF, -INF):
         k2, v2 = k.clone(), v.clone()
@@ -593,12 +596,11 @@ def test_xattn_key_dead_for_one_row_and_poisoning_another(device, dtype, Lk):
     k2 = k.clone()
     k2[0, 2] = 0.0
     k2[0, 2, 0] = INF
-    fn = lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km, False)  # noqa: E731
+    fn = _xattn(km, False)
     (o, a), gr = _grads(fn, [q, k2, v, s], gouts)
     km2 = km.clone()
     km2[0, 2] = False
-    (orf, arf), grf = _grads(lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, km2, False),
-                             [q, k, v, s], gouts)
+    (orf, arf), grf = _grads(_xattn(km2, False), [q, k, v, s], gouts)
     assert o[0, 0].isnan().all() and (a[0, 1, 2] == 0)
     _close(o[0, 1], orf[0, 1], dtype, "out of the row that does not weigh the key")
     _close(a[0, 1], arf[0, 1], dtype, "attn of that row")
