@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build the CPU extension with AddressSanitizer + UndefinedBehaviorSanitizer and run every op test
 # under it. Any sanitizer report fails the run (ASan aborts on its first report, UBSan is compiled
-# with -fno-sanitize-recover and halts on its first report, and the log is grepped as well so that a
-# report from a child process cannot slip through).
+# with -fno-sanitize-recover and halts on its first report). Reports are written to files
+# (log_path), one per process: pytest captures fd 2 per test, so a report printed to stderr by a
+# process that then aborts is lost with the capture; files also catch child processes. The pytest
+# log is grepped as well.
 #
 # Usage (repo root): bash tests/sanitize.sh [pytest args]
 #   PYTHON=/path/to/python  interpreter that already has torch + pytest (default: python3; when that
@@ -37,8 +39,10 @@ mkdir -p "$(dirname "$log")"
 # Python and torch are not instrumented: preload the runtimes. Leak checking is off because the
 # interpreter's own allocations at exit are not ours (tests/test_threads_leaks.py covers our leaks).
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
-export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0
-export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
+reports=$root/build/sanitize/reports
+rm -rf "$reports" && mkdir -p "$reports"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0:log_path=$reports/asan
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1:log_path=$reports/ubsan
 export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 cd "$work"
 "$py" -c "import maskattn, os; f = maskattn.__file__; assert f.startswith('$work'), f; print('sanitize: testing', f)"
@@ -60,6 +64,10 @@ set +e
 rc=${PIPESTATUS[0]}
 set -e
 echo "sanitize: pytest rc=$rc in $(( $(date +%s) - t0 )) s"
+if [ -n "$(ls -A "$reports")" ]; then
+  cat "$reports"/*
+  echo "sanitize: SANITIZER REPORT (files in $reports)"; exit 1
+fi
 if grep -qE "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
   echo "sanitize: SANITIZER REPORT (see $log)"; exit 1
 fi
