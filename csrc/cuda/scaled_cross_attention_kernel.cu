@@ -93,7 +93,7 @@ int scale_code(const at::Tensor& lsl) {
 
 // min(exp(lsl), max_scale) with exp rounded to lsl's dtype, as the eager composition computes it.
 // Every thread reads the one value itself: no launch, no host sync. exp in double then rounded
-// gives the correctly rounded result (--use_fast_math would otherwise approximate expf).
+// gives the correctly rounded result.
 __device__ __forceinline__ double load_scale(const void* p, int code, double max_scale) {
   double s, m = max_scale;
   switch (code) {
