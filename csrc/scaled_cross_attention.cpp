@@ -72,10 +72,17 @@ XattnArgs check_xattn_inputs(const at::Tensor& query, const at::Tensor& key, con
 
 namespace {
 
-at::Tensor raw_dots(const XattnArgs& a) {
+// A GEMM operand, in the accumulation type where the backend runs its GEMMs there.
+at::Tensor gemm_in(const at::Tensor& t, const XattnKernels& kern) {
+  const auto acc = at::toOpMathType(t.scalar_type());
+  return kern.gemm_in_acc && acc != t.scalar_type() ? t.to(acc) : t;
+}
+
+at::Tensor raw_dots(const XattnArgs& a, const XattnKernels& kern) {
+  const at::Tensor q = gemm_in(a.q, kern), k = gemm_in(a.k, kern);
   // Shared prototypes fold the whole batch into one GEMM.
-  if (a.k.size(0) == 1) return at::matmul(a.q, a.k[0].t()).reshape({a.B * a.Lq, a.Lk});
-  return at::bmm(a.q, a.k.transpose(1, 2)).reshape({a.B * a.Lq, a.Lk});
+  if (k.size(0) == 1) return at::matmul(q, k[0].t()).reshape({a.B * a.Lq, a.Lk});
+  return at::bmm(q, k.transpose(1, 2)).reshape({a.B * a.Lq, a.Lk});
 }
 
 // The values for attn @ v with every row that no query of its sample weighs (masked keys, -inf
@@ -139,15 +146,18 @@ std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const 
     if (a.Lk <= kern.max_fused_keys) {
       kern.fused_forward(a, knrm, max_scale, normalize, out, attn);
     } else {
-      const at::Tensor S = raw_dots(a);
+      const at::Tensor S = raw_dots(a, kern);
       const at::Tensor qnrm = normalize ? kern.row_norms(a.q) : at::Tensor();
       kern.softmax_forward(a, S, qnrm, knrm, max_scale, normalize, attn);
-      const at::Tensor v = may_have_dead_rows(attn) ? cleared_values(a, attn, kern) : a.v;
-      if (v.size(0) == 1) {
-        at::mm_out(out, attn, v[0]);
+      const at::Tensor v = gemm_in(may_have_dead_rows(attn) ? cleared_values(a, attn, kern) : a.v, kern);
+      const at::Tensor w = gemm_in(attn, kern);
+      if (v.scalar_type() != out.scalar_type()) {
+        out.copy_(v.size(0) == 1 ? at::mm(w, v[0]) : at::bmm(w.view({a.B, a.Lq, a.Lk}), v).view({R, a.Dv}));
+      } else if (v.size(0) == 1) {
+        at::mm_out(out, w, v[0]);
       } else {
         at::Tensor out3 = out.view({a.B, a.Lq, a.Dv});
-        at::bmm_out(out3, attn.view({a.B, a.Lq, a.Lk}), v);
+        at::bmm_out(out3, w.view({a.B, a.Lq, a.Lk}), v);
       }
     }
   }
@@ -206,11 +216,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
     if (need_s) ds = at::zeros_like(lsl);
     return {dq, dk, dv, ds};
   }
+  const at::Tensor Aw = gemm_in(A, kern), goutw = gemm_in(gout, kern);
   if (need_v) {
     if (a.v.size(0) == 1) {
-      dv = at::mm(A.t(), gout).reshape(value.sizes());
+      dv = at::mm(Aw.t(), goutw).to(dt).reshape(value.sizes());
     } else {
-      dv = at::bmm(A.view({B, Lq, Lk}).transpose(1, 2), gout.view({B, Lq, Dv})).reshape(value.sizes());
+      dv = at::bmm(Aw.view({B, Lq, Lk}).transpose(1, 2), goutw.view({B, Lq, Dv})).to(dt).reshape(value.sizes());
     }
   }
   if (!(need_q || need_k || need_s)) return {dq, dk, dv, ds};
@@ -219,31 +230,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
   at::Tensor wqk = at::empty({R, Lk}, a.q.options().dtype(acc));
   at::Tensor p = at::empty({R, Lk}, a.q.options().dtype(acc));
   at::Tensor kk = a.k.size(0) == 1 ? a.k[0] : a.k;  // [Lk, D] shared or [B, Lk, D]
+  // d loss / d <q_i, k_j> as a GEMM operand (acc already; the input dtype for cuBLAS).
+  const auto wqk_in = [&] { return kern.gemm_in_acc ? wqk : wqk.to(dt); };
   if (Lk <= kern.max_fused_keys) {
     at::Tensor dq_rows = need_q ? at::empty({R, D}, a.q.options()) : at::Tensor();
     kern.fused_backward(a, knrm, gout, gattn, A, max_scale, normalize, dq_rows, wqk, p);
     if (need_q) dq = dq_rows.view(query.sizes());
   } else {
-    const at::Tensor S = raw_dots(a);
-    const at::Tensor dA = a.v.size(0) == 1 ? at::mm(gout, a.v[0].t())
-                                           : at::bmm(gout.view({B, Lq, Dv}), a.v.transpose(1, 2)).reshape({R, Lk});
+    const at::Tensor S = raw_dots(a, kern);
+    const at::Tensor vw = gemm_in(a.v, kern);
+    const at::Tensor dA = vw.size(0) == 1 ? at::mm(goutw, vw[0].t())
+                                          : at::bmm(goutw.view({B, Lq, Dv}), vw.transpose(1, 2)).reshape({R, Lk});
     const at::Tensor qnrm = normalize ? kern.row_norms(a.q) : at::Tensor();
     at::Tensor rowcoef = at::empty({R}, a.q.options().dtype(acc));
     kern.softmax_backward(a, S, dA, gattn, A, qnrm, knrm, max_scale, normalize, wqk, p, rowcoef);
     if (need_q) {
-      const at::Tensor w = wqk.to(dt);
-      at::Tensor g = a.k.size(0) == 1 ? at::matmul(w.view({B, Lq, Lk}), kk) : at::bmm(w.view({B, Lq, Lk}), kk);
+      const at::Tensor w = wqk_in().view({B, Lq, Lk}), kw = gemm_in(kk, kern);
+      at::Tensor g = a.k.size(0) == 1 ? at::matmul(w, kw) : at::bmm(w, kw);
       if (normalize) g = minus_product(g, a.q, rowcoef.view({B, Lq, 1}), acc);
-      dq = g.reshape(query.sizes());
+      dq = g.to(dt).reshape(query.sizes());
     }
   }
   if (need_k) {
-    const at::Tensor w = wqk.to(dt);
+    const at::Tensor w = wqk_in(), qw = gemm_in(a.q, kern);
     at::Tensor g;
     if (a.k.size(0) == 1) {
-      g = at::mm(w.t(), a.q.reshape({R, D}));  // [Lk, D]
+      g = at::mm(w.t(), qw.reshape({R, D}));  // [Lk, D]
     } else {
-      g = at::bmm(w.view({B, Lq, Lk}).transpose(1, 2), a.q);  // [B, Lk, D]
+      g = at::bmm(w.view({B, Lq, Lk}).transpose(1, 2), qw);  // [B, Lk, D]
     }
     if (normalize) {
       // Projection term of F.normalize's backward, only where the norm was not clamped to eps:
@@ -255,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
       const at::Tensor coef = at::where(kn >= kXattnNormEps, kinv * kinv * c * colsum, at::zeros_like(colsum));
       g = minus_product(g, kk, coef.unsqueeze(-1), acc);
     }
-    dk = g.reshape(key.sizes());
+    dk = g.to(dt).reshape(key.sizes());
   }
   if (need_s) {
     // d scale / d lsl = exp(lsl), and torch.clamp passes the gradient only where exp(lsl) <= max.

@@ -42,7 +42,7 @@ struct XattnKernels {
   // One pass per query row: logits, softmax, output row. out [R, Dv], attn [R, Lk] (input dtype).
   void (*fused_forward)(const XattnArgs& a, const at::Tensor& knrm, double max_scale, bool normalize,
                         const at::Tensor& out, const at::Tensor& attn);
-  // GEMM path: raw dot products S [R, Lk] (input dtype) -> attn [R, Lk].
+  // GEMM path: raw dot products S [R, Lk] (see gemm_in_acc for its dtype) -> attn [R, Lk].
   void (*softmax_forward)(const XattnArgs& a, const at::Tensor& S, const at::Tensor& qnrm,
                           const at::Tensor& knrm, double max_scale, bool normalize, const at::Tensor& attn);
   // One pass per row of the backward. Writes wqk [R, Lk] (acc): d loss / d <q_i, k_j> of the raw
@@ -50,7 +50,7 @@ struct XattnKernels {
   void (*fused_backward)(const XattnArgs& a, const at::Tensor& knrm, const at::Tensor& gout,
                          const at::Tensor& gattn, const at::Tensor& attn, double max_scale, bool normalize,
                          const at::Tensor& dq, const at::Tensor& wqk, const at::Tensor& p);
-  // GEMM path backward: S raw dots [R, Lk], dA = gout @ v^T [R, Lk] (input dtype) -> wqk, p and
+  // GEMM path backward: S raw dots [R, Lk], dA = gout @ v^T [R, Lk] (both per gemm_in_acc) -> wqk, p and
   // rowcoef [R] (acc; grad_query = wqk @ k - rowcoef * q).
   void (*softmax_backward)(const XattnArgs& a, const at::Tensor& S, const at::Tensor& dA,
                            const at::Tensor& gattn, const at::Tensor& attn, const at::Tensor& qnrm,
@@ -59,6 +59,13 @@ struct XattnKernels {
   // Whether the driver may read a value back from the device now (false while a CUDA graph is
   // being captured, where a sync is an error).
   bool (*may_sync)();
+  // Whether the GEMM path runs its GEMMs in the accumulation type (float32 for half types; then
+  // S and dA reach the row kernels in it) or in the input dtype. Rounding S to bfloat16 costs
+  // scale * 2^-9 in every logit (0.2 at the seed's cap of 100), which the one-pass rows do not
+  // pay; and on a CPU without bf16 instructions the float32 GEMM is also the fast one. On CUDA
+  // the GEMMs stay in the input dtype (cuBLAS half-precision GEMMs) until a float-output GEMM is
+  // measured there.
+  bool gemm_in_acc;
 };
 
 std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const at::Tensor& key,

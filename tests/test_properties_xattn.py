@@ -1,6 +1,6 @@
 """Property tests: scaled_cross_attention against a float64 reference over generated shapes (B=0,
-Lq=0, Lk=0 and 1, D=0, Dv=0 included), 2-D/3-D query, shared/per-sample keys and values, key masks of
-every kind and dtype, normalize on/off, scales below and above the clamp (where the scale's gradient
+Lq=0, Lk=0 and 1, D=0, Dv=0 included; Lk up to 80, past both devices' one-pass limits), 2-D/3-D
+query, shared/per-sample keys and values, key masks of every kind and dtype, normalize on/off, scales below and above the clamp (where the scale's gradient
 is zero), strides and storage offsets, dtypes and devices; forward and every gradient."""
 import math
 
@@ -34,7 +34,7 @@ def reference_cross_attention(q, k, v, lsl, max_scale, key_mask, normalize):
 
 @st.composite
 def xattn_case(draw):
-    B, Lq, Lk = draw(st.integers(0, 3)), draw(st.integers(0, 5)), draw(st.sampled_from([0, 1, 1, 2, 5, 17, 40]))
+    B, Lq, Lk = draw(st.integers(0, 3)), draw(st.integers(0, 5)), draw(st.sampled_from([0, 1, 1, 2, 5, 17, 40, 80]))
     D, Dv = draw(st.integers(0, 24)), draw(st.integers(0, 9))
     q2d, k2d, v2d = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
     mkind = draw(st.sampled_from(["none", "all", "empty", "random"]))
@@ -79,15 +79,20 @@ def test_scaled_cross_attention_matches_reference(case):
     outr, attnr = reference_cross_attention(qr, kr, vr, sr, max_scale, mask, normalize)
     assert out.shape == outr.shape and attn.shape == attnr.shape and out.dtype == dtype
     tol = TOL[dtype]
-    close(out, outr, 2 * tol, "out")
-    close(attn, attnr, 2 * tol, "attn")
+    scale = min(math.exp(lsl), max_scale)
+    ftol = 2 * tol
+    if device == "cuda" and dtype in (torch.float16, torch.bfloat16) and Lk > 64:
+        # CUDA's GEMM path keeps the raw dots in the input dtype (docs/numerics.md): every logit
+        # carries scale * eps of rounding, as the seed's own half-precision composition does
+        ftol *= max(1.0, scale if normalize else math.sqrt(scale))
+    close(out, outr, ftol, "out")
+    close(attn, attnr, ftol, "attn")
     if out.numel() + attn.numel() == 0:
         return
     go = torch.randn(outr.shape, generator=g, dtype=torch.float64)
     ga = torch.randn(attnr.shape, generator=g, dtype=torch.float64)
     ((out.double().cpu() * go).sum() + (attn.double().cpu() * ga).sum()).backward()
     ((outr * go).sum() + (attnr * ga).sum()).backward()
-    scale = min(math.exp(lsl), max_scale)
     gtol = 8 * tol * max(1.0, scale if normalize else 1.0)
     close(q.grad, grad_or_zero(qr), gtol * 4, "grad query")
     close(k.grad, grad_or_zero(kr), gtol * 4, "grad key")

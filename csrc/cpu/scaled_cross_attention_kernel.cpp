@@ -213,7 +213,7 @@ void softmax_forward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Tens
     const std::vector<acc_t> kinv = key_inv_norms<acc_t>(knrm, Bk * Lk);
     const acc_t* QN = normalize ? qnrm.const_data_ptr<acc_t>() : nullptr;
     const bool* M = a.mask.defined() ? a.mask.const_data_ptr<bool>() : nullptr;
-    const scalar_t* Sp = S.const_data_ptr<scalar_t>();
+    const acc_t* Sp = S.const_data_ptr<acc_t>();  // raw dots in the accumulation type
     scalar_t* A = attn.data_ptr<scalar_t>();
     at::parallel_for(0, R, row_grain(Lk * 8), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> l(Lk);
@@ -222,7 +222,7 @@ void softmax_forward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Tens
         const acc_t qinv = QN ? inv_norm(QN[r]) : acc_t(1);
         for (int64_t j = 0; j < Lk; ++j) {
           const bool valid = M == nullptr || M[mb * Lk + j];
-          l[j] = valid ? c * (static_cast<acc_t>(Sp[r * Lk + j]) * qinv * kinv[kb * Lk + j])
+          l[j] = valid ? c * (Sp[r * Lk + j] * qinv * kinv[kb * Lk + j])
                        : -std::numeric_limits<acc_t>::infinity();
         }
         softmax_row(l.data(), Lk);
@@ -332,8 +332,8 @@ void softmax_backward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Ten
     const acc_t c = static_cast<acc_t>(c_d);
     const std::vector<acc_t> kinv = key_inv_norms<acc_t>(knrm, Bk * Lk);
     const acc_t* QN = normalize ? qnrm.const_data_ptr<acc_t>() : nullptr;
-    const scalar_t* Sp = S.const_data_ptr<scalar_t>();
-    const scalar_t* DAp = dAt.const_data_ptr<scalar_t>();
+    const acc_t* Sp = S.const_data_ptr<acc_t>();  // raw dots in the accumulation type
+    const acc_t* DAp = dAt.const_data_ptr<acc_t>();
     const scalar_t* GA = gattn.defined() ? gattn.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* A = attn.const_data_ptr<scalar_t>();
     acc_t* WQK = wqk.data_ptr<acc_t>();
@@ -347,8 +347,8 @@ void softmax_backward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Ten
         const acc_t qinv = QN ? inv_norm(qn) : acc_t(1);
         const acc_t* ki = kinv.data() + kb * Lk;
         for (int64_t j = 0; j < Lk; ++j) {
-          cos[j] = static_cast<acc_t>(Sp[r * Lk + j]) * qinv * ki[j];
-          dA[j] = static_cast<acc_t>(DAp[r * Lk + j]) + (GA ? static_cast<acc_t>(GA[r * Lk + j]) : acc_t(0));
+          cos[j] = Sp[r * Lk + j] * qinv * ki[j];
+          dA[j] = DAp[r * Lk + j] + (GA ? static_cast<acc_t>(GA[r * Lk + j]) : acc_t(0));
           w[j] = static_cast<acc_t>(A[r * Lk + j]);
         }
         const acc_t psum = softmax_backward_row(cos.data(), dA.data(), w.data(), Lk, c, qinv, ki, WQK + r * Lk, P + r * Lk);
@@ -367,7 +367,7 @@ constexpr int64_t kCpuMaxFusedKeys = 8;
 const XattnKernels& cpu_kernels() {
   static const XattnKernels k{kCpuMaxFusedKeys,    &row_norms_cpu,        &fused_forward_cpu,
                               &softmax_forward_cpu, &fused_backward_cpu,   &softmax_backward_cpu,
-                              [] { return true; }};
+                              [] { return true; },  /*gemm_in_acc=*/true};
   return k;
 }
 

@@ -521,7 +521,8 @@ const XattnKernels& cuda_kernels() {
   static const XattnKernels k{
       kMaxFusedKeys, &row_norms_cuda, &fused_forward_cuda, &softmax_forward_cuda, &fused_backward_cuda,
       &softmax_backward_cuda,
-      [] { return at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None; }};
+      [] { return at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None; },
+      /*gemm_in_acc=*/false};
   return k;
 }
 
