@@ -78,11 +78,12 @@ at::Tensor gemm_in(const at::Tensor& t, const XattnKernels& kern) {
   return kern.gemm_in_acc && acc != t.scalar_type() ? t.to(acc) : t;
 }
 
-at::Tensor raw_dots(const XattnArgs& a, const XattnKernels& kern) {
-  const at::Tensor q = gemm_in(a.q, kern), k = gemm_in(a.k, kern);
+// q [B, Lq, D] and k [Bk, Lk, D] as GEMM operands (gemm_in) -> S [B * Lq, Lk].
+at::Tensor raw_dots(const at::Tensor& q, const at::Tensor& k) {
+  const int64_t R = q.size(0) * q.size(1), Lk = k.size(1);
   // Shared prototypes fold the whole batch into one GEMM.
-  if (k.size(0) == 1) return at::matmul(q, k[0].t()).reshape({a.B * a.Lq, a.Lk});
-  return at::bmm(q, k.transpose(1, 2)).reshape({a.B * a.Lq, a.Lk});
+  if (k.size(0) == 1) return at::matmul(q, k[0].t()).reshape({R, Lk});
+  return at::bmm(q, k.transpose(1, 2)).reshape({R, Lk});
 }
 
 // The values for attn @ v with every row that no query of its sample weighs (masked keys, -inf
@@ -146,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const 
     if (a.Lk <= kern.max_fused_keys) {
       kern.fused_forward(a, knrm, max_scale, normalize, out, attn);
     } else {
-      const at::Tensor S = raw_dots(a, kern);
+      const at::Tensor S = raw_dots(gemm_in(a.q, kern), gemm_in(a.k, kern));
       const at::Tensor qnrm = normalize ? kern.row_norms(a.q) : at::Tensor();
       kern.softmax_forward(a, S, qnrm, knrm, max_scale, normalize, attn);
       const at::Tensor v = gemm_in(may_have_dead_rows(attn) ? cleared_values(a, attn, kern) : a.v, kern);
@@ -230,14 +231,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
   at::Tensor wqk = at::empty({R, Lk}, a.q.options().dtype(acc));
   at::Tensor p = at::empty({R, Lk}, a.q.options().dtype(acc));
   at::Tensor kk = a.k.size(0) == 1 ? a.k[0] : a.k;  // [Lk, D] shared or [B, Lk, D]
+  // GEMM operands, widened once: q for the GEMM path and grad_key, k for the GEMM path.
+  const bool gemm_path = Lk > kern.max_fused_keys;
+  const at::Tensor qw = gemm_path || need_k ? gemm_in(a.q, kern) : at::Tensor();
+  const at::Tensor kw = gemm_path ? gemm_in(a.k, kern) : at::Tensor();
   // d loss / d <q_i, k_j> as a GEMM operand (acc already; the input dtype for cuBLAS).
   const auto wqk_in = [&] { return kern.gemm_in_acc ? wqk : wqk.to(dt); };
-  if (Lk <= kern.max_fused_keys) {
+  if (!gemm_path) {
     at::Tensor dq_rows = need_q ? at::empty({R, D}, a.q.options()) : at::Tensor();
     kern.fused_backward(a, knrm, gout, gattn, A, max_scale, normalize, dq_rows, wqk, p);
     if (need_q) dq = dq_rows.view(query.sizes());
   } else {
-    const at::Tensor S = raw_dots(a, kern);
+    const at::Tensor S = raw_dots(qw, kw);
     const at::Tensor vw = gemm_in(a.v, kern);
     const at::Tensor dA = vw.size(0) == 1 ? at::mm(goutw, vw[0].t())
                                           : at::bmm(goutw.view({B, Lq, Dv}), vw.transpose(1, 2)).reshape({R, Lk});
@@ -245,14 +250,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
     at::Tensor rowcoef = at::empty({R}, a.q.options().dtype(acc));
     kern.softmax_backward(a, S, dA, gattn, A, qnrm, knrm, max_scale, normalize, wqk, p, rowcoef);
     if (need_q) {
-      const at::Tensor w = wqk_in().view({B, Lq, Lk}), kw = gemm_in(kk, kern);
-      at::Tensor g = a.k.size(0) == 1 ? at::matmul(w, kw) : at::bmm(w, kw);
+      const at::Tensor w = wqk_in().view({B, Lq, Lk});
+      at::Tensor g = kw.size(0) == 1 ? at::matmul(w, kw[0]) : at::bmm(w, kw);
       if (normalize) g = minus_product(g, a.q, rowcoef.view({B, Lq, 1}), acc);
       dq = g.to(dt).reshape(query.sizes());
     }
   }
   if (need_k) {
-    const at::Tensor w = wqk_in(), qw = gemm_in(a.q, kern);
+    const at::Tensor w = wqk_in();
     at::Tensor g;
     if (a.k.size(0) == 1) {
       g = at::mm(w.t(), qw.reshape({R, D}));  // [Lk, D]
