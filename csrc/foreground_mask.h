@@ -13,7 +13,7 @@ struct ForegroundParams {
   int64_t open_radius;   // opening with a (2r+1)x(2r+1) square; 0 = none
   int64_t close_radius;  // closing with a (2r+1)x(2r+1) square; 0 = none
   bool fill_holes;
-  double sigma;          // Gaussian edge smoothing; 0 = none (binary output)
+  double sigma;  // Gaussian edge smoothing; 0 = none (binary output)
 };
 
 // images viewed as [B, C, H, W] (a [B, H, W] input gets C = 1); nothing is copied.

@@ -17,8 +17,9 @@ GatedInputs check_gated_inputs(const at::Tensor& features, const at::Tensor& gat
   TORCH_CHECK(features.dim() == 4, op, ": features must be [B, C, H, W], got shape ", shape_str(features));
   check_floating(features, "gated_masked_mean: features");
   check_floating(gate_logits, "gated_masked_mean: gate_logits");
-  TORCH_CHECK(gate_logits.scalar_type() == features.scalar_type(), op, ": gate_logits (", gate_logits.scalar_type(),
-              ") and features (", features.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(gate_logits.scalar_type() == features.scalar_type(), op, ": gate_logits (",
+              gate_logits.scalar_type(), ") and features (", features.scalar_type(),
+              ") must have the same dtype");
   check_same_device(gate_logits, "gated_masked_mean: gate_logits", features, "features");
   const int64_t B = features.size(0), H = features.size(2), W = features.size(3);
   const bool l4 = gate_logits.dim() == 4 && gate_logits.size(1) == 1;
@@ -32,8 +33,8 @@ GatedInputs check_gated_inputs(const at::Tensor& features, const at::Tensor& gat
   if (mask.has_value() && mask->defined()) {
     const auto& m = *mask;
     TORCH_CHECK(m.dim() == 3 && m.size(0) == B && m.size(1) == H && m.size(2) == W, op,
-                ": mask must be [B, H, W] = [", B, ", ", H, ", ", W, "] to match features ", shape_str(features),
-                ", got shape ", shape_str(m));
+                ": mask must be [B, H, W] = [", B, ", ", H, ", ", W, "] to match features ",
+                shape_str(features), ", got shape ", shape_str(m));
     check_same_device(m, "gated_masked_mean: mask", features, "features");
     in.mask = as_bool_mask(m);
   }
@@ -77,7 +78,9 @@ GatedGrads check_gated_grads(const at::Tensor& grad_pooled, const std::optional<
 }  // namespace maskattn
 
 TORCH_LIBRARY_FRAGMENT(maskattn, m) {
-  m.def("gated_masked_mean(Tensor features, Tensor gate_logits, Tensor? mask=None) -> (Tensor pooled, Tensor gate)");
+  m.def(
+      "gated_masked_mean(Tensor features, Tensor gate_logits, Tensor? mask=None) -> (Tensor pooled, Tensor "
+      "gate)");
   m.def(
       "_gated_masked_mean_backward(Tensor grad_pooled, Tensor? grad_gate, Tensor features, Tensor gate, "
       "Tensor? mask, bool[2] output_mask) -> (Tensor grad_features, Tensor grad_gate_logits)");

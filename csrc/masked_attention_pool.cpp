@@ -32,7 +32,8 @@ PoolInputs check_pool_inputs(const at::Tensor& logits, const at::Tensor& feature
                 "] to match features ", shape_str(features), ", got shape ", shape_str(m));
     check_same_device(m, "masked_attention_pool: mask", features, "features");
     // checked here too so that the message names the op (as_bool_mask's own check cannot)
-    TORCH_CHECK(!m.is_complex(), "masked_attention_pool: mask must be a bool, integer or floating tensor, got ",
+    TORCH_CHECK(!m.is_complex(),
+                "masked_attention_pool: mask must be a bool, integer or floating tensor, got ",
                 m.scalar_type());
     in.mask = as_bool_mask(m);
   }
@@ -68,8 +69,9 @@ PackedInputs check_packed_inputs(const at::Tensor& logits, const at::Tensor& fea
     const int64_t nb = offsets.size(0) - 1, T = features.size(0);
     TORCH_CHECK(o[0] == 0, "masked_attention_pool_packed: offsets[0] must be 0, got ", o[0]);
     for (int64_t b = 0; b < nb; ++b) {
-      TORCH_CHECK(o[b + 1] >= o[b], "masked_attention_pool_packed: offsets must be non-decreasing, but offsets[",
-                  b + 1, "] = ", o[b + 1], " < offsets[", b, "] = ", o[b]);
+      TORCH_CHECK(o[b + 1] >= o[b],
+                  "masked_attention_pool_packed: offsets must be non-decreasing, but offsets[", b + 1,
+                  "] = ", o[b + 1], " < offsets[", b, "] = ", o[b]);
     }
     TORCH_CHECK(o[nb] == T, "masked_attention_pool_packed: offsets[-1] = ", o[nb],
                 " must equal T = features.size(0) = ", T);
@@ -93,8 +95,8 @@ PoolGrads check_pool_grads(const at::Tensor& grad_pooled, const std::optional<at
   g.grad_pooled = g.squeeze_k ? grad_pooled.unsqueeze(1) : grad_pooled;
   TORCH_CHECK(g.grad_pooled.dim() == 3 && g.grad_pooled.size(0) == B && g.grad_pooled.size(1) == K &&
                   g.grad_pooled.size(2) == D,
-              "_masked_attention_pool_backward: grad_pooled has shape ", shape_str(grad_pooled), ", expected [",
-              B, ", ", K, ", ", D, "] (K squeezed when logits had no K dim)");
+              "_masked_attention_pool_backward: grad_pooled has shape ", shape_str(grad_pooled),
+              ", expected [", B, ", ", K, ", ", D, "] (K squeezed when logits had no K dim)");
   for (int64_t i = 0; i < fdim - 1; ++i) {
     TORCH_CHECK(g.weights.size(i) == features.size(i), "_masked_attention_pool_backward: weights ",
                 shape_str(weights), " does not match features ", shape_str(features));

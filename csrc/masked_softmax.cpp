@@ -37,8 +37,10 @@ RowLayout make_row_layout(const at::Tensor* ts, int ntensors) {
   return L;
 }
 
-SoftmaxArgs check_masked_softmax(const at::Tensor& scores, const at::Tensor& mask, int64_t dim, double scale) {
-  TORCH_CHECK(scores.dim() >= 1, "masked_softmax: scores must have at least one dim, got shape ", shape_str(scores));
+SoftmaxArgs check_masked_softmax(const at::Tensor& scores, const at::Tensor& mask, int64_t dim,
+                                 double scale) {
+  TORCH_CHECK(scores.dim() >= 1, "masked_softmax: scores must have at least one dim, got shape ",
+              shape_str(scores));
   check_floating(scores, "masked_softmax: scores");
   TORCH_CHECK(!mask.is_complex(), "masked_softmax: mask must be a bool, integer or floating tensor, got ",
               mask.scalar_type());
@@ -51,8 +53,9 @@ SoftmaxArgs check_masked_softmax(const at::Tensor& scores, const at::Tensor& mas
   for (int64_t i = 1; ok && i <= mask.dim(); ++i) {
     ok = mask.size(-i) == 1 || mask.size(-i) == scores.size(-i);
   }
-  TORCH_CHECK(ok, "masked_softmax: mask of shape ", shape_str(mask), " does not broadcast to scores of shape ",
-              shape_str(scores), " (sizes must match or be 1, aligned from the last dim)");
+  TORCH_CHECK(ok, "masked_softmax: mask of shape ", shape_str(mask),
+              " does not broadcast to scores of shape ", shape_str(scores),
+              " (sizes must match or be 1, aligned from the last dim)");
   SoftmaxArgs a;
   a.dim = dim < 0 ? dim + nd : dim;
   // Normalised before expanding, so a non-bool mask costs one pass over the small mask only.
@@ -64,12 +67,13 @@ SoftmaxArgs check_masked_softmax(const at::Tensor& scores, const at::Tensor& mas
   return a;
 }
 
-SoftmaxArgs check_masked_softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
-                                          double scale) {
+SoftmaxArgs check_masked_softmax_backward(const at::Tensor& grad_output, const at::Tensor& output,
+                                          int64_t dim, double scale) {
   TORCH_CHECK(grad_output.sizes() == output.sizes(), "_masked_softmax_backward: grad_output ",
               shape_str(grad_output), " must have the shape of output ", shape_str(output));
   TORCH_CHECK(grad_output.scalar_type() == output.scalar_type(), "_masked_softmax_backward: grad_output (",
-              grad_output.scalar_type(), ") and output (", output.scalar_type(), ") must have the same dtype");
+              grad_output.scalar_type(), ") and output (", output.scalar_type(),
+              ") must have the same dtype");
   check_floating(output, "_masked_softmax_backward: output");
   check_same_device(grad_output, "_masked_softmax_backward: grad_output", output, "output");
   const int64_t nd = output.dim();

@@ -22,7 +22,7 @@ struct RowLayout {
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
-inline void row_offsets(const RowLayout& L, int64_t row, int64_t* off, int ntensors) {
+    inline void row_offsets(const RowLayout& L, int64_t row, int64_t* off, int ntensors) {
   for (int t = 0; t < ntensors; ++t) off[t] = 0;
   for (int d = L.ndim - 1; d >= 0; --d) {
     const int64_t s = L.size[d];
@@ -36,15 +36,15 @@ inline void row_offsets(const RowLayout& L, int64_t row, int64_t* off, int ntens
 RowLayout make_row_layout(const at::Tensor* ts, int ntensors);
 
 struct SoftmaxArgs {
-  at::Tensor x;     // scores (or grad_output) with dim moved last; any strides
-  at::Tensor y;     // bool mask expanded to x's shape (forward) or output (backward), dim moved last
-  int64_t dim;      // wrapped
-  int64_t N;        // softmax length
-  int64_t rows;     // product of the other dims
+  at::Tensor x;  // scores (or grad_output) with dim moved last; any strides
+  at::Tensor y;  // bool mask expanded to x's shape (forward) or output (backward), dim moved last
+  int64_t dim;   // wrapped
+  int64_t N;     // softmax length
+  int64_t rows;  // product of the other dims
 };
 
 SoftmaxArgs check_masked_softmax(const at::Tensor& scores, const at::Tensor& mask, int64_t dim, double scale);
-SoftmaxArgs check_masked_softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
-                                          double scale);
+SoftmaxArgs check_masked_softmax_backward(const at::Tensor& grad_output, const at::Tensor& output,
+                                          int64_t dim, double scale);
 
 }  // namespace maskattn

@@ -13,7 +13,8 @@ namespace maskattn {
 PatchMaskInputs check_patch_mask_inputs(const at::Tensor& image_mask, int64_t patch_size, double threshold) {
   TORCH_CHECK(image_mask.dim() == 3 || (image_mask.dim() == 4 && image_mask.size(1) == 1),
               "patch_mask: image_mask must be [B, H, W] or [B, 1, H, W], got shape ", shape_str(image_mask));
-  TORCH_CHECK(!image_mask.is_complex(), "patch_mask: image_mask must be a bool, integer or floating tensor, got ",
+  TORCH_CHECK(!image_mask.is_complex(),
+              "patch_mask: image_mask must be a bool, integer or floating tensor, got ",
               image_mask.scalar_type());
   TORCH_CHECK(patch_size > 0, "patch_mask: patch_size must be positive, got ", patch_size);
   TORCH_CHECK(std::isfinite(threshold) && threshold >= 0.0 && threshold <= 1.0,
@@ -21,9 +22,9 @@ PatchMaskInputs check_patch_mask_inputs(const at::Tensor& image_mask, int64_t pa
   PatchMaskInputs in;
   in.mask = image_mask.dim() == 4 ? image_mask.select(1, 0) : image_mask;
   const int64_t H = in.mask.size(1), W = in.mask.size(2);
-  TORCH_CHECK(H % patch_size == 0 && W % patch_size == 0, "patch_mask: image height H = ", H, " and width W = ", W,
-              " must both be multiples of patch_size = ", patch_size, " (image_mask shape ", shape_str(image_mask),
-              "); pad or crop the image first");
+  TORCH_CHECK(H % patch_size == 0 && W % patch_size == 0, "patch_mask: image height H = ", H,
+              " and width W = ", W, " must both be multiples of patch_size = ", patch_size,
+              " (image_mask shape ", shape_str(image_mask), "); pad or crop the image first");
   in.p = patch_size;
   in.nh = H / patch_size;
   in.nw = W / patch_size;

@@ -13,22 +13,22 @@
 namespace maskattn {
 
 XattnArgs check_xattn_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                             const at::Tensor& lsl, double max_scale, const std::optional<at::Tensor>& key_mask,
-                             const char* op) {
+                             const at::Tensor& lsl, double max_scale,
+                             const std::optional<at::Tensor>& key_mask, const char* op) {
   TORCH_CHECK(query.dim() == 2 || query.dim() == 3, op, ": query must be [B, Lq, D] or [B, D], got shape ",
               shape_str(query));
-  TORCH_CHECK(key.dim() == 2 || key.dim() == 3, op, ": key must be [B, Lk, D] or [Lk, D] (shared), got shape ",
-              shape_str(key));
+  TORCH_CHECK(key.dim() == 2 || key.dim() == 3, op,
+              ": key must be [B, Lk, D] or [Lk, D] (shared), got shape ", shape_str(key));
   TORCH_CHECK(value.dim() == 2 || value.dim() == 3, op,
               ": value must be [B, Lk, Dv] or [Lk, Dv] (shared), got shape ", shape_str(value));
   check_floating(query, (std::string(op) + ": query").c_str());
   TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(), op,
-              ": query (", query.scalar_type(), "), key (", key.scalar_type(), ") and value (", value.scalar_type(),
-              ") must have the same dtype");
+              ": query (", query.scalar_type(), "), key (", key.scalar_type(), ") and value (",
+              value.scalar_type(), ") must have the same dtype");
   TORCH_CHECK(lsl.dim() == 0, op, ": logit_scale_log must be a 0-dim tensor, got shape ", shape_str(lsl));
   check_floating(lsl, (std::string(op) + ": logit_scale_log").c_str());
-  TORCH_CHECK(!std::isnan(max_scale) && max_scale > 0, op, ": max_scale must be positive (inf = no cap), got ",
-              max_scale);
+  TORCH_CHECK(!std::isnan(max_scale) && max_scale > 0, op,
+              ": max_scale must be positive (inf = no cap), got ", max_scale);
   check_same_device(key, (std::string(op) + ": key").c_str(), query, "query");
   check_same_device(value, (std::string(op) + ": value").c_str(), query, "query");
   check_same_device(lsl, (std::string(op) + ": logit_scale_log").c_str(), query, "query");
@@ -60,9 +60,11 @@ XattnArgs check_xattn_inputs(const at::Tensor& query, const at::Tensor& key, con
   a.lsl = lsl;
   if (key_mask.has_value() && key_mask->defined()) {
     const auto& m = *key_mask;
-    const bool ok = (m.dim() == 1 && m.size(0) == a.Lk) || (m.dim() == 2 && m.size(0) == a.B && m.size(1) == a.Lk);
+    const bool ok =
+        (m.dim() == 1 && m.size(0) == a.Lk) || (m.dim() == 2 && m.size(0) == a.B && m.size(1) == a.Lk);
     TORCH_CHECK(ok, op, ": key_mask must be [B, Lk] = [", a.B, ", ", a.Lk, "] or [Lk] = [", a.Lk,
-                "] to match query ", shape_str(query), " and key ", shape_str(key), ", got shape ", shape_str(m));
+                "] to match query ", shape_str(query), " and key ", shape_str(key), ", got shape ",
+                shape_str(m));
     check_same_device(m, (std::string(op) + ": key_mask").c_str(), query, "query");
     at::Tensor mb = as_bool_mask(m);
     a.mask = (m.dim() == 1 ? mb.unsqueeze(0) : mb).contiguous();
@@ -121,21 +123,24 @@ bool may_have_dead_rows(const at::Tensor& attn) {
 
 // g - x * coef in the accumulation type, in one pass and in place where g (a fresh GEMM result) is
 // already of that type; back in g's dtype.
-at::Tensor minus_product(const at::Tensor& g, const at::Tensor& x, const at::Tensor& coef, at::ScalarType acc) {
+at::Tensor minus_product(const at::Tensor& g, const at::Tensor& x, const at::Tensor& coef,
+                         at::ScalarType acc) {
   at::Tensor r = g.to(acc);
   r.addcmul_(x, coef, -1);
   return r.to(g.scalar_type());
 }
 
 // min(exp(lsl), max_scale) as a device tensor, computed exactly as the eager composition does.
-at::Tensor clamped_scale(const at::Tensor& lsl, double max_scale) { return lsl.exp().clamp_max(max_scale); }
+at::Tensor clamped_scale(const at::Tensor& lsl, double max_scale) {
+  return lsl.exp().clamp_max(max_scale);
+}
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const at::Tensor& key,
-                                                 const at::Tensor& value, const at::Tensor& lsl, double max_scale,
-                                                 const std::optional<at::Tensor>& key_mask, bool normalize,
-                                                 const XattnKernels& kern) {
+                                                 const at::Tensor& value, const at::Tensor& lsl,
+                                                 double max_scale, const std::optional<at::Tensor>& key_mask,
+                                                 bool normalize, const XattnKernels& kern) {
   XattnArgs a = check_xattn_inputs(query, key, value, lsl, max_scale, key_mask, "scaled_cross_attention");
   const int64_t R = a.B * a.Lq;
   at::Tensor out = at::empty({R, a.Dv}, a.q.options());
@@ -175,19 +180,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
   const int64_t B = a.B, Lq = a.Lq, Lk = a.Lk, D = a.D, Dv = a.Dv, R = B * Lq;
   std::vector<int64_t> out_shape = a.q2d ? std::vector<int64_t>{B, Dv} : std::vector<int64_t>{B, Lq, Dv};
   std::vector<int64_t> attn_shape = a.q2d ? std::vector<int64_t>{B, Lk} : std::vector<int64_t>{B, Lq, Lk};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out has shape ", shape_str(grad_out),
-              ", expected ", at::IntArrayRef(out_shape));
-  TORCH_CHECK(attn.sizes() == at::IntArrayRef(attn_shape), op, ": attn has shape ", shape_str(attn), ", expected ",
-              at::IntArrayRef(attn_shape));
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out has shape ",
+              shape_str(grad_out), ", expected ", at::IntArrayRef(out_shape));
+  TORCH_CHECK(attn.sizes() == at::IntArrayRef(attn_shape), op, ": attn has shape ", shape_str(attn),
+              ", expected ", at::IntArrayRef(attn_shape));
   TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && attn.scalar_type() == query.scalar_type(), op,
-              ": grad_out (", grad_out.scalar_type(), ") and attn (", attn.scalar_type(), ") must have query's dtype ",
-              query.scalar_type());
+              ": grad_out (", grad_out.scalar_type(), ") and attn (", attn.scalar_type(),
+              ") must have query's dtype ", query.scalar_type());
   check_same_device(grad_out, "_scaled_cross_attention_backward: grad_out", query, "query");
   check_same_device(attn, "_scaled_cross_attention_backward: attn", query, "query");
   at::Tensor gattn;
   if (grad_attn.has_value() && grad_attn->defined()) {
-    TORCH_CHECK(grad_attn->sizes() == attn.sizes(), op, ": grad_attn ", shape_str(*grad_attn), " must match attn ",
-                shape_str(attn));
+    TORCH_CHECK(grad_attn->sizes() == attn.sizes(), op, ": grad_attn ", shape_str(*grad_attn),
+                " must match attn ", shape_str(attn));
     check_same_device(*grad_attn, "_scaled_cross_attention_backward: grad_attn", query, "query");
     gattn = grad_attn->to(query.scalar_type()).reshape({R, Lk}).contiguous();
   }
@@ -222,7 +227,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
     if (a.v.size(0) == 1) {
       dv = at::mm(Aw.t(), goutw).to(dt).reshape(value.sizes());
     } else {
-      dv = at::bmm(Aw.view({B, Lq, Lk}).transpose(1, 2), goutw.view({B, Lq, Dv})).to(dt).reshape(value.sizes());
+      dv = at::bmm(Aw.view({B, Lq, Lk}).transpose(1, 2), goutw.view({B, Lq, Dv}))
+               .to(dt)
+               .reshape(value.sizes());
     }
   }
   if (!(need_q || need_k || need_s)) return {dq, dk, dv, ds};
@@ -244,8 +251,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
   } else {
     const at::Tensor S = raw_dots(qw, kw);
     const at::Tensor vw = gemm_in(a.v, kern);
-    const at::Tensor dA = vw.size(0) == 1 ? at::mm(goutw, vw[0].t())
-                                          : at::bmm(goutw.view({B, Lq, Dv}), vw.transpose(1, 2)).reshape({R, Lk});
+    const at::Tensor dA = vw.size(0) == 1
+                              ? at::mm(goutw, vw[0].t())
+                              : at::bmm(goutw.view({B, Lq, Dv}), vw.transpose(1, 2)).reshape({R, Lk});
     const at::Tensor qnrm = normalize ? kern.row_norms(a.q) : at::Tensor();
     at::Tensor rowcoef = at::empty({R}, a.q.options().dtype(acc));
     kern.softmax_backward(a, S, dA, gattn, A, qnrm, knrm, max_scale, normalize, wqk, p, rowcoef);
@@ -271,7 +279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
       const at::Tensor kn = knrm.view(colsum.sizes());
       const at::Tensor kinv = kn.clamp_min(kXattnNormEps).reciprocal();
       const at::Tensor c = clamped_scale(lsl, max_scale).to(acc);
-      const at::Tensor coef = at::where(kn >= kXattnNormEps, kinv * kinv * c * colsum, at::zeros_like(colsum));
+      const at::Tensor coef =
+          at::where(kn >= kXattnNormEps, kinv * kinv * c * colsum, at::zeros_like(colsum));
       g = minus_product(g, kk, coef.unsqueeze(-1), acc);
     }
     dk = g.to(dt).reshape(key.sizes());

@@ -21,8 +21,8 @@ struct XattnArgs {
   at::Tensor mask;  // bool [Bm, Lk] contiguous (Bm == 1 or B), or undefined
   at::Tensor lsl;   // 0-dim logit_scale_log
   int64_t B, Lq, Lk, D, Dv;
-  bool q2d;         // query came in as [B, D]: outputs drop the Lq dim
-  bool k2d, v2d;    // key / value came in shared ([Lk, D] / [Lk, Dv]): their grads are 2-D
+  bool q2d;       // query came in as [B, D]: outputs drop the Lq dim
+  bool k2d, v2d;  // key / value came in shared ([Lk, D] / [Lk, Dv]): their grads are 2-D
 };
 
 XattnArgs check_xattn_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

@@ -5,13 +5,14 @@ is installed.
 
     python examples/face_masks.py
 """
+
 import os
 import time
 
 import torch
 
 import maskattn
-from maskattn.bench.face import synthetic_faces
+from maskattn.bench.foreground_mask import synthetic_faces
 
 SMOKE = os.environ.get("MASKATTN_SMOKE") == "1"
 
@@ -24,10 +25,17 @@ def main():
     masks, coverage, accepted = maskattn.masks.content_based(images, return_info=True)
     dt = time.perf_counter() - t0
     print(f"content_based on {B} images of 224x224: {dt * 1e3:.1f} ms ({dt / B * 1e6:.0f} us/image)")
-    print("coverage of the first 4:", [round(float(c), 3) for c in coverage[:4]],
-          "accepted:", accepted[:4].tolist(), "(image 0 is blank: ellipse fallback)")
-    iou = [float(((masks[i] > 0.5) & truth[i].bool()).sum() / ((masks[i] > 0.5) | truth[i].bool()).sum())
-           for i in range(1, B)]
+    print(
+        "coverage of the first 4:",
+        [round(float(c), 3) for c in coverage[:4]],
+        "accepted:",
+        accepted[:4].tolist(),
+        "(image 0 is blank: ellipse fallback)",
+    )
+    iou = [
+        float(((masks[i] > 0.5) & truth[i].bool()).sum() / ((masks[i] > 0.5) | truth[i].bool()).sum())
+        for i in range(1, B)
+    ]
     print(f"IoU with the true face regions: min {min(iou):.3f}, mean {sum(iou) / len(iou):.3f}")
     geo = {k: getattr(maskattn.masks, k)(224, 224) for k in ("ellipse", "rectangle", "adaptive")}
     for k, m in geo.items():
@@ -38,11 +46,18 @@ def main():
     feats = torch.randn(B, 64, 7, 7, requires_grad=True)
     pooled, attention = pool(feats, mask=masks)  # image-resolution mask, reduced by area
     pooled.sum().backward()
-    print("pooled", tuple(pooled.shape), "attention", tuple(attention.shape), "finite grads:",
-          bool(torch.isfinite(feats.grad).all()))
+    print(
+        "pooled",
+        tuple(pooled.shape),
+        "attention",
+        tuple(attention.shape),
+        "finite grads:",
+        bool(torch.isfinite(feats.grad).all()),
+    )
 
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

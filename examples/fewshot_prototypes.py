@@ -15,6 +15,7 @@ accuracy on held-out (novel) classes before and after training.
     python examples/fewshot_prototypes.py --clamp after_step   # open_clip's clamp after each step
     MASKATTN_SMOKE=1 python examples/fewshot_prototypes.py     # a few seconds (CI)
 """
+
 import argparse
 import math
 import os
@@ -65,8 +66,9 @@ class ProtoNet(nn.Module):
     def __init__(self, clamp):
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(RAW, 128), nn.LayerNorm(128), nn.ReLU(), nn.Linear(128, EMB))
-        self.xattn = maskattn.nn.LearnableScaleCrossAttention(EMB, init_scale=25.0, max_scale=100.0,
-                                                              normalize=True, clamp=clamp)
+        self.xattn = maskattn.nn.LearnableScaleCrossAttention(
+            EMB, init_scale=25.0, max_scale=100.0, normalize=True, clamp=clamp
+        )
 
     def forward(self, support, query, way_mask):
         protos = self.embed(support).mean(2)  # [E, MAX_WAY, EMB]
@@ -124,15 +126,19 @@ def main():
         acc_sum += accuracy(attn.detach(), labels)
         if step % args.log_every == 0 or step == args.steps:
             n = args.log_every if step % args.log_every == 0 else step % args.log_every
-            print(f"step {step:4d}  loss {loss_sum.item() / n:.3f}  acc {acc_sum.item() / n:.3f}  "
-                  f"scale {model.xattn.logit_scale.item():6.2f}  clipped {clipped.item() / n:.2f}  "
-                  f"entropy {st['attn_entropy'].item():.3f} (uniform {math.log(MAX_WAY):.3f})  "
-                  f"max {st['attn_max'].item():.3f}  {time.perf_counter() - t0:5.1f} s")
+            print(
+                f"step {step:4d}  loss {loss_sum.item() / n:.3f}  acc {acc_sum.item() / n:.3f}  "
+                f"scale {model.xattn.logit_scale.item():6.2f}  clipped {clipped.item() / n:.2f}  "
+                f"entropy {st['attn_entropy'].item():.3f} (uniform {math.log(MAX_WAY):.3f})  "
+                f"max {st['attn_max'].item():.3f}  {time.perf_counter() - t0:5.1f} s"
+            )
             clipped.zero_(), loss_sum.zero_(), acc_sum.zero_()
 
     acc1 = evaluate(model, centres, mixing, novel)
-    print(f"novel-class accuracy after training: {acc1:.3f} (before {acc0:.3f}); "
-          f"logit scale {model.xattn.logit_scale.item():.2f}; total {time.perf_counter() - t0:.1f} s")
+    print(
+        f"novel-class accuracy after training: {acc1:.3f} (before {acc0:.3f}); "
+        f"logit scale {model.xattn.logit_scale.item():.2f}; total {time.perf_counter() - t0:.1f} s"
+    )
     if not SMOKE:
         assert acc1 > acc0 + 0.05, "the prototype classifier did not learn"
 

@@ -5,6 +5,7 @@ masked loss. The padding never produces NaN and never reaches the loss or the va
     python examples/padded_images.py            # ~20 s on 2 CPU cores
     MASKATTN_SMOKE=1 python examples/padded_images.py
 """
+
 import os
 import time
 
@@ -96,7 +97,9 @@ def main():
         a = model(clean * mask[:, None], mask)
         b = model(torch.where(mask[:, None] > 0, clean, torch.full_like(clean, 1e4)), mask)
     pm = maskattn.patch_mask_to_image(maskattn.patch_mask(mask, P), P, (64, 64))
-    print("max change at valid pixels when the padding holds 1e4:", (a - b)[pm[:, None].expand_as(a)].abs().max().item())
+    print(
+        "max change at valid pixels when the padding holds 1e4:", (a - b)[pm[:, None].expand_as(a)].abs().max().item()
+    )
     if not SMOKE:
         assert loss.item() < first, "the denoiser should learn"
 

@@ -9,6 +9,7 @@ offsets (no padding at all). The classifier learns; the attention should land on
 
 Writes mil_attention.png (attention over one bag's instances) when matplotlib is installed.
 """
+
 import os
 import time
 
@@ -79,7 +80,7 @@ def main():
     for epoch in range(epochs):
         perm = torch.randperm(n_train)
         for i in range(0, n_train, batch):
-            idx = perm[i:i + batch].tolist()
+            idx = perm[i : i + batch].tolist()
             bags = [train_bags[j] for j in idx]
             if epoch % 2 == 0:  # padded batches
                 feats, mask = maskattn.pad_sequences(bags)
@@ -91,8 +92,10 @@ def main():
             opt.zero_grad()
             loss.backward()
             opt.step()
-        print(f"epoch {epoch}: loss {loss.item():.3f}  test acc padded {accuracy(model, test_bags, test_y):.3f}"
-              f"  packed {accuracy(model, test_bags, test_y, packed=True):.3f}")
+        print(
+            f"epoch {epoch}: loss {loss.item():.3f}  test acc padded {accuracy(model, test_bags, test_y):.3f}"
+            f"  packed {accuracy(model, test_bags, test_y, packed=True):.3f}"
+        )
     elapsed = time.perf_counter() - t0
     acc = accuracy(model, test_bags, test_y)
     print(f"final test accuracy {acc:.3f} in {elapsed:.1f} s")
@@ -109,6 +112,7 @@ def main():
         assert acc > 0.8, "the classifier should learn this task"
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

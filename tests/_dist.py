@@ -1,4 +1,5 @@
 """Running 2-process gloo DDP workers from a test without risking a CI run that never ends."""
+
 import datetime
 import socket
 import time
@@ -18,8 +19,13 @@ def _free_port():
 def join(rank, world, port):
     """In a worker: one intra-op thread (two processes share the cores) and the gloo group."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
 
 
 def leave():

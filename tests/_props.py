@@ -4,22 +4,31 @@ Profiles: "ci" (default: fixed seed, bounded examples, so the default run stays 
 (HYPOTHESIS_PROFILE=long: 2000 examples a test, random seed). A test may ask for fewer examples
 than the profile in CI with ``@examples(n)``; under "long" every test runs the profile's count.
 """
+
 import os
 
 import torch
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
-settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("long", max_examples=2000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # forward tolerance against a float64 reference, by the kernel's input dtype
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from conftest import DEVICES  # noqa: E402
+
 LAYOUTS = ["contiguous", "transposed", "sliced", "offset"]
 
 
@@ -72,8 +81,13 @@ def as_mask_dtype(m, dtype):
 
 
 def close(actual, expected, tol, what=""):
-    torch.testing.assert_close(actual.detach().double().cpu(), expected.detach().double().cpu(),
-                               atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.detach().double().cpu(),
+        expected.detach().double().cpu(),
+        atol=tol,
+        rtol=tol,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def grad_or_zero(t):

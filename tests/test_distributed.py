@@ -1,15 +1,16 @@
 """DistributedDataParallel over maskattn modules: 2 gloo processes on CPU end with the same
 parameters as one process on the whole batch."""
+
 import os
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
+from _dist import join, leave, spawn_or_fail
 from torch import nn
 
 import maskattn
-from _dist import join, leave, spawn_or_fail
 
 STEPS, B, N, D = 3, 8, 12, 16
 

@@ -2,6 +2,7 @@
 LearnableScaleCrossAttention (clamp="after_step", clamped by its optimizer hook): 2 gloo processes
 on CPU, each with half of every batch, end with the same parameters as one process on the whole
 batch. Same pattern as test_distributed.py."""
+
 import math
 import os
 import tempfile
@@ -9,10 +10,10 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
+from _dist import join, leave, spawn_or_fail
 from torch import nn
 
 import maskattn
-from _dist import join, leave, spawn_or_fail
 
 STEPS, B, C, H, W, K = 4, 6, 8, 5, 6, 4
 MAX_SCALE = 12.0
@@ -31,8 +32,9 @@ class Model(nn.Module):
         self.tokens = maskattn.nn.MaskedSelfAttention(C, num_heads=2)
         self.protos = nn.Parameter(torch.randn(K, C))
         # close to the cap: with the hook clamping after each step, the cap is really reached
-        self.xattn = maskattn.nn.LearnableScaleCrossAttention(C, init_scale=11.5, max_scale=MAX_SCALE,
-                                                              clamp="after_step")
+        self.xattn = maskattn.nn.LearnableScaleCrossAttention(
+            C, init_scale=11.5, max_scale=MAX_SCALE, clamp="after_step"
+        )
 
     def forward(self, x, mask):
         pooled, _ = self.spatial(x, mask)  # [B, C]
@@ -98,6 +100,8 @@ def test_ddp_two_processes_match_single_process_for_every_module():
     torch.manual_seed(0)
     fresh = Model().state_dict()
     for prefix in ("spatial.", "tokens.", "xattn.", "protos"):
-        assert any(not torch.allclose(fresh[k], v) for k, v in single.state_dict().items() if k.startswith(prefix)), prefix
+        assert any(not torch.allclose(fresh[k], v) for k, v in single.state_dict().items() if k.startswith(prefix)), (
+            prefix
+        )
     assert max(scales) == pytest.approx(MAX_SCALE, rel=1e-5), scales
     assert float(single.xattn.logit_scale_log.detach()) <= math.log(MAX_SCALE) + 1e-6

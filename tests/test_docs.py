@@ -1,6 +1,7 @@
 """The docs' code runs: every ```python block of docs/migration.md, in order, as one script against
 the installed package (the blocks build on each other, as a reader would paste them), and the
 package version agrees with pyproject.toml."""
+
 import pathlib
 import re
 
@@ -42,4 +43,5 @@ def test_version_agrees_with_pyproject():
     assert m, "no version in pyproject.toml"
     assert maskattn.__version__ == m.group(1)
     from importlib.metadata import version
+
     assert version("maskattn") == maskattn.__version__

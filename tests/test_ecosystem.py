@@ -1,5 +1,6 @@
 """maskattn inside the PyTorch training stack: compiled training steps, no graph breaks, dynamic
 shapes without a recompile per step, torch.export (CUDA graphs: test_ecosystem_modules.py)."""
+
 import pytest
 import torch
 from torch import nn
@@ -117,14 +118,22 @@ def test_autocast_rules_for_every_differentiable_op(dtype):
         out, attn = maskattn.scaled_cross_attention(q, protos, protos, scale, normalize=True)
         pooled, _ = maskattn.gated_masked_mean(feats, gate)
     assert y.dtype == dtype and out.dtype == dtype and attn.dtype == dtype and pooled.dtype == dtype
-    torch.testing.assert_close(y.float(), torch.softmax(scores.masked_fill(~keymask, float("-inf")), -1),
-                               atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(
+        y.float(), torch.softmax(scores.masked_fill(~keymask, float("-inf")), -1), atol=2e-2, rtol=2e-2
+    )
     out.float().sum().backward()
     assert scale.grad is not None and scale.grad.dtype == torch.float32  # the scale was left in float32
 
 
-@pytest.mark.parametrize("name", ["_masked_softmax_backward", "_scaled_cross_attention_backward",
-                                  "_gated_masked_mean_backward", "_masked_attention_pool_backward"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "_masked_softmax_backward",
+        "_scaled_cross_attention_backward",
+        "_gated_masked_mean_backward",
+        "_masked_attention_pool_backward",
+    ],
+)
 def test_every_backward_op_refuses_double_backward(name):
     kernel = torch._C._dispatch_get_registrations_for_dispatch_key("Autograd")
     assert f"maskattn::{name}" in kernel

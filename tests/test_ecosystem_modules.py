@@ -21,6 +21,7 @@ the graph; the update itself is SGD with momentum written with torch._foreach_* 
 arithmetic as torch.optim.SGD's foreach path), and the eager reference uses torch.optim.SGD, so
 the comparison also checks the hand-written update.
 """
+
 import math
 
 import pytest
@@ -34,6 +35,7 @@ LR, MOMENTUM = 0.05, 0.9
 
 
 # ---- one small model per module; each has loss(*batch) and batch(seed, size) ----
+
 
 class PoolModel(nn.Module):
     """MIL: AttentionPooling (gated, 2 branches) + linear head."""
@@ -180,8 +182,13 @@ def _eager_training(model, batches, hook=None):
     return losses
 
 
-CASES = [("AttentionPooling", {}), ("MaskedSelfAttention", {}), ("LearnableScaleCrossAttention", {}),
-         ("LearnableScaleCrossAttention", {"clamp": "after_step"}), ("SpatialAttentionPool", {})]
+CASES = [
+    ("AttentionPooling", {}),
+    ("MaskedSelfAttention", {}),
+    ("LearnableScaleCrossAttention", {}),
+    ("LearnableScaleCrossAttention", {"clamp": "after_step"}),
+    ("SpatialAttentionPool", {}),
+]
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=[c[0] + ("-" + c[1]["clamp"] if c[1] else "") for c in CASES])
@@ -248,6 +255,7 @@ def test_dynamic_sizes_compile_the_training_step_once(name):
 
 # ---- torch.export ----
 
+
 class SelfAttnWeights(nn.Module):
     """MaskedSelfAttention asked for its weights: the path that runs maskattn.masked_softmax."""
 
@@ -276,9 +284,12 @@ def _export_case(name):
 
 
 # which op the exported program must hold (MaskedSelfAttention without weights routes to SDPA)
-EXPORT_OPS = {"AttentionPooling": "maskattn.masked_attention_pool", "MaskedSelfAttention": "aten.scaled_dot_product",
-              "MaskedSelfAttention-weights": "maskattn.masked_softmax",
-              "LearnableScaleCrossAttention": "maskattn.scaled_cross_attention"}
+EXPORT_OPS = {
+    "AttentionPooling": "maskattn.masked_attention_pool",
+    "MaskedSelfAttention": "aten.scaled_dot_product",
+    "MaskedSelfAttention-weights": "maskattn.masked_softmax",
+    "LearnableScaleCrossAttention": "maskattn.scaled_cross_attention",
+}
 
 
 @pytest.mark.parametrize("name", list(EXPORT_OPS))
@@ -298,6 +309,7 @@ def test_torch_export_gives_the_eager_result(name, recwarn):
 
 
 # ---- determinism: every op, forward + backward twice, bitwise ----
+
 
 def _op_cases(device):
     g = torch.Generator().manual_seed(3)
@@ -342,11 +354,21 @@ def _op_cases(device):
         img[:, :, 5:9, 70:76] = 0.9  # a second, smaller component
         return maskattn.foreground_mask(img.to(device))
 
-    return {f.__name__: f for f in (masked_softmax, scaled_cross_attention, gated_masked_mean,
-                                    masked_attention_pool_packed, patch_mask, foreground_mask)}
+    return {
+        f.__name__: f
+        for f in (
+            masked_softmax,
+            scaled_cross_attention,
+            gated_masked_mean,
+            masked_attention_pool_packed,
+            patch_mask,
+            foreground_mask,
+        )
+    }
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from conftest import DEVICES  # noqa: E402
+
 OPS = list(_op_cases("cpu"))
 
 
@@ -370,6 +392,7 @@ def test_deterministic_mode_every_op_is_bitwise_reproducible_or_raises(op, devic
 
 
 # ---- double backward: every differentiable op refuses, saying so ----
+
 
 def _first_order(op):
     g = torch.Generator().manual_seed(5)
@@ -400,8 +423,16 @@ def _first_order(op):
     raise AssertionError(op)
 
 
-@pytest.mark.parametrize("op", ["masked_softmax", "scaled_cross_attention", "gated_masked_mean",
-                                "masked_attention_pool", "masked_attention_pool_packed"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "masked_softmax",
+        "scaled_cross_attention",
+        "gated_masked_mean",
+        "masked_attention_pool",
+        "masked_attention_pool_packed",
+    ],
+)
 def test_double_backward_raises_not_supported(op):
     loss, inputs = _first_order(op)
     grads = torch.autograd.grad(loss, inputs, create_graph=True)
@@ -413,6 +444,7 @@ def test_double_backward_raises_not_supported(op):
 
 
 # ---- CUDA graphs: capture forward + backward once, replay on changed inputs ----
+
 
 def _graph_replay_matches_eager(run, mutate):
     """run() -> tuple of tensors (forward outputs and gradients). Captures it, mutates the static
@@ -440,7 +472,7 @@ def _graph_replay_matches_eager(run, mutate):
     return replayed
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from conftest import requires_cuda as needs_cuda  # noqa: E402
 
 
 @needs_cuda
@@ -546,5 +578,7 @@ def test_cuda_graph_patch_mask():
         return maskattn.patch_mask(m, 16), maskattn.patch_mask(m, 8, threshold=0.0)
 
     before = [t.clone() for t in run()]
-    out = _graph_replay_matches_eager(run, lambda: m.copy_((torch.rand_like(m, dtype=torch.float32) < 0.9).to(torch.uint8)))
+    out = _graph_replay_matches_eager(
+        run, lambda: m.copy_((torch.rand_like(m, dtype=torch.float32) < 0.9).to(torch.uint8))
+    )
     assert not torch.equal(out[0], before[0])

@@ -1,12 +1,13 @@
 """torch.ops.maskattn.foreground_mask: parity with a dense-tensor reference and with OpenCV,
 every input layout and dtype, determinism, edge cases, errors, opcheck and torch.compile."""
+
 import pytest
 import torch
+from conftest import requires_cuda
+from reference_foreground_mask import reference_content_mask
 
 import maskattn
-from maskattn.bench.face import opencv_content_mask, synthetic_faces
-
-from reference_face import reference_content_mask
+from maskattn.bench.foreground_mask import opencv_content_mask, synthetic_faces
 
 op = torch.ops.maskattn.foreground_mask
 
@@ -22,30 +23,43 @@ def _random_blobs(B, H, W, seed, C=1, dtype=torch.uint8):
     return (x * 255).round().to(torch.uint8) if dtype == torch.uint8 else x.to(dtype).contiguous()
 
 
-@pytest.mark.parametrize("params", [
-    dict(),
-    dict(threshold=0.3, open_radius=0, close_radius=1, fill_holes=False, sigma=0.0),
-    dict(open_radius=2, close_radius=0, sigma=0.7),
-    dict(open_radius=0, close_radius=3, sigma=2.0),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(),
+        dict(threshold=0.3, open_radius=0, close_radius=1, fill_holes=False, sigma=0.0),
+        dict(open_radius=2, close_radius=0, sigma=0.7),
+        dict(open_radius=0, close_radius=3, sigma=2.0),
+    ],
+)
 def test_matches_reference(params):
     imgs = _random_blobs(3, 48, 61, seed=0)
     mask, cov = op(imgs, *_args(params))
-    ref, rcov = reference_content_mask(imgs, params.get("threshold", 0.1), params.get("open_radius", 1),
-                                       params.get("close_radius", 2), params.get("fill_holes", True),
-                                       params.get("sigma", 1.0))
+    ref, rcov = reference_content_mask(
+        imgs,
+        params.get("threshold", 0.1),
+        params.get("open_radius", 1),
+        params.get("close_radius", 2),
+        params.get("fill_holes", True),
+        params.get("sigma", 1.0),
+    )
     assert mask.dtype == torch.float32 and mask.shape == (3, 48, 61) and cov.shape == (3,)
     torch.testing.assert_close(mask, ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(cov, rcov)
 
 
 def _args(p):
-    return (p.get("threshold", 0.1), p.get("open_radius", 1), p.get("close_radius", 2), p.get("fill_holes", True),
-            p.get("sigma", 1.0))
+    return (
+        p.get("threshold", 0.1),
+        p.get("open_radius", 1),
+        p.get("close_radius", 2),
+        p.get("fill_holes", True),
+        p.get("sigma", 1.0),
+    )
 
 
 def test_matches_opencv_pipeline():
-    cv2 = pytest.importorskip("cv2")
+    pytest.importorskip("cv2")
     np = pytest.importorskip("numpy")
     imgs, _ = synthetic_faces(4, 96, 112, channels=1, seed=11, salt=0.01)
     blobs = _random_blobs(4, 96, 112, seed=2)
@@ -168,7 +182,7 @@ def test_compile_fullgraph():
     torch.testing.assert_close(fn(imgs), maskattn.masks.content_based(imgs))
 
 
-@pytest.mark.skipif(not maskattn.cuda_available(), reason="needs the CUDA build and a GPU")
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16])
 def test_cuda_matches_cpu(dtype):
     imgs, _ = synthetic_faces(4, 100, 90, channels=3, seed=9)
@@ -193,7 +207,7 @@ def test_random_binary_patterns_match_reference(seed):
     for _ in range(8):
         H, W = (int(v) for v in torch.randint(1, 24, (2,), generator=g))
         density = float(torch.rand((), generator=g)) * 0.8 + 0.1
-        x = ((torch.rand(3, H, W, generator=g) < density).to(torch.uint8) * 255)
+        x = (torch.rand(3, H, W, generator=g) < density).to(torch.uint8) * 255
         o, c = (int(v) for v in torch.randint(0, 3, (2,), generator=g))
         fill = bool(torch.randint(0, 2, (), generator=g))
         m, cov = op(x, 0.5, o, c, fill, 0.0)

@@ -7,6 +7,7 @@ Every check is against a float64 reference computed in row chunks, on sampled co
 include the elements past offset 2^31 (the last rows and the last columns), so an index that wraps
 at 2^31 reads the wrong element or faults.
 """
+
 import gc
 import resource
 
@@ -55,9 +56,9 @@ def _ref_bag(logits, f, rows_valid, gp, cols):
     pooled = torch.zeros(len(cols), dtype=torch.float64)
     g = torch.empty(f.shape[0], dtype=torch.float64)
     for r0 in range(0, f.shape[0], CHUNK):
-        fc = f[r0:r0 + CHUNK].double()
-        pooled += w[r0:r0 + CHUNK] @ fc[:, cols]
-        g[r0:r0 + CHUNK] = fc @ gp
+        fc = f[r0 : r0 + CHUNK].double()
+        pooled += w[r0 : r0 + CHUNK] @ fc[:, cols]
+        g[r0 : r0 + CHUNK] = fc @ gp
     return w, pooled, g
 
 
@@ -122,7 +123,7 @@ def test_masked_softmax_over_2_31_elements():
     rows_n, n = (1 << 11) + 1, 1 << 20  # 2^31 + 2^20 scores
     scores = torch.empty(rows_n, n, dtype=DT)
     for r0 in range(0, rows_n, 256):
-        scores[r0:r0 + 256] = torch.randn(min(256, rows_n - r0), n, generator=gen).to(DT)
+        scores[r0 : r0 + 256] = torch.randn(min(256, rows_n - r0), n, generator=gen).to(DT)
     mask = torch.rand(1, n, generator=gen) > 0.5  # a key mask, broadcast over the rows
     y = maskattn.masked_softmax(scores, mask, dim=-1, scale=0.5)
     rows = _sample_rows(rows_n, gen)

@@ -2,13 +2,11 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICES as devices  # noqa: E402
+from reference_scaled_cross_attention import SemanticAnchorPurification
 
 import maskattn
 from maskattn.nn import LearnableScaleCrossAttention
-
-from reference_fewshot import SeedSemanticAnchorPurification
-
-devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and maskattn.cuda_available() else [])
 
 
 def episode(B=100, n_way=5, D=640, device="cpu", seed=0):
@@ -20,7 +18,7 @@ def episode(B=100, n_way=5, D=640, device="cpu", seed=0):
 
 
 def pair(log_scale=None, **kw):
-    seed = SeedSemanticAnchorPurification(640)
+    seed = SemanticAnchorPurification(640)
     mine = LearnableScaleCrossAttention(640, **kw)
     if log_scale is not None:
         with torch.no_grad():

@@ -1,12 +1,10 @@
-import math
-
 import pytest
 import torch
+from conftest import DEVICES, requires_cuda  # noqa: E402
+from reference_masked_attention_pool import AttentionAggregator, aggregator_pool, reference_pool, reference_pool_packed
 
 import maskattn
-from reference_mil import AttentionAggregator, reference_pool, reference_pool_packed, seed_pool
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
@@ -27,6 +25,7 @@ def assert_close(a, b, dtype):
 
 
 # ---------------------------------------------------------------- parity with the seed layer
+
 
 def test_module_matches_seed_aggregator_forward_and_backward():
     torch.manual_seed(0)
@@ -55,7 +54,7 @@ def test_module_matches_seed_aggregator_forward_and_backward():
 def test_seed_gives_uniform_weights_to_empty_bag_we_give_zeros():
     l, f, m = make(2, 6, 3)
     m[1] = False
-    _, ws = seed_pool(l, f, m)
+    _, ws = aggregator_pool(l, f, m)
     p, w = maskattn.masked_attention_pool(l, f, m)
     assert torch.allclose(ws[1], torch.full((6,), 1 / 6))  # the seed's bug this library fixes
     assert (w[1] == 0).all() and (p[1] == 0).all()
@@ -89,6 +88,7 @@ def test_forward_backward_against_reference(device, dtype, K):
 
 # ---------------------------------------------------------------- gradcheck / opcheck / compile
 
+
 @pytest.mark.parametrize("K", [None, 2])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_first", "sliced"])
 def test_gradcheck(K, layout):
@@ -111,6 +111,7 @@ def test_gradcheck(K, layout):
 
         def fn(l, fb):
             return maskattn.masked_attention_pool(l, fb, mask)
+
     assert torch.autograd.gradcheck(fn, (logits, base))
 
 
@@ -173,6 +174,7 @@ def test_torch_compile_fullgraph_module_and_permuted_inputs():
 
 # ---------------------------------------------------------------- padding semantics
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("K", [None, 2])
 def test_padding_content_and_amount_change_nothing(device, K):
@@ -226,8 +228,10 @@ def test_fully_padded_bags_give_zeros_and_zero_grads(device):
     assert (w2[0] == 0).all() and (p2[0] == 0).all() and torch.isfinite(p2).all()
 
 
-@pytest.mark.parametrize("mdtype", [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32,
-                                    torch.float16, torch.float64])
+@pytest.mark.parametrize(
+    "mdtype",
+    [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.float16, torch.float64],
+)
 def test_mask_dtypes(mdtype):
     logits, feats, mask = make(2, 13, 6)
     ref = maskattn.masked_attention_pool(logits, feats, mask)
@@ -253,7 +257,11 @@ def test_strided_inputs_read_in_place():
         (logits, feats.transpose(1, 2).contiguous().transpose(1, 2), mask),  # channels-first features
         (logits, feats.permute(1, 0, 2).contiguous().permute(1, 0, 2), mask),  # N-major batch
         (logits, torch.cat([feats, feats], 2)[..., ::2].contiguous() * 0 + feats, mask),
-        (torch.stack([logits, logits], -1)[..., 0], torch.stack([feats, feats], -1)[..., 1], mask[:, None, :].expand(B, 2, N)[:, 0]),
+        (
+            torch.stack([logits, logits], -1)[..., 0],
+            torch.stack([feats, feats], -1)[..., 1],
+            mask[:, None, :].expand(B, 2, N)[:, 0],
+        ),
         (logits, feats, mask.t().contiguous().t()),
     ]
     for l, f, m in variants:
@@ -293,6 +301,7 @@ def test_zero_sizes():
 
 # ---------------------------------------------------------------- frozen features: no [B,N,D] gradient
 
+
 def test_frozen_features_compute_no_feature_gradient():
     logits, feats, mask = make(2, 16, 8)
     _, w = maskattn.masked_attention_pool(logits, feats, mask)
@@ -324,6 +333,7 @@ def _saved_tensors(fn):
 
 
 # ---------------------------------------------------------------- packed and the bridges
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("K", [None, 3])
@@ -372,6 +382,7 @@ def test_pack_drops_interior_padding():
 
 # ---------------------------------------------------------------- errors name the argument
 
+
 def test_bad_inputs_raise_with_names_and_shapes():
     l, f, m = make(2, 5, 3)
     op = maskattn.masked_attention_pool
@@ -411,7 +422,7 @@ def test_bad_inputs_raise_with_names_and_shapes():
         maskattn.pad_sequences([torch.zeros(3, 3), torch.zeros(2, 4)])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
 def test_mixed_devices_raise():
     l, f, m = make(2, 5, 3)
     with pytest.raises(RuntimeError, match="must be on the same device"):
@@ -419,6 +430,7 @@ def test_mixed_devices_raise():
 
 
 # ---------------------------------------------------------------- module
+
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("branches", [1, 3])
@@ -464,8 +476,10 @@ def test_opcheck_packed_backward():
     _, w = maskattn.masked_attention_pool_packed(lp, fp, offs)
     gp = torch.randn(3, 2, 5)
     for mask in ([True, True], [True, False], [False, True]):
-        torch.library.opcheck(torch.ops.maskattn._masked_attention_pool_packed_backward.default,
-                              (gp, torch.randn_like(w), w, fp, offs, mask))
+        torch.library.opcheck(
+            torch.ops.maskattn._masked_attention_pool_packed_backward.default,
+            (gp, torch.randn_like(w), w, fp, offs, mask),
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,9 +1,11 @@
 import pytest
 import torch
+from conftest import requires_cuda
+from reference_masked_softmax import MultiHeadAttention, jit_block_output
+from reference_patch_mask import jit_condition_mask
 
 import maskattn
 from maskattn.nn import MaskedSelfAttention, prepend_condition_mask
-from reference_jit import MultiHeadAttention, seed_block_output, seed_condition_mask
 
 
 def lengths_mask(lengths, N):
@@ -25,7 +27,7 @@ def test_parity_with_seed_forward_and_grads(need_weights):
     x = torch.randn(3, 12, 32, dtype=torch.float64, requires_grad=True)
     out = mod(x, mask=mask, need_weights=need_weights)
     y = out[0] if need_weights else out
-    y_ref = seed_block_output(ref, x, mask.double())
+    y_ref = jit_block_output(ref, x, mask.double())
     torch.testing.assert_close(y, y_ref)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *mod.parameters()], g)
@@ -88,7 +90,7 @@ def test_padding_invariance_content_and_amount():
         y = mod(x, mask=lengths_mask(lengths, N))
         assert torch.isfinite(y).all() and (y[~lengths_mask(lengths, N)] == 0).all()
         outs.append([y[b, :n] for b, n in enumerate(lengths)])
-    for b, n in enumerate(lengths):
+    for b in range(len(lengths)):
         alone = mod(xs[b][None])[0]  # the sequence with no padding at all
         for o in outs:
             torch.testing.assert_close(o[b], alone)
@@ -116,7 +118,7 @@ def test_condition_tokens():
     pm = lengths_mask([3, 1], 4).float()
     got = prepend_condition_mask(pm, 2)
     assert got.dtype == torch.bool
-    assert torch.equal(got, seed_condition_mask(pm, 2).bool())
+    assert torch.equal(got, jit_condition_mask(pm, 2).bool())
     assert torch.equal(prepend_condition_mask(pm.bool(), 0), pm.bool())
     # The whole JiT path: image mask -> patch mask -> + condition tokens -> attention.
     img = torch.zeros(2, 16, 16)
@@ -183,7 +185,7 @@ def test_errors():
         mod(torch.randn(2, 8, 16))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
 def test_cuda_bf16_matches_cpu():
     torch.manual_seed(0)
     mod = MaskedSelfAttention(256, 4)

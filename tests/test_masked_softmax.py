@@ -1,17 +1,22 @@
 import pytest
 import torch
+from conftest import requires_cuda
+from reference_masked_softmax import jit_masked_softmax, token_padding_softmax
 
 import maskattn
-from reference_jit import seed_scaled_masked_softmax, seed_token_padding_softmax
 
-TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-10),
-       torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+TOL = {
+    torch.float32: dict(atol=1e-6, rtol=1e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-10),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+}
 
 
 def ref(scores, mask, dim=-1, scale=1.0):
     """Seed masked_fill(-inf) + softmax in float64, with the NaN of fully masked slices as 0."""
     m = torch.broadcast_to(mask != 0, scores.shape)
-    y = seed_scaled_masked_softmax(scores.double(), m, scale, dim)
+    y = jit_masked_softmax(scores.double(), m, scale, dim)
     return torch.where(m, y.nan_to_num(0.0), 0.0)
 
 
@@ -43,8 +48,20 @@ def test_broadcast_masks(mask_shape):
     torch.testing.assert_close(maskattn.masked_softmax(x, m).double(), ref(x, m), **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("mdtype", [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32,
-                                    torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "mdtype",
+    [
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int32,
+        torch.int64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+    ],
+)
 def test_mask_dtypes(mdtype):
     x = torch.randn(2, 3, 9)
     m = key_mask(2, 9, seed=1)[:, 0]  # [2, 1, 9]
@@ -60,21 +77,26 @@ def test_dims_and_strides(dim):
     assert y.is_contiguous()
     torch.testing.assert_close(y.double(), ref(x, m, dim=dim, scale=2.0), **TOL[torch.float32])
     xs = torch.randn(4, 8, 6, 20)[..., ::2]  # strided softmax dim
-    torch.testing.assert_close(maskattn.masked_softmax(xs, m, dim=dim).double(), ref(xs, m, dim=dim), **TOL[torch.float32])
+    torch.testing.assert_close(
+        maskattn.masked_softmax(xs, m, dim=dim).double(), ref(xs, m, dim=dim), **TOL[torch.float32]
+    )
     xe = torch.randn(1, 8, 1, 10).expand(4, 8, 6, 10)  # zero strides in the scores
-    torch.testing.assert_close(maskattn.masked_softmax(xe, m, dim=dim).double(), ref(xe, m, dim=dim), **TOL[torch.float32])
+    torch.testing.assert_close(
+        maskattn.masked_softmax(xe, m, dim=dim).double(), ref(xe, m, dim=dim), **TOL[torch.float32]
+    )
 
 
 def test_matches_seed_where_seed_is_defined():
     # Seed 002: ids with 0 as padding, -1e9 fill; identical to ours on rows with a valid key.
     ids = torch.tensor([[1, 2, 0, 0], [3, 4, 5, 0]])
     scores = torch.randn(2, 4, 4, 4)
-    torch.testing.assert_close(maskattn.masked_softmax(scores, (ids != 0)[:, None, None, :]),
-                               seed_token_padding_softmax(scores, ids))
+    torch.testing.assert_close(
+        maskattn.masked_softmax(scores, (ids != 0)[:, None, None, :]), token_padding_softmax(scores, ids)
+    )
     # Seed 001 on a padded batch without empty samples.
     x = torch.randn(2, 3, 16, 16)
     m = key_mask(2, 16, seed=3, full_rows=())
-    torch.testing.assert_close(maskattn.masked_softmax(x, m, scale=0.125), seed_scaled_masked_softmax(x, m, 0.125))
+    torch.testing.assert_close(maskattn.masked_softmax(x, m, scale=0.125), jit_masked_softmax(x, m, 0.125))
 
 
 def test_neg_inf_scores_and_extremes():
@@ -86,8 +108,9 @@ def test_neg_inf_scores_and_extremes():
     torch.testing.assert_close(y[0, 2], torch.tensor([0.0, 1.0, 0.0]))
     # Long range of exponents: float32 kernel vs float64 reference.
     xs = torch.linspace(-90, 0, 300).reshape(1, 300)
-    torch.testing.assert_close(maskattn.masked_softmax(xs, torch.ones(300)).double(), ref(xs, torch.ones(300)),
-                               atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(
+        maskattn.masked_softmax(xs, torch.ones(300)).double(), ref(xs, torch.ones(300)), atol=1e-7, rtol=1e-5
+    )
 
 
 def test_gradcheck_float64():
@@ -105,7 +128,7 @@ def test_gradient_matches_seed_and_zero_on_masked():
     g = torch.randn(3, 2, 4, 9, dtype=torch.float64)
     (gx,) = torch.autograd.grad(maskattn.masked_softmax(x, m, scale=0.5), x, g)
     xr = x.detach()[1:].requires_grad_()
-    (gr,) = torch.autograd.grad(seed_scaled_masked_softmax(xr, m[1:], 0.5), xr, g[1:])
+    (gr,) = torch.autograd.grad(jit_masked_softmax(xr, m[1:], 0.5), xr, g[1:])
     torch.testing.assert_close(gx[1:], gr)
     assert (gx[0] == 0).all()  # fully masked sample: zero gradient
     assert (gx.masked_select(~m.expand_as(gx)) == 0).all()
@@ -135,8 +158,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.maskattn.masked_softmax, (x.transpose(1, 3), m.transpose(1, 3), 1, 1.0))
     y = maskattn.masked_softmax(x.detach(), m)
     torch.library.opcheck(torch.ops.maskattn._masked_softmax_backward, (torch.randn_like(y), y, -1, 0.5))
-    torch.library.opcheck(torch.ops.maskattn._masked_softmax_backward,
-                          (torch.randn(1, 1, 1, 8).expand_as(y), y, 3, 1.0))
+    torch.library.opcheck(
+        torch.ops.maskattn._masked_softmax_backward, (torch.randn(1, 1, 1, 8).expand_as(y), y, 3, 1.0)
+    )
 
 
 def test_compile_fullgraph():
@@ -177,7 +201,7 @@ def test_errors_name_argument():
         torch.ops.maskattn._masked_softmax_backward(torch.ones(2, 3), torch.ones(2, 4), -1, 1.0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("N", [1, 31, 33, 128, 1000, 1024, 1025, 3000, 20000])
 def test_cuda_matches_reference(dtype, N):

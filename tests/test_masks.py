@@ -1,18 +1,18 @@
 """Geometric and content-based face masks (maskattn.masks) and the FaceMask transform."""
+
 import math
 
 import pytest
 import torch
+from conftest import requires_cuda
+from reference_foreground_mask import reference_content_mask
 
-import maskattn
 from maskattn import masks
-from maskattn.bench.face import synthetic_faces
+from maskattn.bench.foreground_mask import synthetic_faces
 from maskattn.transforms import FaceMask, apply_face_mask
 
-from reference_face import reference_content_mask
-
-
 # ---------------------------------------------------------------- geometric
+
 
 @pytest.mark.parametrize("h,w", [(224, 224), (256, 192), (101, 77)])
 def test_geometric_coverage_fractions(h, w):
@@ -48,7 +48,9 @@ def test_adaptive_semantics():
     assert torch.equal(masks.adaptive(h, w, dtype=torch.bool), r.bool())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool, torch.uint8])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool, torch.uint8]
+)
 def test_geometric_dtypes(dtype):
     for fn in (masks.ellipse, masks.rectangle):
         m = fn(32, 40, dtype=dtype)
@@ -56,7 +58,7 @@ def test_geometric_dtypes(dtype):
         assert torch.equal(m.to(torch.float32), fn(32, 40))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
 def test_geometric_cuda():
     for fn in (masks.ellipse, masks.rectangle, masks.adaptive):
         assert torch.equal(fn(50, 60, device="cuda").cpu(), fn(50, 60))
@@ -75,6 +77,7 @@ def test_geometric_errors():
 
 
 # ---------------------------------------------------------------- content-based
+
 
 def test_content_based_recovers_synthetic_faces():
     imgs, faces = synthetic_faces(6, 128, 128, channels=3, seed=3, salt=0.01)
@@ -150,6 +153,7 @@ def test_coverage_bounds():
 
 
 # ---------------------------------------------------------------- transform
+
 
 def test_face_mask_transform_tensor_and_batch():
     imgs, faces = synthetic_faces(3, 64, 64, channels=3, seed=4)

@@ -10,23 +10,30 @@
   nothing, forward or backward, and the gradient reaching padded positions is exactly 0;
 * fully masked rows give zeros and zero gradient.
 """
+
 import math
 
 import pytest
 import torch
+from reference_masked_attention_pool import reference_pool
 
 import maskattn
-from reference_mil import reference_pool
 
 NAN, INF = float("nan"), float("inf")
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from conftest import DEVICES  # noqa: E402
+
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def _close(a, b, dtype, what=""):
-    torch.testing.assert_close(a.detach().double().cpu(), b.detach().double().cpu(), atol=TOL[dtype],
-                               rtol=TOL[dtype], msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        a.detach().double().cpu(),
+        b.detach().double().cpu(),
+        atol=TOL[dtype],
+        rtol=TOL[dtype],
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def _grads(fn, inputs, gouts):
@@ -39,6 +46,7 @@ def _grads(fn, inputs, gouts):
 
 
 # ------------------------------------------------------------------ masked_attention_pool (+ packed)
+
 
 def _pool_inputs(dtype, device, K=None, B=4, N=9, D=6, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -112,15 +120,14 @@ def test_pool_neg_inf_logits_take_zero_weight(device, dtype):
     logits, feats, mask = _pool_inputs(dtype, device)
     gouts = _pool_gouts(logits, feats)
     l2, f2 = logits.clone(), feats.clone()
-    l2[0, 0] = -INF               # one valid row of bag 0 at -inf
-    l2[2][mask[2]] = -INF         # every valid row of bag 2 at -inf: zeros, like a fully masked bag
+    l2[0, 0] = -INF  # one valid row of bag 0 at -inf
+    l2[2][mask[2]] = -INF  # every valid row of bag 2 at -inf: zeros, like a fully masked bag
     fn = lambda l, f: maskattn.masked_attention_pool(l, f, mask)  # noqa: E731
     (p, w), (gl, gf) = _grads(fn, [l2, f2], gouts)
     ref_mask = mask.clone()
     ref_mask[0, 0] = False
     ref_mask[2] = False
-    (pr, wr), (glr, gfr) = _grads(lambda l, f: reference_pool(l, f, ref_mask), [logits.double(), feats.double()],
-                                  gouts)
+    (pr, wr), (glr, gfr) = _grads(lambda l, f: reference_pool(l, f, ref_mask), [logits.double(), feats.double()], gouts)
     assert w[0, 0] == 0 and (w[2] == 0).all() and (p[2] == 0).all()
     _close(p, pr, dtype, "pooled")
     _close(w, wr, dtype, "weights")
@@ -174,11 +181,11 @@ def test_packed_nan_poisons_only_its_bag_and_neg_inf(device, dtype):
     logits = torch.randn(T, generator=g).to(dtype).to(device)
     feats = torch.randn(T, 5, generator=g).to(dtype).to(device)
     l2 = logits.clone()
-    l2[5] = NAN         # bag 2
-    l2[0] = -INF        # bag 0: one row at -inf
-    l2[9:12] = -INF     # bag 3: every row at -inf -> zeros
+    l2[5] = NAN  # bag 2
+    l2[0] = -INF  # bag 0: one row at -inf
+    l2[9:12] = -INF  # bag 3: every row at -inf -> zeros
     f2 = feats.clone()
-    f2[0] = NAN         # content of a zero-weight row is ignored
+    f2[0] = NAN  # content of a zero-weight row is ignored
     f2[9:12] = INF
     gp = torch.randn(4, 5, generator=g)
     gw = torch.randn(T, generator=g)
@@ -195,6 +202,7 @@ def test_packed_nan_poisons_only_its_bag_and_neg_inf(device, dtype):
 
 
 # ------------------------------------------------------------------ masked_softmax
+
 
 def _softmax_ref(x, m, dim=-1):
     m = torch.broadcast_to(m, x.shape)
@@ -225,10 +233,10 @@ def test_masked_softmax_nonfinite(device, dtype, N):
         assert torch.equal(y, y0) and torch.equal(gx, g0), bad
         assert (gx[~m] == 0).all() and (y[5] == 0).all() and (gx[5] == 0).all()
     x2 = x.clone()
-    x2[0, 0] = NAN                   # row 0: poisoned
-    x2[1, 0] = -INF                  # row 1: one valid -inf -> weight 0
-    x2[2][m[2]] = -INF               # row 2: all valid -inf -> zeros
-    x2[3, 0] = INF                   # row 3: +inf -> NaN row, as torch.softmax
+    x2[0, 0] = NAN  # row 0: poisoned
+    x2[1, 0] = -INF  # row 1: one valid -inf -> weight 0
+    x2[2][m[2]] = -INF  # row 2: all valid -inf -> zeros
+    x2[3, 0] = INF  # row 3: +inf -> NaN row, as torch.softmax
     (y,), (gx,) = _grads(fn, [x2], [go])
     assert y[0][m[0]].isnan().all() and (y[0][~m[0]] == 0).all()
     assert y[1, 0] == 0 and (y[2] == 0).all() and (gx[2] == 0).all()
@@ -260,6 +268,7 @@ def test_masked_softmax_nonfinite_broadcast_mask_and_inner_dim(device):
 
 
 # ------------------------------------------------------------------ scaled_cross_attention
+
 
 def _xattn(km, normalize):
     """scaled_cross_attention(q, k, v, s) with max_scale 100, key mask km."""
@@ -368,6 +377,7 @@ def test_xattn_infinite_logit_scale_is_clamped(device):
 
 # ------------------------------------------------------------------ gated_masked_mean
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gated_masked_mean_nonfinite(device, dtype):
@@ -424,6 +434,7 @@ def test_gated_masked_mean_nonfinite(device, dtype):
 
 
 # ------------------------------------------------------------------ modules
+
 
 def _padded_tokens(device, N, D):
     """[3, N, D] float64 tokens and their mask: token 0 valid, the last one padding, sample 2 empty."""
@@ -509,6 +520,7 @@ def test_attention_pooling_padding_content_never_leaks(device, gated, branches):
 
 
 # ------------------------------------------------------------------ rows whose valid logits are all NaN
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,13 +1,12 @@
 import math
 
 import torch
+from reference_scaled_cross_attention import PrototypeClassifier
 from torch import nn
 
 import maskattn
 from maskattn.nn import LearnableScaleCrossAttention
 from maskattn.optim import param_groups
-
-from reference_fewshot import SeedExpB1Model
 
 
 def ids(ps):
@@ -15,7 +14,7 @@ def ids(ps):
 
 
 def test_matches_seed_get_parameters():
-    model = SeedExpB1Model()
+    model = PrototypeClassifier()
     seed = model.get_parameters()
     mine = param_groups(model, 5e-4)
     assert len(mine) == 2

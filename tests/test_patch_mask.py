@@ -1,11 +1,20 @@
 import pytest
 import torch
+from conftest import requires_cuda
+from reference_patch_mask import image_mask_to_patch_mask
 
 import maskattn
-from reference_jit import image_mask_to_patch_mask
 
-DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64, torch.float16,
-          torch.bfloat16]
+DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+]
 
 
 def _rand_mask(B, H, W, p=0.6, seed=0):
@@ -114,10 +123,12 @@ def test_compile_and_opcheck():
     assert torch.equal(f(m), maskattn.patch_mask(m, 4).sum(1))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_matches_cpu(dtype):
     m = _padded_mask(5, 64, 96, seed=8).to(dtype)
     for p, t in [(16, 0.5), (8, 0.0), (32, 0.25)]:
         assert torch.equal(maskattn.patch_mask(m.cuda(), p, t).cpu(), maskattn.patch_mask(m, p, t))
-    assert torch.equal(maskattn.patch_mask(m.cuda().transpose(1, 2), 16).cpu(), maskattn.patch_mask(m.transpose(1, 2), 16))
+    assert torch.equal(
+        maskattn.patch_mask(m.cuda().transpose(1, 2), 16).cpu(), maskattn.patch_mask(m.transpose(1, 2), 16)
+    )

@@ -1,12 +1,14 @@
 """Property tests: pad_sequences / pack / unpack against plain-Python references over generated bag
 lengths (empty bags, no bags with rows, zero trailing dims), masks with padding anywhere, dtypes and
 devices; gradients of pack and unpack are exact index shuffles."""
+
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from _props import DTYPES, examples, leaf, st_device, st_dtype, st_layout, st_seed
+from hypothesis import given
+from hypothesis import strategies as st
 
 import maskattn
-from _props import DTYPES, examples, leaf, st_device, st_dtype, st_layout, st_seed
 
 
 @st.composite
@@ -37,8 +39,16 @@ def pack_case(draw):
     B = draw(st.integers(0, 4))
     N = draw(st.integers(0, 9))
     trailing = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=2)))
-    return (B, N, trailing, draw(st.sampled_from(["all", "empty", "random", "prefix"])), draw(st_dtype),
-            draw(st_layout), draw(st_device), draw(st_seed))
+    return (
+        B,
+        N,
+        trailing,
+        draw(st.sampled_from(["all", "empty", "random", "prefix"])),
+        draw(st_dtype),
+        draw(st_layout),
+        draw(st_device),
+        draw(st_seed),
+    )
 
 
 @examples(50)
@@ -51,8 +61,11 @@ def test_pack_unpack_match_reference_and_roundtrip(case):
         lengths = torch.randint(0, N + 1, (B,), generator=g)
         mask = torch.arange(N) < lengths[:, None]
     else:
-        mask = {"all": torch.ones(B, N, dtype=torch.bool), "empty": torch.zeros(B, N, dtype=torch.bool),
-                "random": torch.rand(B, N, generator=g) < 0.5}[mkind]
+        mask = {
+            "all": torch.ones(B, N, dtype=torch.bool),
+            "empty": torch.zeros(B, N, dtype=torch.bool),
+            "random": torch.rand(B, N, generator=g) < 0.5,
+        }[mkind]
     x = leaf(padded.to(device), lay)
     packed, offsets = maskattn.pack(x, mask.to(device))
     # reference: valid rows in bag order, offsets from the per-bag counts
@@ -75,9 +88,9 @@ def test_pack_unpack_match_reference_and_roundtrip(case):
     L = max(counts) if counts else 0
     assert out.shape == (B, L) + trailing and m2.shape == (B, L)
     for b in range(B):
-        assert torch.equal(out[b, :counts[b]].cpu(), padded[b][mask[b]])
-        assert (out[b, counts[b]:] == 0).all()
-        assert m2[b, :counts[b]].all() and not m2[b, counts[b]:].any()
+        assert torch.equal(out[b, : counts[b]].cpu(), padded[b][mask[b]])
+        assert (out[b, counts[b] :] == 0).all()
+        assert m2[b, : counts[b]].all() and not m2[b, counts[b] :].any()
     # pack(unpack(x)) == x
     rp, ro = maskattn.pack(out, m2)
     assert torch.equal(rp, p2.detach()) and torch.equal(ro.cpu(), ref_off)

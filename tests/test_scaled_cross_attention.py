@@ -2,23 +2,22 @@ import math
 
 import pytest
 import torch
+from reference_scaled_cross_attention import prototype_cross_attention
 
-import maskattn
 from maskattn import scaled_cross_attention
-
-from reference_fewshot import seed_cross_attention
 
 OP = torch.ops.maskattn.scaled_cross_attention.default
 BWD = torch.ops.maskattn._scaled_cross_attention_backward.default
-LOG_BELOW = math.log(25.0)   # scale 25: under the cap
+LOG_BELOW = math.log(25.0)  # scale 25: under the cap
 LOG_ABOVE = math.log(150.0)  # scale 150: clamped to 100, zero gradient for the scale
-FUSED_LK, GEMM_LK = 5, 70    # one-pass row kernels vs GEMMs around the fused softmax (both devices)
+FUSED_LK, GEMM_LK = 5, 70  # one-pass row kernels vs GEMMs around the fused softmax (both devices)
 
-devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and maskattn.cuda_available() else [])
+from conftest import DEVICES as devices  # noqa: E402
 
 
-def make(B=3, Lq=4, Lk=5, D=12, Dv=7, dtype=torch.float64, device="cpu", shared=False, q2d=False, log_scale=LOG_BELOW,
-         seed=0):
+def make(
+    B=3, Lq=4, Lk=5, D=12, Dv=7, dtype=torch.float64, device="cpu", shared=False, q2d=False, log_scale=LOG_BELOW, seed=0
+):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn((B, D) if q2d else (B, Lq, D), generator=g, dtype=torch.float64)
     k = torch.randn((Lk, D) if shared else (B, Lk, D), generator=g, dtype=torch.float64)
@@ -41,11 +40,17 @@ def check_against_seed(q, k, v, lsl, mask=None, normalize=True, max_scale=100.0,
     attn_shape = q.shape[:-1] + k.shape[-2:-1]
     go = torch.randn(out_shape, generator=g, dtype=torch.float64).to(q.device, q.dtype)
     ga = torch.randn(attn_shape, generator=g, dtype=torch.float64).to(q.device, q.dtype)
-    o1, a1, g1 = grads_of(lambda *t: scaled_cross_attention(*t, max_scale=max_scale, key_mask=mask, normalize=normalize),
-                          [q, k, v, lsl], go, ga)
+    o1, a1, g1 = grads_of(
+        lambda *t: scaled_cross_attention(*t, max_scale=max_scale, key_mask=mask, normalize=normalize),
+        [q, k, v, lsl],
+        go,
+        ga,
+    )
     rd = ref_dtype or q.dtype
     ref_in = [t.to(rd) for t in (q, k, v)] + [lsl.to(torch.float64 if ref_dtype else lsl.dtype)]
-    o2, a2, g2 = grads_of(lambda *t: seed_cross_attention(*t, max_scale, mask, normalize), ref_in, go.to(rd), ga.to(rd))
+    o2, a2, g2 = grads_of(
+        lambda *t: prototype_cross_attention(*t, max_scale, mask, normalize), ref_in, go.to(rd), ga.to(rd)
+    )
     torch.testing.assert_close(a1.to(rd), a2, atol=atol, rtol=rtol)
     torch.testing.assert_close(o1.to(rd), o2, atol=atol, rtol=rtol)
     for name, x, y in zip(("query", "key", "value", "logit_scale_log"), g1, g2):
@@ -163,9 +168,18 @@ def test_padding_invariance(device, Lk):
     m = torch.ones(3, Lk + pad, dtype=torch.bool, device=device)
     m[:, Lk:] = False
     go = torch.randn(3, 4, v.shape[-1], dtype=q.dtype, device=device)
-    o1, a1, g1 = grads_of(lambda *t: scaled_cross_attention(*t, normalize=True), [q, k, v, lsl], go, torch.zeros(3, 4, Lk, dtype=q.dtype, device=device))
-    o2, a2, g2 = grads_of(lambda *t: scaled_cross_attention(*t, key_mask=m, normalize=True), [q, kp, vp, lsl], go,
-                          torch.zeros(3, 4, Lk + pad, dtype=q.dtype, device=device))
+    o1, a1, g1 = grads_of(
+        lambda *t: scaled_cross_attention(*t, normalize=True),
+        [q, k, v, lsl],
+        go,
+        torch.zeros(3, 4, Lk, dtype=q.dtype, device=device),
+    )
+    o2, a2, g2 = grads_of(
+        lambda *t: scaled_cross_attention(*t, key_mask=m, normalize=True),
+        [q, kp, vp, lsl],
+        go,
+        torch.zeros(3, 4, Lk + pad, dtype=q.dtype, device=device),
+    )
     torch.testing.assert_close(o1, o2)
     torch.testing.assert_close(a1, a2[..., :Lk])
     assert torch.all(a2[..., Lk:] == 0)
@@ -180,10 +194,10 @@ def test_padding_invariance(device, Lk):
 @pytest.mark.parametrize("Lk", [FUSED_LK, GEMM_LK])
 def test_strided_inputs(device, Lk):
     q, k, v, lsl = make(Lk=Lk, device=device)
-    qs = q.transpose(1, 2).contiguous().transpose(1, 2)      # [B,Lq,D] with stride(-1) != 1
+    qs = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B,Lq,D] with stride(-1) != 1
     ks = k.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     vs = v[:, :, :1].expand(v.shape).clone()[:, :, :].transpose(0, 0)
-    vs = torch.cat([v, v], -1)[..., ::2]                      # every other column
+    vs = torch.cat([v, v], -1)[..., ::2]  # every other column
     assert not qs.is_contiguous() and not ks.is_contiguous() and not vs.is_contiguous()
     o1, a1 = scaled_cross_attention(q, k, vs.contiguous(), lsl, normalize=True)
     o2, a2 = scaled_cross_attention(qs, ks, vs, lsl, normalize=True)
@@ -230,11 +244,20 @@ def test_opcheck(device, Lk):
     m = torch.ones(2, Lk, dtype=torch.bool, device=device)
     m[1, 0] = False
     for args in [(q, k, v, lsl, 100.0, m, True), (q[:, 0], k[0], v[0], lsl, 100.0, None, False)]:
-        args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        args = tuple(
+            a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+        )
         torch.library.opcheck(OP, args)
         out, attn = OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-        bargs = (torch.randn_like(out), torch.randn_like(attn), *[a.detach() for a in args[:4]], attn, 100.0, args[6],
-                 [True, True, True, True])
+        bargs = (
+            torch.randn_like(out),
+            torch.randn_like(attn),
+            *[a.detach() for a in args[:4]],
+            attn,
+            100.0,
+            args[6],
+            [True, True, True, True],
+        )
         torch.library.opcheck(BWD, bargs)
         torch.library.opcheck(BWD, (bargs[0], None, *bargs[2:9], [True, False, True, False]))
 
@@ -297,8 +320,18 @@ def test_errors():
     with pytest.raises(RuntimeError, match="max_scale must be positive"):
         scaled_cross_attention(q, k, v, lsl, max_scale=0.0)
     with pytest.raises(RuntimeError, match="grad_out has shape"):
-        BWD(torch.zeros(3, 4, 6, dtype=q.dtype), None, q, k, v, lsl, torch.zeros(3, 4, 5, dtype=q.dtype), 100.0, True,
-            [True] * 4)
+        BWD(
+            torch.zeros(3, 4, 6, dtype=q.dtype),
+            None,
+            q,
+            k,
+            v,
+            lsl,
+            torch.zeros(3, 4, 5, dtype=q.dtype),
+            100.0,
+            True,
+            [True] * 4,
+        )
 
 
 def test_zero_size_batch():

@@ -6,6 +6,7 @@ MASKATTN_LEAK_WARMUP calls. The defaults (500 after 200) keep the default run sh
 catch a leak of 8 KiB per call; the issue's run of 10,000 calls after a 1,000-call warm-up is
     MASKATTN_LEAK_ITERS=10000 MASKATTN_LEAK_WARMUP=1000 python -m pytest tests/test_threads_leaks.py -k leak -s
 """
+
 import os
 import threading
 
@@ -24,6 +25,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 try:  # glibc: hand freed heap pages back to the kernel before measuring
     import ctypes
+
     _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
 except (OSError, AttributeError):  # pragma: no cover - not glibc
     _malloc_trim = None

@@ -16,8 +16,8 @@ inline std::string shape_str(const at::Tensor& t) {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
   auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              name, " must be float32, float64, float16 or bfloat16, got ", st);
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
+              " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
 inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
@@ -28,7 +28,8 @@ inline void check_same_device(const at::Tensor& a, const char* an, const at::Ten
 // Any mask dtype is accepted; kernels read one byte per element, so normalise once here.
 // The mask is at most 1/D of the features, so this extra pass is negligible.
 inline at::Tensor as_bool_mask(const at::Tensor& mask) {
-  TORCH_CHECK(!mask.is_complex(), "mask must be a bool, integer or floating tensor, got ", mask.scalar_type());
+  TORCH_CHECK(!mask.is_complex(), "mask must be a bool, integer or floating tensor, got ",
+              mask.scalar_type());
   return mask.scalar_type() == at::kBool ? mask : mask.ne(0);
 }
 

@@ -34,9 +34,7 @@ struct HugePageAllocator final : c10::Allocator {
 #endif
     return {p, p, &free_huge, c10::Device(c10::kCPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override {
-    return &free_huge;
-  }
+  c10::DeleterFnPtr raw_deleter() const override { return &free_huge; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }

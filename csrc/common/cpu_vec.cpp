@@ -51,15 +51,22 @@ void dot_rows_f32(const float* a, const float* const* rows, int nrows, int64_t n
     for (int j = 0; j < nrows; ++j) out[j] = dot_f32(a, rows[j], n);
     return;
   }
-  const float* r0 = rows[0]; const float* r1 = rows[1]; const float* r2 = rows[2]; const float* r3 = rows[3];
+  const float* r0 = rows[0];
+  const float* r1 = rows[1];
+  const float* r2 = rows[2];
+  const float* r3 = rows[3];
   v8sf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, t0 = {0}, t1 = {0}, t2 = {0}, t3 = {0};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const v8sf x = load8(a + i), y = load8(a + i + 8);
-    s0 += x * load8(r0 + i); t0 += y * load8(r0 + i + 8);
-    s1 += x * load8(r1 + i); t1 += y * load8(r1 + i + 8);
-    s2 += x * load8(r2 + i); t2 += y * load8(r2 + i + 8);
-    s3 += x * load8(r3 + i); t3 += y * load8(r3 + i + 8);
+    s0 += x * load8(r0 + i);
+    t0 += y * load8(r0 + i + 8);
+    s1 += x * load8(r1 + i);
+    t1 += y * load8(r1 + i + 8);
+    s2 += x * load8(r2 + i);
+    t2 += y * load8(r2 + i + 8);
+    s3 += x * load8(r3 + i);
+    t3 += y * load8(r3 + i + 8);
   }
   const v8sf u[4] = {s0 + t0, s1 + t1, s2 + t2, s3 + t3};
   for (int j = 0; j < 4; ++j) {
@@ -74,8 +81,14 @@ MASKATTN_CLONES
 void axpy_rows_f32(float* acc, const float* const* rows, const float* w, int nrows, int64_t n) {
   int64_t i = 0;
   if (nrows == 8) {  // the steady state of the pooling loop: fully unrolled
-    const float* r0 = rows[0]; const float* r1 = rows[1]; const float* r2 = rows[2]; const float* r3 = rows[3];
-    const float* r4 = rows[4]; const float* r5 = rows[5]; const float* r6 = rows[6]; const float* r7 = rows[7];
+    const float* r0 = rows[0];
+    const float* r1 = rows[1];
+    const float* r2 = rows[2];
+    const float* r3 = rows[3];
+    const float* r4 = rows[4];
+    const float* r5 = rows[5];
+    const float* r6 = rows[6];
+    const float* r7 = rows[7];
     for (; i + 8 <= n; i += 8) {
       v8sf x = load8(acc + i);
       x += w[0] * load8(r0 + i) + w[1] * load8(r1 + i);

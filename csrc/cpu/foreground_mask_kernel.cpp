@@ -73,14 +73,16 @@ inline int skip_equal(const uint8_t* row, int x, int W, uint8_t v) {
   return x;
 }
 
-inline bool row_uniform(const uint8_t* row, int W) { return W == 0 || skip_equal(row, 0, W, row[0]) == W; }
+inline bool row_uniform(const uint8_t* row, int W) {
+  return W == 0 || skip_equal(row, 0, W, row[0]) == W;
+}
 
 // Morphology with a (2r+1)x(2r+1) square on a 0/1 image. Pixels outside the image are ignored
 // (the identity of the operation), as OpenCV's default border for erode/dilate does, so an
 // object touching the image edge is not eaten by erosion.
 template <bool kMax>
-void morph_square(uint8_t* __restrict__ img, uint8_t* __restrict__ tmp, std::vector<uint8_t>& uniform, int H, int W,
-                  int r) {
+void morph_square(uint8_t* __restrict__ img, uint8_t* __restrict__ tmp, std::vector<uint8_t>& uniform, int H,
+                  int W, int r) {
   if (r <= 0) return;
   // Horizontal pass into tmp: each shift is a full-row AND/OR. A uniform row is its own result.
   uniform.resize(H);
@@ -106,7 +108,8 @@ void morph_square(uint8_t* __restrict__ img, uint8_t* __restrict__ tmp, std::vec
     uint8_t* out = img + static_cast<int64_t>(y) * W;
     const int y0 = std::max(0, y - r), y1 = std::min(H - 1, y + r);
     bool same = true;
-    for (int yy = y0; yy <= y1 && same; ++yy) same = uniform[yy] && tmp[static_cast<int64_t>(yy) * W] == tmp[static_cast<int64_t>(y) * W];
+    for (int yy = y0; yy <= y1 && same; ++yy)
+      same = uniform[yy] && tmp[static_cast<int64_t>(yy) * W] == tmp[static_cast<int64_t>(y) * W];
     if (same) {
       std::memcpy(out, tmp + static_cast<int64_t>(y) * W, W);
       continue;
@@ -180,7 +183,8 @@ class RunLabels {
 };
 
 // Largest component (+ hole filling) of one image, in place; returns the foreground pixel count.
-int64_t largest_component_one(uint8_t* img, int H, int W, bool fill_holes, RunLabels& L, std::vector<int64_t>& area) {
+int64_t largest_component_one(uint8_t* img, int H, int W, bool fill_holes, RunLabels& L,
+                              std::vector<int64_t>& area) {
   L.label(img, H, W, 1, /*conn8=*/true);
   const int n = static_cast<int>(L.runs.size());
   std::memset(img, 0, static_cast<size_t>(H) * W);
@@ -193,7 +197,8 @@ int64_t largest_component_one(uint8_t* img, int H, int W, bool fill_holes, RunLa
   }
   int64_t count = area[best];
   for (int i = 0; i < n; ++i) {
-    if (L.parent[i] == best) std::memset(img + static_cast<int64_t>(L.runs[i].y) * W + L.runs[i].x0, 1, L.runs[i].x1 - L.runs[i].x0);
+    if (L.parent[i] == best)
+      std::memset(img + static_cast<int64_t>(L.runs[i].y) * W + L.runs[i].x0, 1, L.runs[i].x1 - L.runs[i].x0);
   }
   if (!fill_holes) return count;
   // Holes: background regions (4-connected, the dual of 8-connected foreground) that do not
@@ -239,7 +244,8 @@ void gaussian_smooth(const uint8_t* __restrict__ img, float* __restrict__ out, f
                      const std::vector<int>& tx, const std::vector<int>& ty) {
   const int r = static_cast<int>(w.size() / 2);
   if (r == 0) {
-    for (int y = 0; y < H; ++y) bytes_to_float(out + static_cast<int64_t>(y) * W, img + static_cast<int64_t>(y) * W, W);
+    for (int y = 0; y < H; ++y)
+      bytes_to_float(out + static_cast<int64_t>(y) * W, img + static_cast<int64_t>(y) * W, W);
     return;
   }
   uniform.resize(H);
@@ -279,8 +285,8 @@ void gaussian_smooth(const uint8_t* __restrict__ img, float* __restrict__ out, f
 
 // Binary foreground of one image: grey level (channel mix) > threshold. Reads any strides.
 template <typename scalar_t>
-void threshold_image(const scalar_t* base, int64_t C, int64_t H, int64_t W, int64_t sc, int64_t sh, int64_t sw,
-                     const float* cw, float thr, uint8_t* out, float* acc) {
+void threshold_image(const scalar_t* base, int64_t C, int64_t H, int64_t W, int64_t sc, int64_t sh,
+                     int64_t sw, const float* cw, float thr, uint8_t* out, float* acc) {
   for (int64_t y = 0; y < H; ++y) {
     uint8_t* o = out + y * W;
     if (C == 1) {
@@ -300,8 +306,8 @@ void threshold_image(const scalar_t* base, int64_t C, int64_t H, int64_t W, int6
 }
 
 std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images, double threshold,
-                                                       int64_t open_radius, int64_t close_radius, bool fill_holes,
-                                                       double sigma) {
+                                                       int64_t open_radius, int64_t close_radius,
+                                                       bool fill_holes, double sigma) {
   const ForegroundParams p{threshold, open_radius, close_radius, fill_holes, sigma};
   const at::Tensor im = check_foreground_inputs(images, p);
   const int64_t B = im.size(0), C = im.size(1), H = im.size(2), W = im.size(3);
@@ -329,40 +335,46 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images,
   float* cp = coverage.data_ptr<float>();
   const int Hi = static_cast<int>(H), Wi = static_cast<int>(W);
 
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, im.scalar_type(), "foreground_mask_cpu", [&] {
-    const scalar_t* ip = im.const_data_ptr<scalar_t>();
-    // One image per task: the stages are sequential within an image, independent across images.
-    // Images are handed out one at a time from a shared counter rather than in fixed halves, so a
-    // core that is busy with something else (a data loader shares the machine) takes fewer images
-    // instead of holding back the whole batch. Each image's result does not depend on which
-    // thread computes it, so the output stays deterministic.
-    std::atomic<int64_t> next{0};
-    const int64_t workers = std::min<int64_t>(B, std::max<int64_t>(1, at::get_num_threads()));
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      std::vector<uint8_t> bin(H * W), tmp(H * W);
-      std::vector<float> ftmp(H * W), acc(W);
-      std::vector<uint8_t> uniform(H);
-      std::vector<int64_t> area;
-      RunLabels L;
-      for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
-        threshold_image(ip + b * im.stride(0), C, H, W, im.stride(1), im.stride(2), im.stride(3), cw.data(), thr,
-                        bin.data(), acc.data());
-        morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi, static_cast<int>(open_radius));  // opening: erode,
-        morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi, static_cast<int>(open_radius));   // then dilate
-        morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi, static_cast<int>(close_radius));  // closing: dilate,
-        morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi, static_cast<int>(close_radius)); // then erode
-        const int64_t count = largest_component_one(bin.data(), Hi, Wi, fill_holes, L, area);
-        cp[b] = static_cast<float>(static_cast<double>(count) / static_cast<double>(H * W));
-        gaussian_smooth(bin.data(), mp + b * H * W, ftmp.data(), uniform, Hi, Wi, gw, tx, ty);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND3(
+      at::kByte, at::kHalf, at::kBFloat16, im.scalar_type(), "foreground_mask_cpu", [&] {
+        const scalar_t* ip = im.const_data_ptr<scalar_t>();
+        // One image per task: the stages are sequential within an image, independent across images.
+        // Images are handed out one at a time from a shared counter rather than in fixed halves, so a
+        // core that is busy with something else (a data loader shares the machine) takes fewer images
+        // instead of holding back the whole batch. Each image's result does not depend on which
+        // thread computes it, so the output stays deterministic.
+        std::atomic<int64_t> next{0};
+        const int64_t workers = std::min<int64_t>(B, std::max<int64_t>(1, at::get_num_threads()));
+        at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+          std::vector<uint8_t> bin(H * W), tmp(H * W);
+          std::vector<float> ftmp(H * W), acc(W);
+          std::vector<uint8_t> uniform(H);
+          std::vector<int64_t> area;
+          RunLabels L;
+          for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
+            threshold_image(ip + b * im.stride(0), C, H, W, im.stride(1), im.stride(2), im.stride(3),
+                            cw.data(), thr, bin.data(), acc.data());
+            morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi,
+                                static_cast<int>(open_radius));  // opening: erode,
+            morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi,
+                               static_cast<int>(open_radius));  // then dilate
+            morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi,
+                               static_cast<int>(close_radius));  // closing: dilate,
+            morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi,
+                                static_cast<int>(close_radius));  // then erode
+            const int64_t count = largest_component_one(bin.data(), Hi, Wi, fill_holes, L, area);
+            cp[b] = static_cast<float>(static_cast<double>(count) / static_cast<double>(H * W));
+            gaussian_smooth(bin.data(), mp + b * H * W, ftmp.data(), uniform, Hi, Wi, gw, tx, ty);
+          }
+        });
+      });
   return {mask, coverage};
 }
 
 }  // namespace
 
-void largest_component_cpu(uint8_t* masks, int64_t B, int64_t H, int64_t W, bool fill_holes, float* coverage) {
+void largest_component_cpu(uint8_t* masks, int64_t B, int64_t H, int64_t W, bool fill_holes,
+                           float* coverage) {
   if (H == 0 || W == 0) {
     for (int64_t b = 0; b < B; ++b) coverage[b] = 0.f;
     return;

@@ -64,7 +64,8 @@ inline acc_t dot_t(const acc_t* __restrict__ a, const scalar_t* __restrict__ x, 
   return t;
 }
 
-MASKATTN_CLONES_F32 float masked_dot_f32(const float* __restrict__ w, const float* __restrict__ x, int64_t n) {
+MASKATTN_CLONES_F32 float masked_dot_f32(const float* __restrict__ w, const float* __restrict__ x,
+                                         int64_t n) {
   return masked_dot_t<float, float>(w, x, n);
 }
 MASKATTN_CLONES_F32 float dot_f32(const float* __restrict__ a, const float* __restrict__ x, int64_t n) {
@@ -80,10 +81,12 @@ template <typename scalar_t, typename acc_t>
 inline void axpy_row_t(acc_t* __restrict__ acc, const scalar_t* __restrict__ x, acc_t a, int64_t n) {
   for (int64_t p = 0; p < n; ++p) acc[p] += a * static_cast<acc_t>(x[p]);
 }
-MASKATTN_CLONES_F32 void scale_row_f32(float* __restrict__ out, const float* __restrict__ g, float a, int64_t n) {
+MASKATTN_CLONES_F32 void scale_row_f32(float* __restrict__ out, const float* __restrict__ g, float a,
+                                       int64_t n) {
   scale_row_t<float, float>(out, g, a, n);
 }
-MASKATTN_CLONES_F32 void axpy_row_f32(float* __restrict__ acc, const float* __restrict__ x, float a, int64_t n) {
+MASKATTN_CLONES_F32 void axpy_row_f32(float* __restrict__ acc, const float* __restrict__ x, float a,
+                                      int64_t n) {
   axpy_row_t<float, float>(acc, x, a, n);
 }
 template <typename scalar_t, typename acc_t>
@@ -176,7 +179,8 @@ int64_t channel_chunks(int64_t B, int64_t C) {
   return std::max<int64_t>(1, std::min<int64_t>(want, (C + 15) / 16));
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& features, const at::Tensor& gate_logits,
+std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& features,
+                                                         const at::Tensor& gate_logits,
                                                          const std::optional<at::Tensor>& mask) {
   GatedInputs in = check_gated_inputs(features, gate_logits, mask, "gated_masked_mean");
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
@@ -185,69 +189,72 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& featu
   at::Tensor pooled = at::empty({B, C}, features.options());
   const FeatLayout L = feature_layout(features);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> inv = inverse_counts<acc_t>(in.mask, B, H, W);
-    // w[b,p] = gate / #valid: the pooling weights, so the features pass is a plain weighted sum.
-    std::vector<acc_t> wbuf(B * HW);
-    acc_t* w = wbuf.data();
-    const scalar_t* lg = in.logits.const_data_ptr<scalar_t>();
-    const int64_t l0 = in.logits.stride(0), l1 = in.logits.stride(1), l2 = in.logits.stride(2);
-    const bool* mp = in.mask.defined() ? in.mask.const_data_ptr<bool>() : nullptr;
-    const int64_t m0 = mp ? in.mask.stride(0) : 0, m1 = mp ? in.mask.stride(1) : 0, m2 = mp ? in.mask.stride(2) : 0;
-    scalar_t* gp = gate.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t y = 0; y < H; ++y) {
-          for (int64_t x = 0; x < W; ++x) {
-            const int64_t p = b * HW + y * W + x;
-            const bool valid = mp == nullptr || mp[b * m0 + y * m1 + x * m2];
-            const acc_t s = acc_t(1) / (acc_t(1) + std::exp(-static_cast<acc_t>(lg[b * l0 + y * l1 + x * l2])));
-            const scalar_t g = valid ? static_cast<scalar_t>(s) : scalar_t(0);
-            gp[p] = g;
-            // Weights from the rounded gate, so that half-precision outputs and weights agree.
-            w[p] = static_cast<acc_t>(g) * inv[b];
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const std::vector<acc_t> inv = inverse_counts<acc_t>(in.mask, B, H, W);
+        // w[b,p] = gate / #valid: the pooling weights, so the features pass is a plain weighted sum.
+        std::vector<acc_t> wbuf(B * HW);
+        acc_t* w = wbuf.data();
+        const scalar_t* lg = in.logits.const_data_ptr<scalar_t>();
+        const int64_t l0 = in.logits.stride(0), l1 = in.logits.stride(1), l2 = in.logits.stride(2);
+        const bool* mp = in.mask.defined() ? in.mask.const_data_ptr<bool>() : nullptr;
+        const int64_t m0 = mp ? in.mask.stride(0) : 0, m1 = mp ? in.mask.stride(1) : 0,
+                      m2 = mp ? in.mask.stride(2) : 0;
+        scalar_t* gp = gate.data_ptr<scalar_t>();
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            for (int64_t y = 0; y < H; ++y) {
+              for (int64_t x = 0; x < W; ++x) {
+                const int64_t p = b * HW + y * W + x;
+                const bool valid = mp == nullptr || mp[b * m0 + y * m1 + x * m2];
+                const acc_t s =
+                    acc_t(1) / (acc_t(1) + std::exp(-static_cast<acc_t>(lg[b * l0 + y * l1 + x * l2])));
+                const scalar_t g = valid ? static_cast<scalar_t>(s) : scalar_t(0);
+                gp[p] = g;
+                // Weights from the rounded gate, so that half-precision outputs and weights agree.
+                w[p] = static_cast<acc_t>(g) * inv[b];
+              }
+            }
           }
-        }
-      }
-    });
-    const scalar_t* f = L.f.const_data_ptr<scalar_t>();
-    scalar_t* out = pooled.data_ptr<scalar_t>();
-    if (L.planar) {
-      at::parallel_for(0, B * C, 16, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t b = i / C, c = i % C;
-          const scalar_t* __restrict__ row = f + b * L.bs + c * L.cs;
-          const acc_t* __restrict__ wb = w + b * HW;
-          // The plain dot vectorises, the select does not (3x slower at 7x7): take the select
-          // only for the rare plane whose plain dot is not finite, which may be padding holding
-          // inf/NaN (0 * inf) - padding must never reach the result. Without a mask there is no
-          // padding and the plain dot is what (features * gate).mean() computes.
-          acc_t v = dot<scalar_t, acc_t>(wb, row, HW);
-          if (mp != nullptr && !std::isfinite(v)) v = masked_dot<scalar_t, acc_t>(wb, row, HW);
-          out[i] = static_cast<scalar_t>(v);
+        });
+        const scalar_t* f = L.f.const_data_ptr<scalar_t>();
+        scalar_t* out = pooled.data_ptr<scalar_t>();
+        if (L.planar) {
+          at::parallel_for(0, B * C, 16, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+              const int64_t b = i / C, c = i % C;
+              const scalar_t* __restrict__ row = f + b * L.bs + c * L.cs;
+              const acc_t* __restrict__ wb = w + b * HW;
+              // The plain dot vectorises, the select does not (3x slower at 7x7): take the select
+              // only for the rare plane whose plain dot is not finite, which may be padding holding
+              // inf/NaN (0 * inf) - padding must never reach the result. Without a mask there is no
+              // padding and the plain dot is what (features * gate).mean() computes.
+              acc_t v = dot<scalar_t, acc_t>(wb, row, HW);
+              if (mp != nullptr && !std::isfinite(v)) v = masked_dot<scalar_t, acc_t>(wb, row, HW);
+              out[i] = static_cast<scalar_t>(v);
+            }
+          });
+        } else {
+          const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
+          at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
+            std::vector<acc_t> acc(csz);
+            for (int64_t t = t0; t < t1; ++t) {
+              const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
+              if (c0 >= c1) continue;
+              std::fill(acc.begin(), acc.end(), acc_t(0));
+              acc_t* __restrict__ a = acc.data();
+              for (int64_t p = 0; p < HW; ++p) {
+                const acc_t wp = w[b * HW + p];
+                if (wp == acc_t(0)) continue;
+                const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps + c0;
+                for (int64_t c = 0; c < c1 - c0; ++c) a[c] += wp * static_cast<acc_t>(row[c]);
+              }
+              for (int64_t c = c0; c < c1; ++c) out[b * C + c] = static_cast<scalar_t>(a[c - c0]);
+            }
+          });
         }
       });
-    } else {
-      const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
-      at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<acc_t> acc(csz);
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
-          if (c0 >= c1) continue;
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          acc_t* __restrict__ a = acc.data();
-          for (int64_t p = 0; p < HW; ++p) {
-            const acc_t wp = w[b * HW + p];
-            if (wp == acc_t(0)) continue;
-            const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps + c0;
-            for (int64_t c = 0; c < c1 - c0; ++c) a[c] += wp * static_cast<acc_t>(row[c]);
-          }
-          for (int64_t c = c0; c < c1; ++c) out[b * C + c] = static_cast<scalar_t>(a[c - c0]);
-        }
-      });
-    }
-  });
   return {pooled, gate_logits.dim() == 4 ? gate.unsqueeze(1) : gate};
 }
 
@@ -259,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
   const int64_t HW = H * W;
   const at::Tensor bmask = g.mask;
   const bool need_f = output_mask[0], need_l = output_mask[1];
-  at::Tensor grad_features = need_f ? at::empty({B, C, H, W}, features.options()) : at::empty({0}, features.options());
+  at::Tensor grad_features =
+      need_f ? at::empty({B, C, H, W}, features.options()) : at::empty({0}, features.options());
   at::Tensor grad_logits = need_l ? at::empty({B, H, W}, gate.options()) : at::empty({0}, gate.options());
   if (!need_f && !need_l) return {grad_features, grad_logits};
   const auto acc_type = at::toOpMathType(features.scalar_type());
@@ -268,76 +276,77 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
   const at::Tensor ggd = g.grad_gate.defined() ? g.grad_gate.to(acc_type).contiguous() : at::Tensor();
   const at::Tensor gate_c = g.gate.contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> inv = inverse_counts<acc_t>(bmask, B, H, W);
-    const acc_t* gpp = gpd.const_data_ptr<acc_t>();
-    const scalar_t* gt = gate_c.const_data_ptr<scalar_t>();
-    // d pooled[b,c] / d f[b,c,p] = gate[b,p] / #valid(b): an outer product, one write pass. For
-    // channels-first features it is fused into the gate-gradient pass below (same (b, c) rows).
-    const FeatLayout L = need_l ? feature_layout(features) : FeatLayout{};
-    scalar_t* gf = need_f ? grad_features.data_ptr<scalar_t>() : nullptr;
-    const bool fuse = need_f && need_l && L.planar;
-    if (need_f && !fuse) {
-      at::parallel_for(0, B * C, 16, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t b = i / C;
-          scale_row<scalar_t, acc_t>(gf + i * HW, gt + b * HW, gpp[i] * inv[b], HW);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const std::vector<acc_t> inv = inverse_counts<acc_t>(bmask, B, H, W);
+        const acc_t* gpp = gpd.const_data_ptr<acc_t>();
+        const scalar_t* gt = gate_c.const_data_ptr<scalar_t>();
+        // d pooled[b,c] / d f[b,c,p] = gate[b,p] / #valid(b): an outer product, one write pass. For
+        // channels-first features it is fused into the gate-gradient pass below (same (b, c) rows).
+        const FeatLayout L = need_l ? feature_layout(features) : FeatLayout{};
+        scalar_t* gf = need_f ? grad_features.data_ptr<scalar_t>() : nullptr;
+        const bool fuse = need_f && need_l && L.planar;
+        if (need_f && !fuse) {
+          at::parallel_for(0, B * C, 16, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+              const int64_t b = i / C;
+              scale_row<scalar_t, acc_t>(gf + i * HW, gt + b * HW, gpp[i] * inv[b], HW);
+            }
+          });
         }
-      });
-    }
-    if (!need_l || B * HW == 0) return;
-    // dots[b,p] = sum_c grad_pooled[b,c] * f[b,c,p]
-    const scalar_t* f = L.f.const_data_ptr<scalar_t>();
-    std::vector<acc_t> dots(B * HW, acc_t(0));
-    if (L.planar) {
-      const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
-      std::vector<acc_t> part(B * nch * HW, acc_t(0));
-      at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
-          acc_t* __restrict__ a = part.data() + t * HW;
-          for (int64_t c = c0; c < c1; ++c) {
-            const acc_t gc = gpp[b * C + c];
-            if (fuse) scale_row<scalar_t, acc_t>(gf + (b * C + c) * HW, gt + b * HW, gc * inv[b], HW);
-            axpy_row<scalar_t, acc_t>(a, f + b * L.bs + c * L.cs, gc, HW);
+        if (!need_l || B * HW == 0) return;
+        // dots[b,p] = sum_c grad_pooled[b,c] * f[b,c,p]
+        const scalar_t* f = L.f.const_data_ptr<scalar_t>();
+        std::vector<acc_t> dots(B * HW, acc_t(0));
+        if (L.planar) {
+          const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
+          std::vector<acc_t> part(B * nch * HW, acc_t(0));
+          at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
+            for (int64_t t = t0; t < t1; ++t) {
+              const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
+              acc_t* __restrict__ a = part.data() + t * HW;
+              for (int64_t c = c0; c < c1; ++c) {
+                const acc_t gc = gpp[b * C + c];
+                if (fuse) scale_row<scalar_t, acc_t>(gf + (b * C + c) * HW, gt + b * HW, gc * inv[b], HW);
+                axpy_row<scalar_t, acc_t>(a, f + b * L.bs + c * L.cs, gc, HW);
+              }
+            }
+          });
+          // Fixed-order reduction of the chunks: the result does not depend on the thread schedule.
+          at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+            for (int64_t b = b0; b < b1; ++b) {
+              acc_t* __restrict__ d = dots.data() + b * HW;
+              for (int64_t k = 0; k < nch; ++k) {
+                const acc_t* __restrict__ a = part.data() + (b * nch + k) * HW;
+                for (int64_t p = 0; p < HW; ++p) d[p] += a[p];
+              }
+            }
+          });
+        } else {
+          at::parallel_for(0, B * HW, 16, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+              const int64_t b = i / HW, p = i % HW;
+              const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps;
+              const acc_t* __restrict__ gb = gpp + b * C;
+              dots[i] = dot<scalar_t, acc_t>(gb, row, C);
+            }
+          });
+        }
+        // d/d logit = s (1 - s) * (dots / #valid + grad_gate); padding (gate 0) gets exactly 0.
+        const acc_t* gg = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
+        scalar_t* gl = grad_logits.data_ptr<scalar_t>();
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            for (int64_t p = 0; p < HW; ++p) {
+              const int64_t i = b * HW + p;
+              const acc_t s = static_cast<acc_t>(gt[i]);
+              const acc_t up = dots[i] * inv[b] + (gg ? gg[i] : acc_t(0));
+              gl[i] = s != acc_t(0) ? static_cast<scalar_t>(s * (acc_t(1) - s) * up) : scalar_t(0);
+            }
           }
-        }
+        });
       });
-      // Fixed-order reduction of the chunks: the result does not depend on the thread schedule.
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          acc_t* __restrict__ d = dots.data() + b * HW;
-          for (int64_t k = 0; k < nch; ++k) {
-            const acc_t* __restrict__ a = part.data() + (b * nch + k) * HW;
-            for (int64_t p = 0; p < HW; ++p) d[p] += a[p];
-          }
-        }
-      });
-    } else {
-      at::parallel_for(0, B * HW, 16, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t b = i / HW, p = i % HW;
-          const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps;
-          const acc_t* __restrict__ gb = gpp + b * C;
-          dots[i] = dot<scalar_t, acc_t>(gb, row, C);
-        }
-      });
-    }
-    // d/d logit = s (1 - s) * (dots / #valid + grad_gate); padding (gate 0) gets exactly 0.
-    const acc_t* gg = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* gl = grad_logits.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t p = 0; p < HW; ++p) {
-          const int64_t i = b * HW + p;
-          const acc_t s = static_cast<acc_t>(gt[i]);
-          const acc_t up = dots[i] * inv[b] + (gg ? gg[i] : acc_t(0));
-          gl[i] = s != acc_t(0) ? static_cast<scalar_t>(s * (acc_t(1) - s) * up) : scalar_t(0);
-        }
-      }
-    });
-  });
   if (need_l && gate.dim() == 4) grad_logits = grad_logits.unsqueeze(1);
   return {grad_features, grad_logits};
 }

@@ -173,7 +173,8 @@ std::vector<Bag> padded_bags(const at::Tensor& logits, const at::Tensor& feature
   return bags;
 }
 
-std::vector<Bag> packed_bags(const at::Tensor& logits, const at::Tensor& features, const at::Tensor& offsets) {
+std::vector<Bag> packed_bags(const at::Tensor& logits, const at::Tensor& features,
+                             const at::Tensor& offsets) {
   const int64_t B = offsets.size(0) - 1, K = logits.size(1);
   const int64_t* o = offsets.const_data_ptr<int64_t>();
   std::vector<Bag> bags(B);
@@ -217,37 +218,39 @@ std::tuple<at::Tensor, at::Tensor> pool_forward(const at::Tensor& logits, const 
   auto pooled = at::zeros({B, K, D}, features.options());
   const auto acc_type = at::toOpMathType(features.scalar_type());
   // The features pass reads weights in the accumulation type; for float/double that is the output.
-  auto w_acc = acc_type == logits.scalar_type() ? weights : at::empty(weights_shape, logits.options().dtype(acc_type));
+  auto w_acc =
+      acc_type == logits.scalar_type() ? weights : at::empty(weights_shape, logits.options().dtype(acc_type));
   if (weights.numel() == 0) return {pooled, weights};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    acc_t* w = w_acc.data_ptr<acc_t>();
-    bag_softmax<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(),
-                                 mask.defined() ? mask.const_data_ptr<bool>() : nullptr, bags, L, w);
-    if (D == 0) return;
-    std::vector<int64_t> first;
-    const auto chunks = make_chunks(bags, first);
-    std::vector<acc_t> parts(chunks.size() * K * D);
-    const scalar_t* f = features.const_data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        pool_chunk(f, w, bags[chunks[c].bag], chunks[c], L, parts.data() + c * K * D);
-      }
-    });
-    // Chunks are summed in a fixed order: results do not depend on the thread count's schedule.
-    scalar_t* out = pooled.data_ptr<scalar_t>();
-    at::parallel_for(0, B * K, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / K, k = i % K;
-        for (int64_t d = 0; d < D; ++d) {
-          acc_t s = 0;
-          for (int64_t c = first[b]; c < first[b + 1]; ++c) s += parts[(c * K + k) * D + d];
-          out[i * D + d] = static_cast<scalar_t>(s);
-        }
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        acc_t* w = w_acc.data_ptr<acc_t>();
+        bag_softmax<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(),
+                                     mask.defined() ? mask.const_data_ptr<bool>() : nullptr, bags, L, w);
+        if (D == 0) return;
+        std::vector<int64_t> first;
+        const auto chunks = make_chunks(bags, first);
+        std::vector<acc_t> parts(chunks.size() * K * D);
+        const scalar_t* f = features.const_data_ptr<scalar_t>();
+        at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            pool_chunk(f, w, bags[chunks[c].bag], chunks[c], L, parts.data() + c * K * D);
+          }
+        });
+        // Chunks are summed in a fixed order: results do not depend on the thread count's schedule.
+        scalar_t* out = pooled.data_ptr<scalar_t>();
+        at::parallel_for(0, B * K, 1, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t b = i / K, k = i % K;
+            for (int64_t d = 0; d < D; ++d) {
+              acc_t s = 0;
+              for (int64_t c = first[b]; c < first[b + 1]; ++c) s += parts[(c * K + k) * D + d];
+              out[i * D + d] = static_cast<scalar_t>(s);
+            }
+          }
+        });
+      });
   if (!w_acc.is_same(weights)) weights.copy_(w_acc);
   return {pooled, weights};
 }
@@ -263,9 +266,10 @@ std::tuple<at::Tensor, at::Tensor> pool_backward(const PoolGrads& g, const at::T
   const at::Tensor gw = g.grad_weights.defined() ? g.grad_weights.to(acc_type).contiguous() : at::Tensor();
   Layout L = make_layout(g.weights, features, at::Tensor());
   const int64_t K = L.K, D = L.D;
-  at::Tensor grad_logits = need_logits ? at::zeros(g.weights.sizes(), g.weights.options()) : at::empty({0}, g.weights.options());
-  at::Tensor grad_features =
-      need_features ? cpu::empty_large(features.sizes(), features.options()) : at::empty({0}, features.options());
+  at::Tensor grad_logits =
+      need_logits ? at::zeros(g.weights.sizes(), g.weights.options()) : at::empty({0}, g.weights.options());
+  at::Tensor grad_features = need_features ? cpu::empty_large(features.sizes(), features.options())
+                                           : at::empty({0}, features.options());
   if (!need_logits && !need_features) return {grad_logits, grad_features};
   if (g.weights.numel() == 0) {
     // No weights (B, N or K is 0): every feature row has weight 0.
@@ -273,127 +277,130 @@ std::tuple<at::Tensor, at::Tensor> pool_backward(const PoolGrads& g, const at::T
     return {grad_logits, grad_features};
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* w = w_acc.const_data_ptr<acc_t>();
-    const acc_t* gpp = gp.const_data_ptr<acc_t>();
-    const acc_t* gwp = gw.defined() ? gw.const_data_ptr<acc_t>() : nullptr;
-    const scalar_t* f = features.const_data_ptr<scalar_t>();
-    scalar_t* gf = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
-    // gsum[row,k] = dL/dw[row,k] in total: the incoming weight gradient plus <grad_pooled, row>.
-    std::vector<acc_t> gsum(need_logits ? w_acc.numel() : 0);
-    std::vector<int64_t> first;
-    const auto chunks = make_chunks(bags, first);
-    const int64_t gf_row = D;  // grad_features is contiguous
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-      std::vector<acc_t> col;
-      for (int64_t ci = c0; ci < c1; ++ci) {
-        const Chunk& c = chunks[ci];
-        const Bag& bag = bags[c.bag];
-        const acc_t* gpb = gpp + c.bag * K * D;
-        // grad_features rows are contiguous [rows, D]; the row index is the bag's row base.
-        const int64_t row_base = bag.w_off / K;
-        if (need_features) {
-          for (int64_t r = c.r0; r < c.r1; ++r) {
-            scalar_t* out = gf + (row_base + r) * gf_row;
-            const acc_t* wr = w + bag.w_off + r * K;
-            if (K == 1) {
-              const acc_t a = wr[0];
-              if (a == acc_t(0)) {
-                std::fill(out, out + D, scalar_t(0));
-              } else {
-                for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(a * gpb[d]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const acc_t* w = w_acc.const_data_ptr<acc_t>();
+        const acc_t* gpp = gp.const_data_ptr<acc_t>();
+        const acc_t* gwp = gw.defined() ? gw.const_data_ptr<acc_t>() : nullptr;
+        const scalar_t* f = features.const_data_ptr<scalar_t>();
+        scalar_t* gf = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
+        // gsum[row,k] = dL/dw[row,k] in total: the incoming weight gradient plus <grad_pooled, row>.
+        std::vector<acc_t> gsum(need_logits ? w_acc.numel() : 0);
+        std::vector<int64_t> first;
+        const auto chunks = make_chunks(bags, first);
+        const int64_t gf_row = D;  // grad_features is contiguous
+        at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+          std::vector<acc_t> col;
+          for (int64_t ci = c0; ci < c1; ++ci) {
+            const Chunk& c = chunks[ci];
+            const Bag& bag = bags[c.bag];
+            const acc_t* gpb = gpp + c.bag * K * D;
+            // grad_features rows are contiguous [rows, D]; the row index is the bag's row base.
+            const int64_t row_base = bag.w_off / K;
+            if (need_features) {
+              for (int64_t r = c.r0; r < c.r1; ++r) {
+                scalar_t* out = gf + (row_base + r) * gf_row;
+                const acc_t* wr = w + bag.w_off + r * K;
+                if (K == 1) {
+                  const acc_t a = wr[0];
+                  if (a == acc_t(0)) {
+                    std::fill(out, out + D, scalar_t(0));
+                  } else {
+                    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(a * gpb[d]);
+                  }
+                } else {
+                  for (int64_t d = 0; d < D; ++d) {
+                    acc_t s = 0;
+                    for (int64_t k = 0; k < K; ++k) s += wr[k] * gpb[k * D + d];
+                    out[d] = static_cast<scalar_t>(s);
+                  }
+                }
+              }
+            }
+            if (!need_logits) continue;
+            acc_t* gs = gsum.data() + bag.w_off;
+            if (L.fs_d == 1 && K == 1) {
+              // live rows (weight != 0) four at a time; padding rows are never read
+              const scalar_t* rows[4];
+              int64_t idx[4];
+              acc_t out[4];
+              int n = 0;
+              for (int64_t r = c.r0; r < c.r1; ++r) {
+                gs[r] = acc_t(0);
+                if (w[bag.w_off + r] == acc_t(0)) continue;
+                rows[n] = f + bag.f_off + r * L.fs_n;
+                idx[n] = r;
+                if (++n == 4) {
+                  cpu::dot_rows_any(gpb, rows, 4, D, out);
+                  for (int j = 0; j < 4; ++j) gs[idx[j]] = out[j];
+                  n = 0;
+                }
+              }
+              cpu::dot_rows_any(gpb, rows, n, D, out);
+              for (int j = 0; j < n; ++j) gs[idx[j]] = out[j];
+            } else if (L.fs_d == 1) {
+              for (int64_t r = c.r0; r < c.r1; ++r) {
+                const scalar_t* row = f + bag.f_off + r * L.fs_n;
+                for (int64_t k = 0; k < K; ++k) {
+                  const int64_t i = r * K + k;
+                  gs[i] = w[bag.w_off + i] != acc_t(0) ? cpu::dot_any(gpb + k * D, row, D) : acc_t(0);
+                }
               }
             } else {
+              // Rows contiguous: accumulate the dot products column by column, vectorised over rows.
+              const int64_t n = c.r1 - c.r0;
+              col.assign(n * K, acc_t(0));
               for (int64_t d = 0; d < D; ++d) {
-                acc_t s = 0;
-                for (int64_t k = 0; k < K; ++k) s += wr[k] * gpb[k * D + d];
-                out[d] = static_cast<scalar_t>(s);
+                const scalar_t* fc = f + bag.f_off + d * L.fs_d + c.r0;
+                for (int64_t k = 0; k < K; ++k) {
+                  const acc_t gd = gpb[k * D + d];
+                  acc_t* ck = col.data() + k * n;
+                  for (int64_t r = 0; r < n; ++r) ck[r] += gd * static_cast<acc_t>(fc[r]);
+                }
+              }
+              for (int64_t r = 0; r < n; ++r) {
+                for (int64_t k = 0; k < K; ++k) {
+                  const int64_t i = (c.r0 + r) * K + k;
+                  gs[i] = w[bag.w_off + i] != acc_t(0) ? col[k * n + r] : acc_t(0);
+                }
               }
             }
           }
-        }
-        if (!need_logits) continue;
-        acc_t* gs = gsum.data() + bag.w_off;
-        if (L.fs_d == 1 && K == 1) {
-          // live rows (weight != 0) four at a time; padding rows are never read
-          const scalar_t* rows[4];
-          int64_t idx[4];
-          acc_t out[4];
-          int n = 0;
-          for (int64_t r = c.r0; r < c.r1; ++r) {
-            gs[r] = acc_t(0);
-            if (w[bag.w_off + r] == acc_t(0)) continue;
-            rows[n] = f + bag.f_off + r * L.fs_n;
-            idx[n] = r;
-            if (++n == 4) {
-              cpu::dot_rows_any(gpb, rows, 4, D, out);
-              for (int j = 0; j < 4; ++j) gs[idx[j]] = out[j];
-              n = 0;
-            }
-          }
-          cpu::dot_rows_any(gpb, rows, n, D, out);
-          for (int j = 0; j < n; ++j) gs[idx[j]] = out[j];
-        } else if (L.fs_d == 1) {
-          for (int64_t r = c.r0; r < c.r1; ++r) {
-            const scalar_t* row = f + bag.f_off + r * L.fs_n;
+        });
+        if (!need_logits) return;
+        // Softmax backward per bag and branch: dl = w * (g - sum(w * g)).
+        scalar_t* gl = grad_logits.data_ptr<scalar_t>();
+        at::parallel_for(0, static_cast<int64_t>(bags.size()), 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            const Bag& bag = bags[b];
             for (int64_t k = 0; k < K; ++k) {
-              const int64_t i = r * K + k;
-              gs[i] = w[bag.w_off + i] != acc_t(0) ? cpu::dot_any(gpb + k * D, row, D) : acc_t(0);
+              acc_t c = 0;
+              for (int64_t r = 0; r < bag.len; ++r) {
+                const int64_t i = bag.w_off + r * K + k;
+                if (w[i] != acc_t(0)) {
+                  gsum[i] += gwp ? gwp[i] : acc_t(0);
+                  c += w[i] * gsum[i];
+                }
+              }
+              for (int64_t r = 0; r < bag.len; ++r) {
+                const int64_t i = bag.w_off + r * K + k;
+                gl[i] = w[i] != acc_t(0) ? static_cast<scalar_t>(w[i] * (gsum[i] - c)) : scalar_t(0);
+              }
             }
           }
-        } else {
-          // Rows contiguous: accumulate the dot products column by column, vectorised over rows.
-          const int64_t n = c.r1 - c.r0;
-          col.assign(n * K, acc_t(0));
-          for (int64_t d = 0; d < D; ++d) {
-            const scalar_t* fc = f + bag.f_off + d * L.fs_d + c.r0;
-            for (int64_t k = 0; k < K; ++k) {
-              const acc_t gd = gpb[k * D + d];
-              acc_t* ck = col.data() + k * n;
-              for (int64_t r = 0; r < n; ++r) ck[r] += gd * static_cast<acc_t>(fc[r]);
-            }
-          }
-          for (int64_t r = 0; r < n; ++r) {
-            for (int64_t k = 0; k < K; ++k) {
-              const int64_t i = (c.r0 + r) * K + k;
-              gs[i] = w[bag.w_off + i] != acc_t(0) ? col[k * n + r] : acc_t(0);
-            }
-          }
-        }
-      }
-    });
-    if (!need_logits) return;
-    // Softmax backward per bag and branch: dl = w * (g - sum(w * g)).
-    scalar_t* gl = grad_logits.data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(bags.size()), 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const Bag& bag = bags[b];
-        for (int64_t k = 0; k < K; ++k) {
-          acc_t c = 0;
-          for (int64_t r = 0; r < bag.len; ++r) {
-            const int64_t i = bag.w_off + r * K + k;
-            if (w[i] != acc_t(0)) {
-              gsum[i] += gwp ? gwp[i] : acc_t(0);
-              c += w[i] * gsum[i];
-            }
-          }
-          for (int64_t r = 0; r < bag.len; ++r) {
-            const int64_t i = bag.w_off + r * K + k;
-            gl[i] = w[i] != acc_t(0) ? static_cast<scalar_t>(w[i] * (gsum[i] - c)) : scalar_t(0);
-          }
-        }
-      }
-    });
-  });
+        });
+      });
   return {grad_logits, grad_features};
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cpu(const at::Tensor& logits, const at::Tensor& features,
+std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cpu(const at::Tensor& logits,
+                                                             const at::Tensor& features,
                                                              const std::optional<at::Tensor>& mask) {
   PoolInputs in = check_pool_inputs(logits, features, mask);
   const at::Tensor f = readable_features(in.features);
-  auto [pooled, weights] = pool_forward(in.logits, f, in.mask, padded_bags(in.logits, f, in.mask), in.logits.sizes());
+  auto [pooled, weights] =
+      pool_forward(in.logits, f, in.mask, padded_bags(in.logits, f, in.mask), in.logits.sizes());
   if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
   return {pooled, weights};
 }
@@ -403,7 +410,8 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cpu(
     const at::Tensor& features, std::array<bool, 2> output_mask) {
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, features.size(0), false);
   const at::Tensor f = readable_features(features);
-  auto [gl, gf] = pool_backward(g, f, padded_bags(g.weights, f, at::Tensor()), output_mask[0], output_mask[1]);
+  auto [gl, gf] =
+      pool_backward(g, f, padded_bags(g.weights, f, at::Tensor()), output_mask[0], output_mask[1]);
   if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
   return {gl, gf};
 }

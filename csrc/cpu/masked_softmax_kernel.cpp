@@ -306,9 +306,11 @@ void softmax_backward(const SoftmaxArgs& a, const at::Tensor& out_moved, double 
       const acc_t d = row_dot(bg, by, N);
       if (os == 1) {
         // selected, not multiplied: in a NaN (poisoned) row d is NaN and 0 * NaN would reach padding
-        for (int64_t i = 0; i < N; ++i) orow[i] = static_cast<scalar_t>(by[i] != acc_t(0) ? scale * by[i] * (bg[i] - d) : acc_t(0));
+        for (int64_t i = 0; i < N; ++i)
+          orow[i] = static_cast<scalar_t>(by[i] != acc_t(0) ? scale * by[i] * (bg[i] - d) : acc_t(0));
       } else {
-        for (int64_t i = 0; i < N; ++i) orow[i * os] = static_cast<scalar_t>(by[i] != acc_t(0) ? scale * by[i] * (bg[i] - d) : acc_t(0));
+        for (int64_t i = 0; i < N; ++i)
+          orow[i * os] = static_cast<scalar_t>(by[i] != acc_t(0) ? scale * by[i] * (bg[i] - d) : acc_t(0));
       }
     }
   });
@@ -332,7 +334,8 @@ at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad_output, const at::
   auto out = at::empty(output.sizes(), output.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor om = out.movedim(a.dim, -1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "masked_softmax_backward_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(),
+                                  "masked_softmax_backward_cpu",
                                   [&] { softmax_backward<scalar_t>(a, om, scale); });
   return out;
 }

@@ -68,9 +68,8 @@ at::Tensor patch_mask_cpu(const at::Tensor& image_mask, int64_t patch_size, doub
   auto out = at::empty({B, in.nh * in.nw}, image_mask.options().dtype(at::kBool));
   if (out.numel() == 0) return out;
   const int64_t min_count = patch_min_count(patch_size, threshold);
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, in.mask.scalar_type(), "patch_mask_cpu", [&] {
-    patch_mask_kernel<scalar_t>(in, min_count, out.data_ptr<bool>());
-  });
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, in.mask.scalar_type(), "patch_mask_cpu",
+                             [&] { patch_mask_kernel<scalar_t>(in, min_count, out.data_ptr<bool>()); });
   return out;
 }
 

@@ -125,7 +125,9 @@ double cpu_scale(const at::Tensor& lsl, double max_scale) {
   return lsl.exp().clamp_max(max_scale).item<double>();
 }
 
-int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row)); }
+int64_t row_grain(int64_t per_row) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row));
+}
 
 // 1 / max(|k_j|, eps) per key (all ones without normalize).
 template <typename acc_t>
@@ -164,72 +166,74 @@ void fused_forward_cpu(const XattnArgs& a, const at::Tensor& knrm, double max_sc
   const double c_d = cpu_scale(a.lsl, max_scale);
   const auto acc = at::toOpMathType(a.q.scalar_type());
   const at::Tensor kf = a.k.to(acc).contiguous(), vf = a.v.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-    const int64_t Lq = a.Lq, Lk = a.Lk, D = a.D, Dv = a.Dv, R = a.B * a.Lq;
-    const int64_t Bk = a.k.size(0), Bv = a.v.size(0), Bm = a.mask.defined() ? a.mask.size(0) : 0;
-    const acc_t c = static_cast<acc_t>(c_d);
-    const std::vector<acc_t> kinv = key_inv_norms<acc_t>(knrm, Bk * Lk);
-    const acc_t* K = kf.const_data_ptr<acc_t>();
-    const acc_t* Vp = vf.const_data_ptr<acc_t>();
-    const bool* M = a.mask.defined() ? a.mask.const_data_ptr<bool>() : nullptr;
-    const scalar_t* Q = a.q.const_data_ptr<scalar_t>();
-    const int64_t qs0 = a.q.stride(0), qs1 = a.q.stride(1);
-    scalar_t* O = out.data_ptr<scalar_t>();
-    scalar_t* A = attn.data_ptr<scalar_t>();
-    at::parallel_for(0, R, row_grain(Lk * (D + Dv)), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> qbuf(same ? 0 : D), obuf(same ? 0 : Dv), l(Lk);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / Lq, i = r % Lq;
-        const int64_t kb = Bk == 1 ? 0 : b, vb = Bv == 1 ? 0 : b, mb = Bm == 1 ? 0 : b;
-        const acc_t* q = acc_row<scalar_t, acc_t>(Q + b * qs0 + i * qs1, D, qbuf);
-        acc_t sq = 0;
-        dots_all<acc_t>(q, K + kb * Lk * D, Lk, D, l.data(), normalize ? &sq : nullptr);
-        const acc_t qinv = normalize ? inv_norm(std::sqrt(sq)) : acc_t(1);
-        for (int64_t j = 0; j < Lk; ++j) {
-          const bool valid = M == nullptr || M[mb * Lk + j];
-          l[j] = valid ? c * (l[j] * qinv * kinv[kb * Lk + j]) : -std::numeric_limits<acc_t>::infinity();
-        }
-        softmax_row(l.data(), Lk);
-        for (int64_t j = 0; j < Lk; ++j) A[r * Lk + j] = static_cast<scalar_t>(l[j]);
-        acc_t* o = acc_out_row<scalar_t, acc_t>(O + r * Dv, obuf);
-        std::fill(o, o + Dv, acc_t(0));
-        axpy_all<acc_t>(o, l.data(), Vp + vb * Lk * Dv, Lk, Dv);
-        store_row<scalar_t, acc_t>(o, O + r * Dv, Dv);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+        const int64_t Lq = a.Lq, Lk = a.Lk, D = a.D, Dv = a.Dv, R = a.B * a.Lq;
+        const int64_t Bk = a.k.size(0), Bv = a.v.size(0), Bm = a.mask.defined() ? a.mask.size(0) : 0;
+        const acc_t c = static_cast<acc_t>(c_d);
+        const std::vector<acc_t> kinv = key_inv_norms<acc_t>(knrm, Bk * Lk);
+        const acc_t* K = kf.const_data_ptr<acc_t>();
+        const acc_t* Vp = vf.const_data_ptr<acc_t>();
+        const bool* M = a.mask.defined() ? a.mask.const_data_ptr<bool>() : nullptr;
+        const scalar_t* Q = a.q.const_data_ptr<scalar_t>();
+        const int64_t qs0 = a.q.stride(0), qs1 = a.q.stride(1);
+        scalar_t* O = out.data_ptr<scalar_t>();
+        scalar_t* A = attn.data_ptr<scalar_t>();
+        at::parallel_for(0, R, row_grain(Lk * (D + Dv)), [&](int64_t r0, int64_t r1) {
+          std::vector<acc_t> qbuf(same ? 0 : D), obuf(same ? 0 : Dv), l(Lk);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / Lq, i = r % Lq;
+            const int64_t kb = Bk == 1 ? 0 : b, vb = Bv == 1 ? 0 : b, mb = Bm == 1 ? 0 : b;
+            const acc_t* q = acc_row<scalar_t, acc_t>(Q + b * qs0 + i * qs1, D, qbuf);
+            acc_t sq = 0;
+            dots_all<acc_t>(q, K + kb * Lk * D, Lk, D, l.data(), normalize ? &sq : nullptr);
+            const acc_t qinv = normalize ? inv_norm(std::sqrt(sq)) : acc_t(1);
+            for (int64_t j = 0; j < Lk; ++j) {
+              const bool valid = M == nullptr || M[mb * Lk + j];
+              l[j] = valid ? c * (l[j] * qinv * kinv[kb * Lk + j]) : -std::numeric_limits<acc_t>::infinity();
+            }
+            softmax_row(l.data(), Lk);
+            for (int64_t j = 0; j < Lk; ++j) A[r * Lk + j] = static_cast<scalar_t>(l[j]);
+            acc_t* o = acc_out_row<scalar_t, acc_t>(O + r * Dv, obuf);
+            std::fill(o, o + Dv, acc_t(0));
+            axpy_all<acc_t>(o, l.data(), Vp + vb * Lk * Dv, Lk, Dv);
+            store_row<scalar_t, acc_t>(o, O + r * Dv, Dv);
+          }
+        });
+      });
 }
 
-void softmax_forward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Tensor& qnrm, const at::Tensor& knrm,
-                         double max_scale, bool normalize, const at::Tensor& attn) {
+void softmax_forward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Tensor& qnrm,
+                         const at::Tensor& knrm, double max_scale, bool normalize, const at::Tensor& attn) {
   const double c_d = cpu_scale(a.lsl, max_scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_softmax_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t Lq = a.Lq, Lk = a.Lk, R = a.B * a.Lq;
-    const int64_t Bk = a.k.size(0), Bm = a.mask.defined() ? a.mask.size(0) : 0;
-    const acc_t c = static_cast<acc_t>(c_d);
-    const std::vector<acc_t> kinv = key_inv_norms<acc_t>(knrm, Bk * Lk);
-    const acc_t* QN = normalize ? qnrm.const_data_ptr<acc_t>() : nullptr;
-    const bool* M = a.mask.defined() ? a.mask.const_data_ptr<bool>() : nullptr;
-    const acc_t* Sp = S.const_data_ptr<acc_t>();  // raw dots in the accumulation type
-    scalar_t* A = attn.data_ptr<scalar_t>();
-    at::parallel_for(0, R, row_grain(Lk * 8), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> l(Lk);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / Lq, kb = Bk == 1 ? 0 : b, mb = Bm == 1 ? 0 : b;
-        const acc_t qinv = QN ? inv_norm(QN[r]) : acc_t(1);
-        for (int64_t j = 0; j < Lk; ++j) {
-          const bool valid = M == nullptr || M[mb * Lk + j];
-          l[j] = valid ? c * (Sp[r * Lk + j] * qinv * kinv[kb * Lk + j])
-                       : -std::numeric_limits<acc_t>::infinity();
-        }
-        softmax_row(l.data(), Lk);
-        for (int64_t j = 0; j < Lk; ++j) A[r * Lk + j] = static_cast<scalar_t>(l[j]);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_softmax_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int64_t Lq = a.Lq, Lk = a.Lk, R = a.B * a.Lq;
+        const int64_t Bk = a.k.size(0), Bm = a.mask.defined() ? a.mask.size(0) : 0;
+        const acc_t c = static_cast<acc_t>(c_d);
+        const std::vector<acc_t> kinv = key_inv_norms<acc_t>(knrm, Bk * Lk);
+        const acc_t* QN = normalize ? qnrm.const_data_ptr<acc_t>() : nullptr;
+        const bool* M = a.mask.defined() ? a.mask.const_data_ptr<bool>() : nullptr;
+        const acc_t* Sp = S.const_data_ptr<acc_t>();  // raw dots in the accumulation type
+        scalar_t* A = attn.data_ptr<scalar_t>();
+        at::parallel_for(0, R, row_grain(Lk * 8), [&](int64_t r0, int64_t r1) {
+          std::vector<acc_t> l(Lk);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / Lq, kb = Bk == 1 ? 0 : b, mb = Bm == 1 ? 0 : b;
+            const acc_t qinv = QN ? inv_norm(QN[r]) : acc_t(1);
+            for (int64_t j = 0; j < Lk; ++j) {
+              const bool valid = M == nullptr || M[mb * Lk + j];
+              l[j] = valid ? c * (Sp[r * Lk + j] * qinv * kinv[kb * Lk + j])
+                           : -std::numeric_limits<acc_t>::infinity();
+            }
+            softmax_row(l.data(), Lk);
+            for (int64_t j = 0; j < Lk; ++j) A[r * Lk + j] = static_cast<scalar_t>(l[j]);
+          }
+        });
+      });
 }
 
 // Softmax backward of one row given its cosines and dA = d loss / d attn: writes wqk (d loss /
@@ -265,97 +269,103 @@ inline acc_t softmax_backward_row(const acc_t* cos, const acc_t* dA, const acc_t
   return psum;
 }
 
-void fused_backward_cpu(const XattnArgs& a, const at::Tensor& knrm, const at::Tensor& gout, const at::Tensor& gattn,
-                        const at::Tensor& attn, double max_scale, bool normalize, const at::Tensor& dq,
-                        const at::Tensor& wqk, const at::Tensor& p) {
+void fused_backward_cpu(const XattnArgs& a, const at::Tensor& knrm, const at::Tensor& gout,
+                        const at::Tensor& gattn, const at::Tensor& attn, double max_scale, bool normalize,
+                        const at::Tensor& dq, const at::Tensor& wqk, const at::Tensor& p) {
   const double c_d = cpu_scale(a.lsl, max_scale);
   const auto acc = at::toOpMathType(a.q.scalar_type());
   const at::Tensor kf = a.k.to(acc).contiguous(), vf = a.v.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-    const int64_t Lq = a.Lq, Lk = a.Lk, D = a.D, Dv = a.Dv, R = a.B * a.Lq;
-    const int64_t Bk = a.k.size(0), Bv = a.v.size(0);
-    const acc_t c = static_cast<acc_t>(c_d);
-    const std::vector<acc_t> kinv = key_inv_norms<acc_t>(knrm, Bk * Lk);
-    const acc_t* K = kf.const_data_ptr<acc_t>();
-    const acc_t* Vp = vf.const_data_ptr<acc_t>();
-    const scalar_t* Q = a.q.const_data_ptr<scalar_t>();
-    const int64_t qs0 = a.q.stride(0), qs1 = a.q.stride(1);
-    const scalar_t* G = gout.const_data_ptr<scalar_t>();
-    const scalar_t* GA = gattn.defined() ? gattn.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* A = attn.const_data_ptr<scalar_t>();
-    scalar_t* DQ = dq.defined() ? dq.data_ptr<scalar_t>() : nullptr;
-    acc_t* WQK = wqk.data_ptr<acc_t>();
-    acc_t* P = p.data_ptr<acc_t>();
-    at::parallel_for(0, R, row_grain(Lk * (2 * D + Dv)), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> qbuf(same ? 0 : D), gbuf(same ? 0 : Dv), obuf(same ? 0 : D), cos(Lk), dA(Lk), w(Lk);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / Lq, i = r % Lq;
-        const int64_t kb = Bk == 1 ? 0 : b, vb = Bv == 1 ? 0 : b;
-        const acc_t* q = acc_row<scalar_t, acc_t>(Q + b * qs0 + i * qs1, D, qbuf);
-        acc_t sq = 0;
-        dots_all<acc_t>(q, K + kb * Lk * D, Lk, D, cos.data(), normalize ? &sq : nullptr);
-        const acc_t qn = std::sqrt(sq);
-        const acc_t qinv = normalize ? inv_norm(qn) : acc_t(1);
-        const acc_t* ki = kinv.data() + kb * Lk;
-        for (int64_t j = 0; j < Lk; ++j) cos[j] *= qinv * ki[j];
-        const acc_t* g = acc_row<scalar_t, acc_t>(G + r * Dv, Dv, gbuf);
-        dots_all<acc_t>(g, Vp + vb * Lk * Dv, Lk, Dv, dA.data(), nullptr);
-        for (int64_t j = 0; j < Lk; ++j) {
-          if (GA) dA[j] += static_cast<acc_t>(GA[r * Lk + j]);
-          w[j] = static_cast<acc_t>(A[r * Lk + j]);
-        }
-        const acc_t psum =
-            softmax_backward_row(cos.data(), dA.data(), w.data(), Lk, c, qinv, ki, WQK + r * Lk, P + r * Lk);
-        if (!DQ) continue;
-        // grad_query = sum_j wqk_j k_j - q * (F.normalize's projection term, zero where the
-        // norm was clamped to eps).
-        const acc_t rc = normalize && qn >= static_cast<acc_t>(kXattnNormEps) ? qinv * qinv * c * psum : acc_t(0);
-        acc_t* o = acc_out_row<scalar_t, acc_t>(DQ + r * D, obuf);
-        for (int64_t d = 0; d < D; ++d) o[d] = -rc * q[d];
-        axpy_all<acc_t>(o, WQK + r * Lk, K + kb * Lk * D, Lk, D);
-        store_row<scalar_t, acc_t>(o, DQ + r * D, D);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+        const int64_t Lq = a.Lq, Lk = a.Lk, D = a.D, Dv = a.Dv, R = a.B * a.Lq;
+        const int64_t Bk = a.k.size(0), Bv = a.v.size(0);
+        const acc_t c = static_cast<acc_t>(c_d);
+        const std::vector<acc_t> kinv = key_inv_norms<acc_t>(knrm, Bk * Lk);
+        const acc_t* K = kf.const_data_ptr<acc_t>();
+        const acc_t* Vp = vf.const_data_ptr<acc_t>();
+        const scalar_t* Q = a.q.const_data_ptr<scalar_t>();
+        const int64_t qs0 = a.q.stride(0), qs1 = a.q.stride(1);
+        const scalar_t* G = gout.const_data_ptr<scalar_t>();
+        const scalar_t* GA = gattn.defined() ? gattn.const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* A = attn.const_data_ptr<scalar_t>();
+        scalar_t* DQ = dq.defined() ? dq.data_ptr<scalar_t>() : nullptr;
+        acc_t* WQK = wqk.data_ptr<acc_t>();
+        acc_t* P = p.data_ptr<acc_t>();
+        at::parallel_for(0, R, row_grain(Lk * (2 * D + Dv)), [&](int64_t r0, int64_t r1) {
+          std::vector<acc_t> qbuf(same ? 0 : D), gbuf(same ? 0 : Dv), obuf(same ? 0 : D), cos(Lk), dA(Lk),
+              w(Lk);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / Lq, i = r % Lq;
+            const int64_t kb = Bk == 1 ? 0 : b, vb = Bv == 1 ? 0 : b;
+            const acc_t* q = acc_row<scalar_t, acc_t>(Q + b * qs0 + i * qs1, D, qbuf);
+            acc_t sq = 0;
+            dots_all<acc_t>(q, K + kb * Lk * D, Lk, D, cos.data(), normalize ? &sq : nullptr);
+            const acc_t qn = std::sqrt(sq);
+            const acc_t qinv = normalize ? inv_norm(qn) : acc_t(1);
+            const acc_t* ki = kinv.data() + kb * Lk;
+            for (int64_t j = 0; j < Lk; ++j) cos[j] *= qinv * ki[j];
+            const acc_t* g = acc_row<scalar_t, acc_t>(G + r * Dv, Dv, gbuf);
+            dots_all<acc_t>(g, Vp + vb * Lk * Dv, Lk, Dv, dA.data(), nullptr);
+            for (int64_t j = 0; j < Lk; ++j) {
+              if (GA) dA[j] += static_cast<acc_t>(GA[r * Lk + j]);
+              w[j] = static_cast<acc_t>(A[r * Lk + j]);
+            }
+            const acc_t psum = softmax_backward_row(cos.data(), dA.data(), w.data(), Lk, c, qinv, ki,
+                                                    WQK + r * Lk, P + r * Lk);
+            if (!DQ) continue;
+            // grad_query = sum_j wqk_j k_j - q * (F.normalize's projection term, zero where the
+            // norm was clamped to eps).
+            const acc_t rc =
+                normalize && qn >= static_cast<acc_t>(kXattnNormEps) ? qinv * qinv * c * psum : acc_t(0);
+            acc_t* o = acc_out_row<scalar_t, acc_t>(DQ + r * D, obuf);
+            for (int64_t d = 0; d < D; ++d) o[d] = -rc * q[d];
+            axpy_all<acc_t>(o, WQK + r * Lk, K + kb * Lk * D, Lk, D);
+            store_row<scalar_t, acc_t>(o, DQ + r * D, D);
+          }
+        });
+      });
 }
 
-void softmax_backward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Tensor& dAt, const at::Tensor& gattn,
-                          const at::Tensor& attn, const at::Tensor& qnrm, const at::Tensor& knrm, double max_scale,
-                          bool normalize, const at::Tensor& wqk, const at::Tensor& p, const at::Tensor& rowcoef) {
+void softmax_backward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Tensor& dAt,
+                          const at::Tensor& gattn, const at::Tensor& attn, const at::Tensor& qnrm,
+                          const at::Tensor& knrm, double max_scale, bool normalize, const at::Tensor& wqk,
+                          const at::Tensor& p, const at::Tensor& rowcoef) {
   const double c_d = cpu_scale(a.lsl, max_scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_softmax_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t Lq = a.Lq, Lk = a.Lk, R = a.B * a.Lq;
-    const int64_t Bk = a.k.size(0);
-    const acc_t c = static_cast<acc_t>(c_d);
-    const std::vector<acc_t> kinv = key_inv_norms<acc_t>(knrm, Bk * Lk);
-    const acc_t* QN = normalize ? qnrm.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* Sp = S.const_data_ptr<acc_t>();  // raw dots in the accumulation type
-    const acc_t* DAp = dAt.const_data_ptr<acc_t>();
-    const scalar_t* GA = gattn.defined() ? gattn.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* A = attn.const_data_ptr<scalar_t>();
-    acc_t* WQK = wqk.data_ptr<acc_t>();
-    acc_t* P = p.data_ptr<acc_t>();
-    acc_t* RC = rowcoef.data_ptr<acc_t>();
-    at::parallel_for(0, R, row_grain(Lk * 8), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> cos(Lk), dA(Lk), w(Lk);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t kb = Bk == 1 ? 0 : r / Lq;
-        const acc_t qn = QN ? QN[r] : acc_t(1);
-        const acc_t qinv = QN ? inv_norm(qn) : acc_t(1);
-        const acc_t* ki = kinv.data() + kb * Lk;
-        for (int64_t j = 0; j < Lk; ++j) {
-          cos[j] = Sp[r * Lk + j] * qinv * ki[j];
-          dA[j] = DAp[r * Lk + j] + (GA ? static_cast<acc_t>(GA[r * Lk + j]) : acc_t(0));
-          w[j] = static_cast<acc_t>(A[r * Lk + j]);
-        }
-        const acc_t psum = softmax_backward_row(cos.data(), dA.data(), w.data(), Lk, c, qinv, ki, WQK + r * Lk, P + r * Lk);
-        RC[r] = normalize && qn >= static_cast<acc_t>(kXattnNormEps) ? qinv * qinv * c * psum : acc_t(0);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_softmax_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int64_t Lq = a.Lq, Lk = a.Lk, R = a.B * a.Lq;
+        const int64_t Bk = a.k.size(0);
+        const acc_t c = static_cast<acc_t>(c_d);
+        const std::vector<acc_t> kinv = key_inv_norms<acc_t>(knrm, Bk * Lk);
+        const acc_t* QN = normalize ? qnrm.const_data_ptr<acc_t>() : nullptr;
+        const acc_t* Sp = S.const_data_ptr<acc_t>();  // raw dots in the accumulation type
+        const acc_t* DAp = dAt.const_data_ptr<acc_t>();
+        const scalar_t* GA = gattn.defined() ? gattn.const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* A = attn.const_data_ptr<scalar_t>();
+        acc_t* WQK = wqk.data_ptr<acc_t>();
+        acc_t* P = p.data_ptr<acc_t>();
+        acc_t* RC = rowcoef.data_ptr<acc_t>();
+        at::parallel_for(0, R, row_grain(Lk * 8), [&](int64_t r0, int64_t r1) {
+          std::vector<acc_t> cos(Lk), dA(Lk), w(Lk);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t kb = Bk == 1 ? 0 : r / Lq;
+            const acc_t qn = QN ? QN[r] : acc_t(1);
+            const acc_t qinv = QN ? inv_norm(qn) : acc_t(1);
+            const acc_t* ki = kinv.data() + kb * Lk;
+            for (int64_t j = 0; j < Lk; ++j) {
+              cos[j] = Sp[r * Lk + j] * qinv * ki[j];
+              dA[j] = DAp[r * Lk + j] + (GA ? static_cast<acc_t>(GA[r * Lk + j]) : acc_t(0));
+              w[j] = static_cast<acc_t>(A[r * Lk + j]);
+            }
+            const acc_t psum = softmax_backward_row(cos.data(), dA.data(), w.data(), Lk, c, qinv, ki,
+                                                    WQK + r * Lk, P + r * Lk);
+            RC[r] = normalize && qn >= static_cast<acc_t>(kXattnNormEps) ? qinv * qinv * c * psum : acc_t(0);
+          }
+        });
+      });
 }
 
 // Above this many keys the CPU uses BLAS GEMMs around the fused softmax. Measured at B=8, Lq=300,
@@ -365,8 +375,8 @@ void softmax_backward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Ten
 constexpr int64_t kCpuMaxFusedKeys = 8;
 
 const XattnKernels& cpu_kernels() {
-  static const XattnKernels k{kCpuMaxFusedKeys,    &row_norms_cpu,        &fused_forward_cpu,
-                              &softmax_forward_cpu, &fused_backward_cpu,   &softmax_backward_cpu,
+  static const XattnKernels k{kCpuMaxFusedKeys,     &row_norms_cpu,      &fused_forward_cpu,
+                              &softmax_forward_cpu, &fused_backward_cpu, &softmax_backward_cpu,
                               [] { return true; },  /*gemm_in_acc=*/true};
   return k;
 }
@@ -381,8 +391,8 @@ std::tuple<at::Tensor, at::Tensor> scaled_cross_attention_cpu(const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scaled_cross_attention_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& query,
-    const at::Tensor& key, const at::Tensor& value, const at::Tensor& lsl, const at::Tensor& attn, double max_scale,
-    bool normalize, std::array<bool, 4> output_mask) {
+    const at::Tensor& key, const at::Tensor& value, const at::Tensor& lsl, const at::Tensor& attn,
+    double max_scale, bool normalize, std::array<bool, 4> output_mask) {
   return xattn_backward(grad_out, grad_attn, query, key, value, lsl, attn, max_scale, normalize, output_mask,
                         cpu_kernels());
 }

@@ -33,12 +33,14 @@ struct Channels {
   float w[4];  // grey weights for C <= 4; larger C uses the mean
 };
 
-int64_t grid_for(int64_t n) { return std::min<int64_t>(std::max<int64_t>(1, (n + kThreads - 1) / kThreads), 1 << 20); }
+int64_t grid_for(int64_t n) {
+  return std::min<int64_t>(std::max<int64_t>(1, (n + kThreads - 1) / kThreads), 1 << 20);
+}
 
 template <typename scalar_t>
-__global__ void threshold_kernel(const scalar_t* __restrict__ im, int64_t s0, int64_t s1, int64_t s2, int64_t s3,
-                                 int64_t C, int64_t H, int64_t W, Channels cw, float thr, int64_t total,
-                                 uint8_t* __restrict__ out) {
+__global__ void threshold_kernel(const scalar_t* __restrict__ im, int64_t s0, int64_t s1, int64_t s2,
+                                 int64_t s3, int64_t C, int64_t H, int64_t W, Channels cw, float thr,
+                                 int64_t total, uint8_t* __restrict__ out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t x = i % W, y = (i / W) % H, b = i / (H * W);
@@ -61,8 +63,8 @@ __global__ void threshold_kernel(const scalar_t* __restrict__ im, int64_t s0, in
 // Min/max over a (2r+1) segment along x (kAlongX) or y, clipped to the image: pixels outside do not
 // count, as on the CPU (OpenCV's default morphology border).
 template <bool kMax, bool kAlongX>
-__global__ void morph_pass_kernel(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t H, int64_t W,
-                                  int r, int64_t total) {
+__global__ void morph_pass_kernel(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t H,
+                                  int64_t W, int r, int64_t total) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t x = i % W, y = (i / W) % H;
@@ -83,15 +85,16 @@ __device__ __forceinline__ int64_t reflect101(int64_t i, int64_t n) {
 
 // One separable Gaussian pass (reflect-101 border, as cv2.GaussianBlur) along x or y.
 template <typename in_t, bool kAlongX>
-__global__ void gauss_pass_kernel(const in_t* __restrict__ in, float* __restrict__ out, int64_t H, int64_t W, Taps t,
-                                  int64_t total) {
+__global__ void gauss_pass_kernel(const in_t* __restrict__ in, float* __restrict__ out, int64_t H, int64_t W,
+                                  Taps t, int64_t total) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t x = i % W, y = (i / W) % H;
     const int64_t n = kAlongX ? W : H, pos = kAlongX ? x : y, step = kAlongX ? 1 : W;
     const in_t* base = in + i - pos * step;
     float s = 0.f;
-    for (int k = -t.r; k <= t.r; ++k) s += t.w[k + t.r] * static_cast<float>(base[reflect101(pos + k, n) * step]);
+    for (int k = -t.r; k <= t.r; ++k)
+      s += t.w[k + t.r] * static_cast<float>(base[reflect101(pos + k, n) * step]);
     // the weights sum to 1 only up to rounding; the mask must stay in [0, 1]
     out[i] = kAlongX ? s : fminf(1.f, fmaxf(0.f, s));
   }
@@ -108,17 +111,17 @@ template <bool kMax>
 void morph(at::Tensor& bin, at::Tensor& tmp, int64_t H, int64_t W, int r, cudaStream_t stream) {
   if (r <= 0) return;
   const int64_t total = bin.numel();
-  morph_pass_kernel<kMax, true><<<grid_for(total), kThreads, 0, stream>>>(bin.const_data_ptr<uint8_t>(),
-                                                                          tmp.data_ptr<uint8_t>(), H, W, r, total);
+  morph_pass_kernel<kMax, true><<<grid_for(total), kThreads, 0, stream>>>(
+      bin.const_data_ptr<uint8_t>(), tmp.data_ptr<uint8_t>(), H, W, r, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  morph_pass_kernel<kMax, false><<<grid_for(total), kThreads, 0, stream>>>(tmp.const_data_ptr<uint8_t>(),
-                                                                           bin.data_ptr<uint8_t>(), H, W, r, total);
+  morph_pass_kernel<kMax, false><<<grid_for(total), kThreads, 0, stream>>>(
+      tmp.const_data_ptr<uint8_t>(), bin.data_ptr<uint8_t>(), H, W, r, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> foreground_mask_cuda(const at::Tensor& images, double threshold,
-                                                        int64_t open_radius, int64_t close_radius, bool fill_holes,
-                                                        double sigma) {
+                                                        int64_t open_radius, int64_t close_radius,
+                                                        bool fill_holes, double sigma) {
   const ForegroundParams prm{threshold, open_radius, close_radius, fill_holes, sigma};
   const at::Tensor im = check_foreground_inputs(images, prm);
   const c10::cuda::CUDAGuard guard(images.device());
@@ -139,12 +142,13 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cuda(const at::Tensor& images
   if (C <= 4) grey_weights(C, cw.w);
   const float thr = static_cast<float>(threshold * (im.scalar_type() == at::kByte ? 255.0 : 1.0));
 
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, im.scalar_type(), "foreground_mask_cuda", [&] {
-    threshold_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
-        im.const_data_ptr<scalar_t>(), im.stride(0), im.stride(1), im.stride(2), im.stride(3), C, H, W, cw, thr,
-        total, bin.data_ptr<uint8_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND3(
+      at::kByte, at::kHalf, at::kBFloat16, im.scalar_type(), "foreground_mask_cuda", [&] {
+        threshold_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
+            im.const_data_ptr<scalar_t>(), im.stride(0), im.stride(1), im.stride(2), im.stride(3), C, H, W,
+            cw, thr, total, bin.data_ptr<uint8_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   morph<false>(bin, tmp, H, W, static_cast<int>(open_radius), stream);  // opening
   morph<true>(bin, tmp, H, W, static_cast<int>(open_radius), stream);
   morph<true>(bin, tmp, H, W, static_cast<int>(close_radius), stream);  // closing
@@ -160,20 +164,21 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cuda(const at::Tensor& images
   const std::vector<float> gw = gaussian_weights(sigma);
   Taps t{};
   t.r = static_cast<int>(gw.size() / 2);
-  TORCH_CHECK(static_cast<int>(gw.size()) <= kMaxTaps, "foreground_mask: sigma ", sigma, " needs too many taps");
+  TORCH_CHECK(static_cast<int>(gw.size()) <= kMaxTaps, "foreground_mask: sigma ", sigma,
+              " needs too many taps");
   std::copy(gw.begin(), gw.end(), t.w);
   if (t.r == 0) {
-    to_float_kernel<<<grid_for(total), kThreads, 0, stream>>>(bin.const_data_ptr<uint8_t>(), mask.data_ptr<float>(),
-                                                              total);
+    to_float_kernel<<<grid_for(total), kThreads, 0, stream>>>(bin.const_data_ptr<uint8_t>(),
+                                                              mask.data_ptr<float>(), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {mask, coverage};
   }
   at::Tensor ftmp = at::empty({B, H, W}, fopts);
-  gauss_pass_kernel<uint8_t, true><<<grid_for(total), kThreads, 0, stream>>>(bin.const_data_ptr<uint8_t>(),
-                                                                             ftmp.data_ptr<float>(), H, W, t, total);
+  gauss_pass_kernel<uint8_t, true><<<grid_for(total), kThreads, 0, stream>>>(
+      bin.const_data_ptr<uint8_t>(), ftmp.data_ptr<float>(), H, W, t, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  gauss_pass_kernel<float, false><<<grid_for(total), kThreads, 0, stream>>>(ftmp.const_data_ptr<float>(),
-                                                                            mask.data_ptr<float>(), H, W, t, total);
+  gauss_pass_kernel<float, false><<<grid_for(total), kThreads, 0, stream>>>(
+      ftmp.const_data_ptr<float>(), mask.data_ptr<float>(), H, W, t, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {mask, coverage};
 }

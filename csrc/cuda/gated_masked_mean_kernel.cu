@@ -30,8 +30,8 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 }
 
 // Block-wide count of valid pixels of sample b; every thread gets the result.
-__device__ __forceinline__ int64_t block_count_valid(const bool* mask, int64_t b, int64_t H, int64_t W, int64_t m0,
-                                                     int64_t m1, int64_t m2) {
+__device__ __forceinline__ int64_t block_count_valid(const bool* mask, int64_t b, int64_t H, int64_t W,
+                                                     int64_t m0, int64_t m1, int64_t m2) {
   __shared__ int64_t part[kThreads / 32];
   int64_t n = 0;
   if (mask == nullptr) {
@@ -51,8 +51,9 @@ __device__ __forceinline__ int64_t block_count_valid(const bool* mask, int64_t b
 // One block per sample: gate = valid * sigmoid(logit) (output) and w = gate / #valid (fp32/fp64).
 template <typename scalar_t, typename acc_t>
 __global__ void gate_weights_kernel(const scalar_t* __restrict__ logits, int64_t l0, int64_t l1, int64_t l2,
-                                    const bool* __restrict__ mask, int64_t m0, int64_t m1, int64_t m2, int64_t H,
-                                    int64_t W, scalar_t* __restrict__ gate, acc_t* __restrict__ w) {
+                                    const bool* __restrict__ mask, int64_t m0, int64_t m1, int64_t m2,
+                                    int64_t H, int64_t W, scalar_t* __restrict__ gate,
+                                    acc_t* __restrict__ w) {
   const int64_t b = blockIdx.x, HW = H * W;
   const int64_t n = block_count_valid(mask, b, H, W, m0, m1, m2);
   const acc_t inv = n > 0 ? acc_t(1) / static_cast<acc_t>(n) : acc_t(0);
@@ -68,8 +69,9 @@ __global__ void gate_weights_kernel(const scalar_t* __restrict__ logits, int64_t
 
 // Channels-first: a warp per (b, c) plane of HW contiguous pixels.
 template <typename scalar_t, typename acc_t>
-__global__ void pool_planar_kernel(const scalar_t* __restrict__ f, int64_t bs, int64_t cs, const acc_t* __restrict__ w,
-                                   int64_t B, int64_t C, int64_t HW, scalar_t* __restrict__ out) {
+__global__ void pool_planar_kernel(const scalar_t* __restrict__ f, int64_t bs, int64_t cs,
+                                   const acc_t* __restrict__ w, int64_t B, int64_t C, int64_t HW,
+                                   scalar_t* __restrict__ out) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (warp >= B * C) return;
@@ -105,8 +107,8 @@ __global__ void pool_strided_kernel(const scalar_t* __restrict__ f, int64_t bs, 
 }
 
 template <typename acc_t>
-__global__ void inverse_counts_kernel(const bool* __restrict__ mask, int64_t m0, int64_t m1, int64_t m2, int64_t H,
-                                      int64_t W, acc_t* __restrict__ inv) {
+__global__ void inverse_counts_kernel(const bool* __restrict__ mask, int64_t m0, int64_t m1, int64_t m2,
+                                      int64_t H, int64_t W, acc_t* __restrict__ inv) {
   const int64_t b = blockIdx.x;
   const int64_t n = block_count_valid(mask, b, H, W, m0, m1, m2);
   if (threadIdx.x == 0) inv[b] = n > 0 ? acc_t(1) / static_cast<acc_t>(n) : acc_t(0);
@@ -134,8 +136,8 @@ __device__ __forceinline__ scalar_t gate_grad(acc_t s, acc_t dot, acc_t inv, acc
 template <typename scalar_t, typename acc_t>
 __global__ void grad_logits_planar_kernel(const scalar_t* __restrict__ f, int64_t bs, int64_t cs,
                                           const acc_t* __restrict__ gp, const scalar_t* __restrict__ gate,
-                                          const acc_t* __restrict__ gg, const acc_t* __restrict__ inv, int64_t C,
-                                          int64_t HW, int64_t pblocks, scalar_t* __restrict__ gl) {
+                                          const acc_t* __restrict__ gg, const acc_t* __restrict__ inv,
+                                          int64_t C, int64_t HW, int64_t pblocks, scalar_t* __restrict__ gl) {
   __shared__ acc_t part[8][32];
   const int64_t b = blockIdx.x / pblocks;
   const int px = threadIdx.x & 31, cg = threadIdx.x >> 5;
@@ -158,8 +160,8 @@ __global__ void grad_logits_planar_kernel(const scalar_t* __restrict__ f, int64_
 template <typename scalar_t, typename acc_t>
 __global__ void grad_logits_strided_kernel(const scalar_t* __restrict__ f, int64_t bs, int64_t cs, int64_t ps,
                                            const acc_t* __restrict__ gp, const scalar_t* __restrict__ gate,
-                                           const acc_t* __restrict__ gg, const acc_t* __restrict__ inv, int64_t B,
-                                           int64_t C, int64_t HW, scalar_t* __restrict__ gl) {
+                                           const acc_t* __restrict__ gg, const acc_t* __restrict__ inv,
+                                           int64_t B, int64_t C, int64_t HW, scalar_t* __restrict__ gl) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (warp >= B * HW) return;
@@ -168,7 +170,8 @@ __global__ void grad_logits_strided_kernel(const scalar_t* __restrict__ f, int64
   acc_t s = 0;
   for (int64_t c = lane; c < C; c += 32) s += gp[b * C + c] * static_cast<acc_t>(base[c * cs]);
   s = warp_sum(s);
-  if (lane == 0) gl[warp] = gate_grad<scalar_t>(static_cast<acc_t>(gate[warp]), s, inv[b], gg ? gg[warp] : acc_t(0));
+  if (lane == 0)
+    gl[warp] = gate_grad<scalar_t>(static_cast<acc_t>(gate[warp]), s, inv[b], gg ? gg[warp] : acc_t(0));
 }
 
 struct Layout {
@@ -190,7 +193,9 @@ Layout layout_of(const at::Tensor& features) {
   return L;
 }
 
-int64_t blocks_for(int64_t n, int64_t per_block) { return std::max<int64_t>(1, (n + per_block - 1) / per_block); }
+int64_t blocks_for(int64_t n, int64_t per_block) {
+  return std::max<int64_t>(1, (n + per_block - 1) / per_block);
+}
 
 // These kernels map each block to a fixed slice (no grid-stride loop), so a grid past gridDim.x's
 // limit of 2^31 - 1 must be refused: passing the int64 count straight to <<<>>> would truncate it.
@@ -200,7 +205,8 @@ unsigned grid_x(int64_t blocks, const char* what) {
   return static_cast<unsigned>(blocks);
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& features, const at::Tensor& gate_logits,
+std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& features,
+                                                          const at::Tensor& gate_logits,
                                                           const std::optional<at::Tensor>& mask) {
   GatedInputs in = check_gated_inputs(features, gate_logits, mask, "gated_masked_mean");
   const c10::cuda::CUDAGuard guard(features.device());
@@ -219,26 +225,31 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& feat
   const auto acc_type = at::toOpMathType(features.scalar_type());
   at::Tensor w = at::empty({B, HW}, features.options().dtype(acc_type));
   const bool* mp = in.mask.defined() ? in.mask.const_data_ptr<bool>() : nullptr;
-  const int64_t m0 = mp ? in.mask.stride(0) : 0, m1 = mp ? in.mask.stride(1) : 0, m2 = mp ? in.mask.stride(2) : 0;
+  const int64_t m0 = mp ? in.mask.stride(0) : 0, m1 = mp ? in.mask.stride(1) : 0,
+                m2 = mp ? in.mask.stride(2) : 0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    gate_weights_kernel<scalar_t, acc_t><<<grid_x(B, "B"), kThreads, 0, stream>>>(
-        in.logits.const_data_ptr<scalar_t>(), in.logits.stride(0), in.logits.stride(1), in.logits.stride(2), mp, m0,
-        m1, m2, H, W, gate.data_ptr<scalar_t>(), w.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (C == 0) return;
-    if (L.planar) {
-      pool_planar_kernel<scalar_t, acc_t><<<grid_x(blocks_for(B * C, kThreads / 32), "B * C / 8"), kThreads, 0, stream>>>(
-          L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, w.const_data_ptr<acc_t>(), B, C, HW, pooled.data_ptr<scalar_t>());
-    } else {
-      const int64_t cblocks = blocks_for(C, kThreads);
-      pool_strided_kernel<scalar_t, acc_t><<<grid_x(B * cblocks, "B * ceil(C / 256)"), kThreads, 0, stream>>>(
-          L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, w.const_data_ptr<acc_t>(), C, HW, cblocks,
-          pooled.data_ptr<scalar_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        gate_weights_kernel<scalar_t, acc_t><<<grid_x(B, "B"), kThreads, 0, stream>>>(
+            in.logits.const_data_ptr<scalar_t>(), in.logits.stride(0), in.logits.stride(1),
+            in.logits.stride(2), mp, m0, m1, m2, H, W, gate.data_ptr<scalar_t>(), w.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (C == 0) return;
+        if (L.planar) {
+          pool_planar_kernel<scalar_t, acc_t>
+              <<<grid_x(blocks_for(B * C, kThreads / 32), "B * C / 8"), kThreads, 0, stream>>>(
+                  L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, w.const_data_ptr<acc_t>(), B, C, HW,
+                  pooled.data_ptr<scalar_t>());
+        } else {
+          const int64_t cblocks = blocks_for(C, kThreads);
+          pool_strided_kernel<scalar_t, acc_t>
+              <<<grid_x(B * cblocks, "B * ceil(C / 256)"), kThreads, 0, stream>>>(
+                  L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, w.const_data_ptr<acc_t>(), C, HW, cblocks,
+                  pooled.data_ptr<scalar_t>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return ret();
 }
 
@@ -251,7 +262,8 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cuda(
   const int64_t HW = H * W;
   const at::Tensor bmask = g.mask;
   const bool need_f = output_mask[0], need_l = output_mask[1];
-  at::Tensor grad_features = need_f ? at::empty({B, C, H, W}, features.options()) : at::empty({0}, features.options());
+  at::Tensor grad_features =
+      need_f ? at::empty({B, C, H, W}, features.options()) : at::empty({0}, features.options());
   at::Tensor grad_logits = need_l ? at::empty({B, H, W}, gate.options()) : at::empty({0}, gate.options());
   auto ret = [&] {
     return std::make_tuple(grad_features, need_l && gate.dim() == 4 ? grad_logits.unsqueeze(1) : grad_logits);
@@ -266,34 +278,39 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cuda(
   const bool* mp = bmask.defined() ? bmask.const_data_ptr<bool>() : nullptr;
   const int64_t m0 = mp ? bmask.stride(0) : 0, m1 = mp ? bmask.stride(1) : 0, m2 = mp ? bmask.stride(2) : 0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    inverse_counts_kernel<acc_t><<<grid_x(B, "B"), kThreads, 0, stream>>>(mp, m0, m1, m2, H, W, inv.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (need_f && C > 0) {
-      const int64_t total = B * C * HW;
-      grad_features_kernel<scalar_t, acc_t><<<std::min<int64_t>(blocks_for(total, kThreads), 1 << 20), kThreads, 0,
-                                               stream>>>(gpd.const_data_ptr<acc_t>(), gate_c.const_data_ptr<scalar_t>(),
-                                                         inv.const_data_ptr<acc_t>(), C, HW, total,
-                                                         grad_features.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (!need_l) return;
-    const Layout L = layout_of(features);
-    const acc_t* ggp = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
-    if (L.planar) {
-      const int64_t pblocks = blocks_for(HW, 32);
-      grad_logits_planar_kernel<scalar_t, acc_t><<<grid_x(B * pblocks, "B * ceil(H * W / 32)"), kThreads, 0, stream>>>(
-          L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, gpd.const_data_ptr<acc_t>(), gate_c.const_data_ptr<scalar_t>(),
-          ggp, inv.const_data_ptr<acc_t>(), C, HW, pblocks, grad_logits.data_ptr<scalar_t>());
-    } else {
-      grad_logits_strided_kernel<scalar_t, acc_t><<<grid_x(blocks_for(B * HW, kThreads / 32), "B * H * W / 8"), kThreads, 0, stream>>>(
-          L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, gpd.const_data_ptr<acc_t>(),
-          gate_c.const_data_ptr<scalar_t>(), ggp, inv.const_data_ptr<acc_t>(), B, C, HW,
-          grad_logits.data_ptr<scalar_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        inverse_counts_kernel<acc_t>
+            <<<grid_x(B, "B"), kThreads, 0, stream>>>(mp, m0, m1, m2, H, W, inv.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (need_f && C > 0) {
+          const int64_t total = B * C * HW;
+          grad_features_kernel<scalar_t, acc_t>
+              <<<std::min<int64_t>(blocks_for(total, kThreads), 1 << 20), kThreads, 0, stream>>>(
+                  gpd.const_data_ptr<acc_t>(), gate_c.const_data_ptr<scalar_t>(), inv.const_data_ptr<acc_t>(),
+                  C, HW, total, grad_features.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (!need_l) return;
+        const Layout L = layout_of(features);
+        const acc_t* ggp = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
+        if (L.planar) {
+          const int64_t pblocks = blocks_for(HW, 32);
+          grad_logits_planar_kernel<scalar_t, acc_t>
+              <<<grid_x(B * pblocks, "B * ceil(H * W / 32)"), kThreads, 0, stream>>>(
+                  L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, gpd.const_data_ptr<acc_t>(),
+                  gate_c.const_data_ptr<scalar_t>(), ggp, inv.const_data_ptr<acc_t>(), C, HW, pblocks,
+                  grad_logits.data_ptr<scalar_t>());
+        } else {
+          grad_logits_strided_kernel<scalar_t, acc_t>
+              <<<grid_x(blocks_for(B * HW, kThreads / 32), "B * H * W / 8"), kThreads, 0, stream>>>(
+                  L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, gpd.const_data_ptr<acc_t>(),
+                  gate_c.const_data_ptr<scalar_t>(), ggp, inv.const_data_ptr<acc_t>(), B, C, HW,
+                  grad_logits.data_ptr<scalar_t>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return ret();
 }
 

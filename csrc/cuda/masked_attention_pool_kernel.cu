@@ -24,8 +24,8 @@ namespace {
 
 using cuda::ceil_div;
 
-constexpr int KBMAX = 4;     // branches accumulated by one block when K > 1
-constexpr int UNROLL = 4;    // rows in flight per thread
+constexpr int KBMAX = 4;   // branches accumulated by one block when K > 1
+constexpr int UNROLL = 4;  // rows in flight per thread
 constexpr int THREADS = 256;
 
 // Where the rows of bag b live. Padded: rows [0, N) at b * stride_b. Packed: rows
@@ -35,7 +35,7 @@ struct BagGeom {
   int64_t N, T;            // padded length / packed total rows
   int64_t fs_b, fs_n;      // features (unit stride along D)
   int64_t ls_b, ls_n, ls_k;
-  const bool* mask;        // null: all valid
+  const bool* mask;  // null: all valid
   int64_t ms_b, ms_n;
   // int64: k * D and row * K index [B, K, D] / [rows, K] buffers that may exceed 2^31 elements.
   int64_t K, D;
@@ -65,10 +65,10 @@ struct BagGeom {
 // bag longer than the host expected is still covered without knowing its length on the host.
 // KB: branches per block (1 for the common single-branch case, so no FMA is spent on idle branches).
 template <typename scalar_t, typename acc_t, int VEC, int KB>
-__global__ void __launch_bounds__(THREADS) pool_partial_kernel(
-    const scalar_t* __restrict__ logits, const scalar_t* __restrict__ features, BagGeom g, int64_t chunk,
-    int nsplit, int kgroups, int64_t dtiles, acc_t* __restrict__ part_acc, acc_t* __restrict__ part_m,
-    acc_t* __restrict__ part_s, int64_t nbags) {
+__global__ void __launch_bounds__(THREADS)
+    pool_partial_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ features, BagGeom g,
+                        int64_t chunk, int nsplit, int kgroups, int64_t dtiles, acc_t* __restrict__ part_acc,
+                        acc_t* __restrict__ part_m, acc_t* __restrict__ part_s, int64_t nbags) {
   __shared__ acc_t scratch[32];
   __shared__ acc_t s_max[KB];
   extern __shared__ unsigned char smem_raw[];
@@ -131,7 +131,8 @@ __global__ void __launch_bounds__(THREADS) pool_partial_kernel(
         for (int kk = 0; kk < KB; ++kk) {
           e[u][kk] = 0;
           if (kk < kc && r < c1 && s_max[kk] != NEG_INF && g.valid(b, r)) {
-            e[u][kk] = cuda::fast_exp<acc_t>(static_cast<acc_t>(lb[r * g.ls_n + (k0 + kk) * g.ls_k]) - s_max[kk]);
+            e[u][kk] =
+                cuda::fast_exp<acc_t>(static_cast<acc_t>(lb[r * g.ls_n + (k0 + kk) * g.ls_k]) - s_max[kk]);
             any = any || e[u][kk] != acc_t(0);
           }
         }
@@ -185,9 +186,10 @@ __global__ void __launch_bounds__(THREADS) pool_partial_kernel(
 constexpr int COMBINE_X = 32, COMBINE_Y = 8;
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(COMBINE_X * COMBINE_Y) pool_combine_kernel(
-    const acc_t* __restrict__ part_acc, const acc_t* __restrict__ part_m, const acc_t* __restrict__ part_s,
-    int nsplit, int64_t nbk, int64_t D, int64_t dblocks, scalar_t* __restrict__ pooled, acc_t* __restrict__ stats) {
+__global__ void __launch_bounds__(COMBINE_X* COMBINE_Y)
+    pool_combine_kernel(const acc_t* __restrict__ part_acc, const acc_t* __restrict__ part_m,
+                        const acc_t* __restrict__ part_s, int nsplit, int64_t nbk, int64_t D, int64_t dblocks,
+                        scalar_t* __restrict__ pooled, acc_t* __restrict__ stats) {
   __shared__ acc_t scratch[32];
   __shared__ acc_t red[COMBINE_Y][COMBINE_X + 1];
   const int64_t bk = blockIdx.x / dblocks, db = blockIdx.x % dblocks;
@@ -233,8 +235,9 @@ __global__ void __launch_bounds__(COMBINE_X * COMBINE_Y) pool_combine_kernel(
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void pool_weights_kernel(const scalar_t* __restrict__ logits, BagGeom g, const acc_t* __restrict__ stats,
-                                    int64_t xblocks, scalar_t* __restrict__ weights) {
+__global__ void pool_weights_kernel(const scalar_t* __restrict__ logits, BagGeom g,
+                                    const acc_t* __restrict__ stats, int64_t xblocks,
+                                    scalar_t* __restrict__ weights) {
   const int64_t b = blockIdx.x / xblocks, xb = blockIdx.x % xblocks;
   int64_t r0, r1;
   g.range(b, r0, r1);
@@ -245,7 +248,8 @@ __global__ void pool_weights_kernel(const scalar_t* __restrict__ logits, BagGeom
     for (int k = 0; k < g.K; ++k) {
       const acc_t M = stats[2 * (b * g.K + k)], inv = stats[2 * (b * g.K + k) + 1];
       acc_t w = 0;
-      if (valid && M != NEG_INF) w = cuda::fast_exp<acc_t>(static_cast<acc_t>(lb[r * g.ls_n + k * g.ls_k]) - M) * inv;
+      if (valid && M != NEG_INF)
+        w = cuda::fast_exp<acc_t>(static_cast<acc_t>(lb[r * g.ls_n + k * g.ls_k]) - M) * inv;
       weights[g.flat_row(b, r) * g.K + k] = static_cast<scalar_t>(w);
     }
   }
@@ -256,14 +260,15 @@ __global__ void pool_weights_kernel(const scalar_t* __restrict__ logits, BagGeom
 // One warp per row: gsum[row,k] = <grad_pooled[b,k,:], f[row,:]> (rows with weight 0 give 0), and
 // grad_features[row,:] = sum_k w[row,k] grad_pooled[b,k,:]. The row's bag comes from the flat row.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(THREADS) pool_backward_rows_kernel(
-    const scalar_t* __restrict__ features, BagGeom g, int64_t nbags, int64_t rows_total,
-    const scalar_t* __restrict__ weights, const acc_t* __restrict__ grad_pooled, acc_t* __restrict__ gsum,
-    scalar_t* __restrict__ grad_features) {
+__global__ void __launch_bounds__(THREADS)
+    pool_backward_rows_kernel(const scalar_t* __restrict__ features, BagGeom g, int64_t nbags,
+                              int64_t rows_total, const scalar_t* __restrict__ weights,
+                              const acc_t* __restrict__ grad_pooled, acc_t* __restrict__ gsum,
+                              scalar_t* __restrict__ grad_features) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows_total;
-       row += warps) {
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+       row < rows_total; row += warps) {
     int64_t b, r;
     if (g.offsets == nullptr) {
       b = row / g.N;
@@ -275,7 +280,10 @@ __global__ void __launch_bounds__(THREADS) pool_backward_rows_kernel(
         const int64_t mid = (lo + hi + 1) >> 1;
         int64_t o = g.offsets[mid];
         o = o < 0 ? 0 : (o > g.T ? g.T : o);
-        if (o <= row) lo = mid; else hi = mid - 1;
+        if (o <= row)
+          lo = mid;
+        else
+          hi = mid - 1;
       }
       b = lo;
       r = row;
@@ -317,7 +325,8 @@ __global__ void __launch_bounds__(THREADS) pool_backward_rows_kernel(
 // Softmax backward per (bag, branch): dl = w * (g - sum(w * g)), g = gsum + grad_weights.
 template <typename scalar_t, typename acc_t>
 __global__ void pool_backward_softmax_kernel(BagGeom g, const scalar_t* __restrict__ weights,
-                                             const acc_t* __restrict__ gsum, const scalar_t* __restrict__ grad_weights,
+                                             const acc_t* __restrict__ gsum,
+                                             const scalar_t* __restrict__ grad_weights,
                                              scalar_t* __restrict__ grad_logits) {
   __shared__ acc_t scratch[32];
   const int64_t b = blockIdx.x / g.K;
@@ -335,7 +344,8 @@ __global__ void pool_backward_softmax_kernel(BagGeom g, const scalar_t* __restri
     const int64_t i = g.flat_row(b, r) * g.K + k;
     const acc_t w = static_cast<acc_t>(weights[i]);
     acc_t out = 0;
-    if (w != acc_t(0)) out = w * (gsum[i] + (grad_weights ? static_cast<acc_t>(grad_weights[i]) : acc_t(0)) - c);
+    if (w != acc_t(0))
+      out = w * (gsum[i] + (grad_weights ? static_cast<acc_t>(grad_weights[i]) : acc_t(0)) - c);
     grad_logits[i] = static_cast<scalar_t>(out);
   }
 }
@@ -386,9 +396,9 @@ at::Tensor unit_stride_d(const at::Tensor& f) {
 
 // rows_hint: rows per bag the host expects (N padded, T/B packed) to size the split.
 template <typename scalar_t, typename acc_t, int VEC, int KB>
-void launch_partial(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const scalar_t* lp, const scalar_t* fp,
-                    const BagGeom& g, int64_t chunk, int nsplit, int kgroups, int64_t dtiles, acc_t* pa, acc_t* pm,
-                    acc_t* ps, int64_t nbags) {
+void launch_partial(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const scalar_t* lp,
+                    const scalar_t* fp, const BagGeom& g, int64_t chunk, int nsplit, int kgroups,
+                    int64_t dtiles, acc_t* pa, acc_t* pm, acc_t* ps, int64_t nbags) {
   pool_partial_kernel<scalar_t, acc_t, VEC, KB>
       <<<grid, block, smem, stream>>>(lp, fp, g, chunk, nsplit, kgroups, dtiles, pa, pm, ps, nbags);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -402,7 +412,8 @@ std::tuple<at::Tensor, at::Tensor> pool_forward_cuda(const at::Tensor& logits, c
   const bool packed = offsets.defined();
   const int64_t K = logits.size(-1), D = features.size(-1);
   // Packed rows outside every (clamped) bag must still read as weight 0: zero-fill.
-  auto weights = packed ? at::zeros(logits.sizes(), logits.options()) : at::empty(logits.sizes(), logits.options());
+  auto weights =
+      packed ? at::zeros(logits.sizes(), logits.options()) : at::empty(logits.sizes(), logits.options());
   auto pooled = at::empty({nbags, K, D}, features.options());
   if (nbags == 0 || K == 0) return {pooled, weights};
   if (logits.numel() == 0) {  // no rows at all: empty bags pool to zeros
@@ -414,74 +425,85 @@ std::tuple<at::Tensor, at::Tensor> pool_forward_cuda(const at::Tensor& logits, c
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const auto acc_type = at::toOpMathType(features.scalar_type());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
-    const int vec = pick_vec<scalar_t>(features, D, g.fs_b, g.fs_n);
-    const int64_t lanes = std::max<int64_t>(1, ceil_div(D, vec));  // D == 0 still computes the weights
-    const int tx = static_cast<int>(std::min<int64_t>(128, ceil_div(lanes, 32) * 32));
-    const int ty = THREADS / tx;
-    const int64_t dtiles = ceil_div(lanes, tx);
-    const int kb = K == 1 ? 1 : KBMAX;
-    const int kgroups = static_cast<int>(ceil_div(K, kb));
-    const int64_t xblocks = dtiles * nbags * kgroups;
-    TORCH_CHECK(xblocks <= INT32_MAX, "masked_attention_pool: B * ceil(K/4) * D-tiles = ", xblocks,
-                " exceeds the CUDA grid limit");
-    const int64_t min_rows = static_cast<int64_t>(ty) * UNROLL * 4;
-    int64_t nsplit = std::max<int64_t>(1, ceil_div(4LL * sms, xblocks));
-    nsplit = std::min<int64_t>(nsplit, std::max<int64_t>(1, ceil_div(rows_hint, min_rows)));
-    nsplit = std::min<int64_t>(nsplit, 65535);
-    const int64_t chunk = std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows_hint, 1), nsplit));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
+        const int vec = pick_vec<scalar_t>(features, D, g.fs_b, g.fs_n);
+        const int64_t lanes = std::max<int64_t>(1, ceil_div(D, vec));  // D == 0 still computes the weights
+        const int tx = static_cast<int>(std::min<int64_t>(128, ceil_div(lanes, 32) * 32));
+        const int ty = THREADS / tx;
+        const int64_t dtiles = ceil_div(lanes, tx);
+        const int kb = K == 1 ? 1 : KBMAX;
+        const int kgroups = static_cast<int>(ceil_div(K, kb));
+        const int64_t xblocks = dtiles * nbags * kgroups;
+        TORCH_CHECK(xblocks <= INT32_MAX, "masked_attention_pool: B * ceil(K/4) * D-tiles = ", xblocks,
+                    " exceeds the CUDA grid limit");
+        const int64_t min_rows = static_cast<int64_t>(ty) * UNROLL * 4;
+        int64_t nsplit = std::max<int64_t>(1, ceil_div(4LL * sms, xblocks));
+        nsplit = std::min<int64_t>(nsplit, std::max<int64_t>(1, ceil_div(rows_hint, min_rows)));
+        nsplit = std::min<int64_t>(nsplit, 65535);
+        const int64_t chunk = std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows_hint, 1), nsplit));
 
-    auto part_acc = at::empty({nsplit, nbags, K, D}, features.options().dtype(acc_type));
-    auto part_ms = at::empty({2, nsplit, nbags, K}, features.options().dtype(acc_type));
-    auto stats = at::empty({nbags, K, 2}, features.options().dtype(acc_type));
-    acc_t* pa = part_acc.data_ptr<acc_t>();
-    acc_t* pm = part_ms.data_ptr<acc_t>();
-    acc_t* ps = pm + nsplit * nbags * K;
+        auto part_acc = at::empty({nsplit, nbags, K, D}, features.options().dtype(acc_type));
+        auto part_ms = at::empty({2, nsplit, nbags, K}, features.options().dtype(acc_type));
+        auto stats = at::empty({nbags, K, 2}, features.options().dtype(acc_type));
+        acc_t* pa = part_acc.data_ptr<acc_t>();
+        acc_t* pm = part_ms.data_ptr<acc_t>();
+        acc_t* ps = pm + nsplit * nbags * K;
 
-    const dim3 block(tx, ty);
-    const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(nsplit));
-    const size_t smem = static_cast<size_t>(THREADS) * vec * sizeof(acc_t);
-    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
-    const scalar_t* fp = features.const_data_ptr<scalar_t>();
-    const int ns = static_cast<int>(nsplit);
-    if (vec > 1 && kb == 1) {
-      launch_partial<scalar_t, acc_t, V, 1>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles, pa, pm, ps, nbags);
-    } else if (vec > 1) {
-      launch_partial<scalar_t, acc_t, V, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles, pa, pm, ps, nbags);
-    } else if (kb == 1) {
-      launch_partial<scalar_t, acc_t, 1, 1>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles, pa, pm, ps, nbags);
-    } else {
-      launch_partial<scalar_t, acc_t, 1, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles, pa, pm, ps, nbags);
-    }
+        const dim3 block(tx, ty);
+        const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(nsplit));
+        const size_t smem = static_cast<size_t>(THREADS) * vec * sizeof(acc_t);
+        const scalar_t* lp = logits.const_data_ptr<scalar_t>();
+        const scalar_t* fp = features.const_data_ptr<scalar_t>();
+        const int ns = static_cast<int>(nsplit);
+        if (vec > 1 && kb == 1) {
+          launch_partial<scalar_t, acc_t, V, 1>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups,
+                                                dtiles, pa, pm, ps, nbags);
+        } else if (vec > 1) {
+          launch_partial<scalar_t, acc_t, V, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups,
+                                                    dtiles, pa, pm, ps, nbags);
+        } else if (kb == 1) {
+          launch_partial<scalar_t, acc_t, 1, 1>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups,
+                                                dtiles, pa, pm, ps, nbags);
+        } else {
+          launch_partial<scalar_t, acc_t, 1, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups,
+                                                    dtiles, pa, pm, ps, nbags);
+        }
 
-    const int64_t dblocks = std::max<int64_t>(1, ceil_div(D, COMBINE_X));
-    TORCH_CHECK(nbags * K * dblocks <= INT32_MAX, "masked_attention_pool: B * K * ceil(D/32) = ", nbags * K * dblocks,
-                " exceeds the CUDA grid limit");
-    pool_combine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * K * dblocks), dim3(COMBINE_X, COMBINE_Y), 0, stream>>>(
-        pa, pm, ps, ns, nbags * K, D, dblocks, pooled.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int64_t dblocks = std::max<int64_t>(1, ceil_div(D, COMBINE_X));
+        TORCH_CHECK(nbags * K * dblocks <= INT32_MAX,
+                    "masked_attention_pool: B * K * ceil(D/32) = ", nbags * K * dblocks,
+                    " exceeds the CUDA grid limit");
+        pool_combine_kernel<scalar_t, acc_t>
+            <<<static_cast<unsigned>(nbags * K * dblocks), dim3(COMBINE_X, COMBINE_Y), 0, stream>>>(
+                pa, pm, ps, ns, nbags * K, D, dblocks, pooled.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const int64_t wx = std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows_hint, 256), ceil_div(4LL * sms, nbags)));
-    TORCH_CHECK(nbags * wx <= INT32_MAX, "masked_attention_pool: B = ", nbags, " exceeds the CUDA grid limit");
-    pool_weights_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * wx), 256, 0, stream>>>(
-        lp, g, stats.data_ptr<acc_t>(), wx, weights.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+        const int64_t wx =
+            std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows_hint, 256), ceil_div(4LL * sms, nbags)));
+        TORCH_CHECK(nbags * wx <= INT32_MAX, "masked_attention_pool: B = ", nbags,
+                    " exceeds the CUDA grid limit");
+        pool_weights_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * wx), 256, 0, stream>>>(
+            lp, g, stats.data_ptr<acc_t>(), wx, weights.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {pooled, weights};
 }
 
 std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const PoolGrads& pg, const at::Tensor& features_in,
-                                                      const at::Tensor& offsets, int64_t nbags, bool need_logits,
-                                                      bool need_features) {
+                                                      const at::Tensor& offsets, int64_t nbags,
+                                                      bool need_logits, bool need_features) {
   c10::cuda::CUDAGuard guard(features_in.device());
   const at::Tensor features = unit_stride_d(features_in);
   const at::Tensor weights = pg.weights.contiguous();
   const int64_t K = weights.size(-1), D = features.size(-1);
   const int64_t rows_total = offsets.defined() ? features.size(0) : features.size(0) * features.size(1);
-  at::Tensor grad_logits = need_logits ? at::empty(weights.sizes(), weights.options()) : at::empty({0}, weights.options());
-  at::Tensor grad_features = need_features ? at::empty(features.sizes(), features.options()) : at::empty({0}, features.options());
+  at::Tensor grad_logits =
+      need_logits ? at::empty(weights.sizes(), weights.options()) : at::empty({0}, weights.options());
+  at::Tensor grad_features =
+      need_features ? at::empty(features.sizes(), features.options()) : at::empty({0}, features.options());
   if ((!need_logits && !need_features) || rows_total == 0) return {grad_logits, grad_features};
   if (K == 0 || nbags == 0 || D == 0) {
     if (need_logits) grad_logits.zero_();
@@ -494,40 +516,43 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const PoolGrads& pg, const
   const BagGeom g = make_geom(weights, features, at::Tensor(), offsets);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  at::Tensor gsum = need_logits ? at::zeros({rows_total, K}, features.options().dtype(acc_type)) : at::Tensor();
+  at::Tensor gsum =
+      need_logits ? at::zeros({rows_total, K}, features.options().dtype(acc_type)) : at::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int vec = pick_vec<scalar_t>(features, D, g.fs_b, g.fs_n);
-    const int64_t blocks = std::min<int64_t>(ceil_div(rows_total, THREADS / 32), 32LL * sms);
-    acc_t* gs = need_logits ? gsum.data_ptr<acc_t>() : nullptr;
-    scalar_t* gf = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
-    if (vec > 1) {
-      constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
-      pool_backward_rows_kernel<scalar_t, acc_t, V><<<blocks, THREADS, 0, stream>>>(
-          features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
-          gp.const_data_ptr<acc_t>(), gs, gf);
-    } else {
-      pool_backward_rows_kernel<scalar_t, acc_t, 1><<<blocks, THREADS, 0, stream>>>(
-          features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
-          gp.const_data_ptr<acc_t>(), gs, gf);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (need_logits) {
-      // Rows no bag covers (only with bad packed offsets) keep a zero gradient.
-      if (offsets.defined()) grad_logits.zero_();
-      TORCH_CHECK(nbags * K <= INT32_MAX, "masked_attention_pool backward: B * K = ", nbags * K,
-                  " exceeds the CUDA grid limit");
-      pool_backward_softmax_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * K), 256, 0, stream>>>(
-          g, weights.const_data_ptr<scalar_t>(), gs, gw.defined() ? gw.const_data_ptr<scalar_t>() : nullptr,
-          grad_logits.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int vec = pick_vec<scalar_t>(features, D, g.fs_b, g.fs_n);
+        const int64_t blocks = std::min<int64_t>(ceil_div(rows_total, THREADS / 32), 32LL * sms);
+        acc_t* gs = need_logits ? gsum.data_ptr<acc_t>() : nullptr;
+        scalar_t* gf = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
+        if (vec > 1) {
+          constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
+          pool_backward_rows_kernel<scalar_t, acc_t, V><<<blocks, THREADS, 0, stream>>>(
+              features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
+              gp.const_data_ptr<acc_t>(), gs, gf);
+        } else {
+          pool_backward_rows_kernel<scalar_t, acc_t, 1><<<blocks, THREADS, 0, stream>>>(
+              features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
+              gp.const_data_ptr<acc_t>(), gs, gf);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (need_logits) {
+          // Rows no bag covers (only with bad packed offsets) keep a zero gradient.
+          if (offsets.defined()) grad_logits.zero_();
+          TORCH_CHECK(nbags * K <= INT32_MAX, "masked_attention_pool backward: B * K = ", nbags * K,
+                      " exceeds the CUDA grid limit");
+          pool_backward_softmax_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * K), 256, 0, stream>>>(
+              g, weights.const_data_ptr<scalar_t>(), gs,
+              gw.defined() ? gw.const_data_ptr<scalar_t>() : nullptr, grad_logits.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
   return {grad_logits, grad_features};
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cuda(const at::Tensor& logits, const at::Tensor& features,
+std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cuda(const at::Tensor& logits,
+                                                              const at::Tensor& features,
                                                               const std::optional<at::Tensor>& mask) {
   PoolInputs in = check_pool_inputs(logits, features, mask);
   const at::Tensor f = unit_stride_d(in.features);
@@ -540,7 +565,8 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cuda(
     const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
     const at::Tensor& features, std::array<bool, 2> output_mask) {
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, features.size(0), false);
-  auto [gl, gf] = pool_backward_cuda(g, features, at::Tensor(), features.size(0), output_mask[0], output_mask[1]);
+  auto [gl, gf] =
+      pool_backward_cuda(g, features, at::Tensor(), features.size(0), output_mask[0], output_mask[1]);
   if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
   return {gl, gf};
 }
@@ -551,8 +577,8 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_cuda(const at::T
   PackedInputs in = check_packed_inputs(logits, features, offsets);
   const at::Tensor f = unit_stride_d(in.features);
   const int64_t nbags = in.offsets.size(0) - 1;
-  auto [pooled, weights] =
-      pool_forward_cuda(in.logits, f, at::Tensor(), in.offsets, nbags, nbags > 0 ? ceil_div(f.size(0), nbags) : 0);
+  auto [pooled, weights] = pool_forward_cuda(in.logits, f, at::Tensor(), in.offsets, nbags,
+                                             nbags > 0 ? ceil_div(f.size(0), nbags) : 0);
   if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
   return {pooled, weights};
 }

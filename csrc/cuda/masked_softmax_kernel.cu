@@ -34,8 +34,8 @@ using cuda::store_pack;
 using cuda::warp_max;
 using cuda::warp_sum;
 
-constexpr int kWarpRowsPerBlock = 4;   // warp kernels: blockDim = (32, 4)
-constexpr int kMaxWarpRow = 1024;      // 32 lanes x 32 elements in registers
+constexpr int kWarpRowsPerBlock = 4;  // warp kernels: blockDim = (32, 4)
+constexpr int kMaxWarpRow = 1024;     // 32 lanes x 32 elements in registers
 constexpr int64_t kMaxGrid = int64_t(1) << 30;
 
 template <typename acc_t>
@@ -173,12 +173,14 @@ __global__ void __launch_bounds__(32 * kWarpRowsPerBlock)
 // keeps an online (max, sum) and x is read a second time to write y.
 template <typename scalar_t, typename acc_t, int VEC, bool SMEM>
 __global__ void softmax_fwd_block(const scalar_t* __restrict__ x, const bool* __restrict__ mask,
-                                  scalar_t* __restrict__ y, RowLayout L, int64_t rows, int64_t N, acc_t scale) {
+                                  scalar_t* __restrict__ y, RowLayout L, int64_t rows, int64_t N,
+                                  acc_t scale) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* buf = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ acc_t scratch[32];
   const int64_t ms = L.inner[1];
-  const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC, stride = static_cast<int64_t>(blockDim.x) * VEC;
+  const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC,
+                stride = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     int64_t off[2];
     row_offsets(L, row, off, 2);
@@ -257,8 +259,8 @@ __global__ void softmax_fwd_block(const scalar_t* __restrict__ x, const bool* __
 // grad_in = scale * y * (g - <g, y>), exactly 0 wherever y is 0 whatever g holds there.
 template <typename scalar_t, typename acc_t, int ELEMS, int VEC>
 __global__ void __launch_bounds__(32 * kWarpRowsPerBlock)
-    softmax_bwd_warp(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
-                     RowLayout L, int64_t rows, int N, acc_t scale) {
+    softmax_bwd_warp(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                     scalar_t* __restrict__ out, RowLayout L, int64_t rows, int N, acc_t scale) {
   constexpr int ITERS = ELEMS / VEC;
   const int lane = threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
@@ -305,9 +307,11 @@ __global__ void __launch_bounds__(32 * kWarpRowsPerBlock)
 
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void softmax_bwd_block(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
-                                  scalar_t* __restrict__ out, RowLayout L, int64_t rows, int64_t N, acc_t scale) {
+                                  scalar_t* __restrict__ out, RowLayout L, int64_t rows, int64_t N,
+                                  acc_t scale) {
   __shared__ acc_t scratch[32];
-  const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC, stride = static_cast<int64_t>(blockDim.x) * VEC;
+  const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC,
+                stride = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     int64_t off[2];
     row_offsets(L, row, off, 2);
@@ -367,12 +371,24 @@ template <typename scalar_t, int VEC, typename Launch>
 void dispatch_elems(int elems, Launch&& launch) {
   // ELEMS is a power of two and at least VEC.
   switch (std::max(elems, VEC)) {
-    case 1: if constexpr (VEC <= 1) launch(std::integral_constant<int, 1>{}); break;
-    case 2: if constexpr (VEC <= 2) launch(std::integral_constant<int, 2>{}); break;
-    case 4: if constexpr (VEC <= 4) launch(std::integral_constant<int, 4>{}); break;
-    case 8: if constexpr (VEC <= 8) launch(std::integral_constant<int, 8>{}); break;
-    case 16: launch(std::integral_constant<int, 16>{}); break;
-    default: launch(std::integral_constant<int, 32>{}); break;
+    case 1:
+      if constexpr (VEC <= 1) launch(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      if constexpr (VEC <= 2) launch(std::integral_constant<int, 2>{});
+      break;
+    case 4:
+      if constexpr (VEC <= 4) launch(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      if constexpr (VEC <= 8) launch(std::integral_constant<int, 8>{});
+      break;
+    case 16:
+      launch(std::integral_constant<int, 16>{});
+      break;
+    default:
+      launch(std::integral_constant<int, 32>{});
+      break;
   }
 }
 
@@ -386,7 +402,10 @@ int block_threads(int64_t N) {
 template <typename scalar_t, typename WarpLaunch, typename BlockLaunch>
 void launch_rows(int64_t rows, int64_t N, bool vec, WarpLaunch&& warp, BlockLaunch&& block_rows) {
   auto with_vec = [&](auto&& f) {
-    if (vec) f(std::integral_constant<int, max_vec<scalar_t>()>{}); else f(std::integral_constant<int, 1>{});
+    if (vec)
+      f(std::integral_constant<int, max_vec<scalar_t>()>{});
+    else
+      f(std::integral_constant<int, 1>{});
   };
   if (N <= kMaxWarpRow) {
     const dim3 block(32, kWarpRowsPerBlock);
@@ -432,9 +451,11 @@ void launch_forward(const at::Tensor& x, const at::Tensor& mask, at::Tensor& y, 
       [&](auto vec_c, unsigned grid, int threads) {
         constexpr int V = decltype(vec_c)::value;
         if (use_smem) {
-          softmax_fwd_block<scalar_t, acc_t, V, true><<<grid, threads, smem, stream>>>(xp, mp, yp, L, rows, N, scale);
+          softmax_fwd_block<scalar_t, acc_t, V, true>
+              <<<grid, threads, smem, stream>>>(xp, mp, yp, L, rows, N, scale);
         } else {
-          softmax_fwd_block<scalar_t, acc_t, V, false><<<grid, threads, 0, stream>>>(xp, mp, yp, L, rows, N, scale);
+          softmax_fwd_block<scalar_t, acc_t, V, false>
+              <<<grid, threads, 0, stream>>>(xp, mp, yp, L, rows, N, scale);
         }
       });
 }
@@ -446,7 +467,8 @@ void launch_backward(const at::Tensor& g, const at::Tensor& y, at::Tensor& out, 
   const at::Tensor ts[2] = {g, y};
   const RowLayout L = make_row_layout(ts, 2);
   constexpr int VMAX = max_vec<scalar_t>();
-  const bool vec = rows_aligned(g, L, 0, N, VMAX, sizeof(scalar_t)) && rows_aligned(y, L, 1, N, VMAX, sizeof(scalar_t));
+  const bool vec =
+      rows_aligned(g, L, 0, N, VMAX, sizeof(scalar_t)) && rows_aligned(y, L, 1, N, VMAX, sizeof(scalar_t));
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
@@ -495,7 +517,8 @@ at::Tensor masked_softmax_backward_cuda(const at::Tensor& grad_output, const at:
   const at::Tensor g = unit_rows(a.x), y = unit_rows(a.y);
   auto out = at::empty(a.y.sizes(), output.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return finish(out, a.dim, output.dim());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "masked_softmax_backward_cuda",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(),
+                                  "masked_softmax_backward_cuda",
                                   [&] { launch_backward<scalar_t>(g, y, out, a.rows, a.N, scale); });
   return finish(out, a.dim, output.dim());
 }

@@ -40,7 +40,8 @@ __device__ __forceinline__ bool nonzero(S v) {
 
 template <typename S>
 __global__ void patch_mask_kernel(const S* __restrict__ m, bool* __restrict__ out, int64_t total, int64_t nh,
-                                  int64_t nw, int64_t p, int64_t sb, int64_t sh, int64_t sw, int64_t min_count) {
+                                  int64_t nw, int64_t p, int64_t sb, int64_t sh, int64_t sw,
+                                  int64_t min_count) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += step) {
     const int64_t j = t % nw, bi = t / nw;
@@ -70,8 +71,8 @@ at::Tensor patch_mask_cuda(const at::Tensor& image_mask, int64_t patch_size, dou
   AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, m.scalar_type(), "patch_mask_cuda", [&] {
     using S = typename Storage<scalar_t>::type;
     patch_mask_kernel<S><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        reinterpret_cast<const S*>(m.const_data_ptr<scalar_t>()), out.data_ptr<bool>(), total, in.nh, in.nw, in.p,
-        m.stride(0), m.stride(1), m.stride(2), min_count);
+        reinterpret_cast<const S*>(m.const_data_ptr<scalar_t>()), out.data_ptr<bool>(), total, in.nh, in.nw,
+        in.p, m.stride(0), m.stride(1), m.stride(2), min_count);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -73,20 +73,33 @@ __device__ __forceinline__ T inv_norm(T n) {
   return T(1) / (n > eps ? n : eps);
 }
 
-__device__ __forceinline__ float dev_exp(float x) { return ::expf(x); }
-__device__ __forceinline__ double dev_exp(double x) { return ::exp(x); }
-__device__ __forceinline__ float dev_sqrt(float x) { return ::sqrtf(x); }
-__device__ __forceinline__ double dev_sqrt(double x) { return ::sqrt(x); }
+__device__ __forceinline__ float dev_exp(float x) {
+  return ::expf(x);
+}
+__device__ __forceinline__ double dev_exp(double x) {
+  return ::exp(x);
+}
+__device__ __forceinline__ float dev_sqrt(float x) {
+  return ::sqrtf(x);
+}
+__device__ __forceinline__ double dev_sqrt(double x) {
+  return ::sqrt(x);
+}
 
 enum ScaleCode : int { kScaleF32 = 0, kScaleF64 = 1, kScaleF16 = 2, kScaleBF16 = 3 };
 
 int scale_code(const at::Tensor& lsl) {
   switch (lsl.scalar_type()) {
-    case at::kFloat: return kScaleF32;
-    case at::kDouble: return kScaleF64;
-    case at::kHalf: return kScaleF16;
-    case at::kBFloat16: return kScaleBF16;
-    default: TORCH_CHECK(false, "scaled_cross_attention: logit_scale_log has unsupported dtype ", lsl.scalar_type());
+    case at::kFloat:
+      return kScaleF32;
+    case at::kDouble:
+      return kScaleF64;
+    case at::kHalf:
+      return kScaleF16;
+    case at::kBFloat16:
+      return kScaleBF16;
+    default:
+      TORCH_CHECK(false, "scaled_cross_attention: logit_scale_log has unsupported dtype ", lsl.scalar_type());
   }
   return kScaleF32;
 }
@@ -101,11 +114,13 @@ __device__ __forceinline__ double load_scale(const void* p, int code, double max
       s = ::exp(*static_cast<const double*>(p));
       break;
     case kScaleF16:
-      s = static_cast<float>(c10::Half(static_cast<float>(::exp(static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(p)))))));
+      s = static_cast<float>(c10::Half(static_cast<float>(
+          ::exp(static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(p)))))));
       m = static_cast<float>(max_scale);
       break;
     case kScaleBF16:
-      s = static_cast<float>(c10::BFloat16(static_cast<float>(::exp(static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(p)))))));
+      s = static_cast<float>(c10::BFloat16(static_cast<float>(
+          ::exp(static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(p)))))));
       m = static_cast<float>(max_scale);
       break;
     default:
@@ -118,8 +133,8 @@ __device__ __forceinline__ double load_scale(const void* p, int code, double max
 
 // Row r's query dot products with keys j in [0, Lk) into w[j] (shared), and |q|^2 if wanted.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t row_dots(const scalar_t* __restrict__ x, const scalar_t* __restrict__ rows, int Lk,
-                                          int64_t D, acc_t* w, bool want_sq, int lane) {
+__device__ __forceinline__ acc_t row_dots(const scalar_t* __restrict__ x, const scalar_t* __restrict__ rows,
+                                          int Lk, int64_t D, acc_t* w, bool want_sq, int lane) {
   acc_t s2 = 0;
   if (want_sq) {
     for (int64_t d = lane; d < D; d += kWarp) {
@@ -159,7 +174,8 @@ __global__ void __launch_bounds__(kThreads)
     row_norms_kernel(const scalar_t* __restrict__ x, int64_t s0, int64_t s1, int64_t N, int64_t M, int64_t D,
                      acc_t* __restrict__ out) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + warp; r < N * M; r += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + warp; r < N * M;
+       r += int64_t(gridDim.x) * kWarpsPerBlock) {
     const scalar_t* row = x + (r / M) * s0 + (r % M) * s1;
     acc_t s2 = 0;
     for (int64_t d = lane; d < D; d += kWarp) {
@@ -189,18 +205,21 @@ Strides make_strides(const XattnArgs& a) {
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    fused_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                         const bool* __restrict__ mask, const acc_t* __restrict__ knrm, Strides st, const void* lsl,
-                         int lsl_code, double max_scale, int64_t R, int64_t Lq, int Lk, int64_t D, int64_t Dv,
+    fused_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                         const scalar_t* __restrict__ v, const bool* __restrict__ mask,
+                         const acc_t* __restrict__ knrm, Strides st, const void* lsl, int lsl_code,
+                         double max_scale, int64_t R, int64_t Lq, int Lk, int64_t D, int64_t Dv,
                          scalar_t* __restrict__ out, scalar_t* __restrict__ attn) {
   __shared__ acc_t sw[kWarpsPerBlock][kMaxFusedKeys];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   acc_t* w = sw[warp];
   const acc_t c = static_cast<acc_t>(load_scale(lsl, lsl_code, max_scale));
   const bool normalize = knrm != nullptr;
-  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + warp; r < R; r += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + warp; r < R;
+       r += int64_t(gridDim.x) * kWarpsPerBlock) {
     const int64_t b = r / Lq, i = r - b * Lq;
-    const acc_t s2 = row_dots<scalar_t, acc_t>(q + b * st.qs0 + i * st.qs1, k + b * st.kb, Lk, D, w, normalize, lane);
+    const acc_t s2 =
+        row_dots<scalar_t, acc_t>(q + b * st.qs0 + i * st.qs1, k + b * st.kb, Lk, D, w, normalize, lane);
     const acc_t qinv = normalize ? inv_norm(dev_sqrt(s2)) : acc_t(1);
     acc_t l[2];
 #pragma unroll
@@ -215,7 +234,8 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t m = warp_max((l[0] > l[1] || l[0] != l[0]) ? l[0] : l[1]);
     acc_t e[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) e[h] = (m == ninf<acc_t>() || l[h] == ninf<acc_t>()) ? acc_t(0) : dev_exp(l[h] - m);
+    for (int h = 0; h < 2; ++h)
+      e[h] = (m == ninf<acc_t>() || l[h] == ninf<acc_t>()) ? acc_t(0) : dev_exp(l[h] - m);
     const acc_t sum = warp_sum(e[0] + e[1]);
     const acc_t inv = m == ninf<acc_t>() ? acc_t(0) : acc_t(1) / sum;  // no valid key: zeros
     __syncwarp();
@@ -259,7 +279,8 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t c = static_cast<acc_t>(load_scale(lsl, lsl_code, max_scale));
   const bool normalize = knrm != nullptr;
   const acc_t eps = static_cast<acc_t>(kXattnNormEps);
-  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + warp; r < R; r += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + warp; r < R;
+       r += int64_t(gridDim.x) * kWarpsPerBlock) {
     const int64_t b = r / Lq, i = r - b * Lq;
     const scalar_t* qr = q + b * st.qs0 + i * st.qs1;
     const scalar_t* kr = k + b * st.kb;
@@ -334,8 +355,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t gemm_logit(const scalar_t* S, const bool* mask, const acc_t* knrm, const Strides& st,
-                                            int64_t r, int64_t b, int64_t j, int64_t Lk, acc_t c, acc_t qinv) {
+__device__ __forceinline__ acc_t gemm_logit(const scalar_t* S, const bool* mask, const acc_t* knrm,
+                                            const Strides& st, int64_t r, int64_t b, int64_t j, int64_t Lk,
+                                            acc_t c, acc_t qinv) {
   if (mask != nullptr && !mask[b * st.mb + j]) return ninf<acc_t>();
   const acc_t kinv = knrm ? inv_norm(knrm[b * st.nb + j]) : acc_t(1);
   return c * (static_cast<acc_t>(S[r * Lk + j]) * qinv * kinv);
@@ -344,12 +366,13 @@ __device__ __forceinline__ acc_t gemm_logit(const scalar_t* S, const bool* mask,
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     softmax_forward_kernel(const scalar_t* __restrict__ S, const bool* __restrict__ mask,
-                           const acc_t* __restrict__ qnrm, const acc_t* __restrict__ knrm, Strides st, const void* lsl,
-                           int lsl_code, double max_scale, int64_t R, int64_t Lq, int64_t Lk,
+                           const acc_t* __restrict__ qnrm, const acc_t* __restrict__ knrm, Strides st,
+                           const void* lsl, int lsl_code, double max_scale, int64_t R, int64_t Lq, int64_t Lk,
                            scalar_t* __restrict__ attn) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const acc_t c = static_cast<acc_t>(load_scale(lsl, lsl_code, max_scale));
-  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + warp; r < R; r += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + warp; r < R;
+       r += int64_t(gridDim.x) * kWarpsPerBlock) {
     const int64_t b = r / Lq;
     const acc_t qinv = qnrm ? inv_norm(qnrm[r]) : acc_t(1);
     acc_t m = ninf<acc_t>();
@@ -380,12 +403,14 @@ __global__ void __launch_bounds__(kThreads)
     softmax_backward_kernel(const scalar_t* __restrict__ S, const scalar_t* __restrict__ dA,
                             const scalar_t* __restrict__ gattn, const scalar_t* __restrict__ attn,
                             const acc_t* __restrict__ qnrm, const acc_t* __restrict__ knrm, Strides st,
-                            const void* lsl, int lsl_code, double max_scale, int64_t R, int64_t Lq, int64_t Lk,
-                            acc_t* __restrict__ wqk, acc_t* __restrict__ p, acc_t* __restrict__ rowcoef) {
+                            const void* lsl, int lsl_code, double max_scale, int64_t R, int64_t Lq,
+                            int64_t Lk, acc_t* __restrict__ wqk, acc_t* __restrict__ p,
+                            acc_t* __restrict__ rowcoef) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const acc_t c = static_cast<acc_t>(load_scale(lsl, lsl_code, max_scale));
   const acc_t eps = static_cast<acc_t>(kXattnNormEps);
-  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + warp; r < R; r += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + warp; r < R;
+       r += int64_t(gridDim.x) * kWarpsPerBlock) {
     const int64_t b = r / Lq;
     const acc_t qn = qnrm ? qnrm[r] : acc_t(1);
     const acc_t qinv = qnrm ? inv_norm(qn) : acc_t(1);
@@ -394,7 +419,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t j = lane; j < Lk; j += kWarp) {
       const acc_t a = static_cast<acc_t>(attn[r * Lk + j]);
       if (a != acc_t(0)) {
-        s += a * (static_cast<acc_t>(dA[r * Lk + j]) + (gattn ? static_cast<acc_t>(gattn[r * Lk + j]) : acc_t(0)));
+        s += a * (static_cast<acc_t>(dA[r * Lk + j]) +
+                  (gattn ? static_cast<acc_t>(gattn[r * Lk + j]) : acc_t(0)));
         if (a > best) {
           best = a;
           bestj = static_cast<int>(j);
@@ -407,14 +433,16 @@ __global__ void __launch_bounds__(kThreads)
     acc_t dsum = 0;
     for (int64_t j = lane; j < Lk; j += kWarp) {
       const acc_t a = static_cast<acc_t>(attn[r * Lk + j]);
-      const acc_t da = static_cast<acc_t>(dA[r * Lk + j]) + (gattn ? static_cast<acc_t>(gattn[r * Lk + j]) : acc_t(0));
+      const acc_t da =
+          static_cast<acc_t>(dA[r * Lk + j]) + (gattn ? static_cast<acc_t>(gattn[r * Lk + j]) : acc_t(0));
       dsum += a != acc_t(0) ? a * (da - s) : acc_t(0);
     }
     dsum = warp_sum(dsum);
     acc_t psum = 0;
     for (int64_t j = lane; j < Lk; j += kWarp) {
       const acc_t a = static_cast<acc_t>(attn[r * Lk + j]);
-      const acc_t da = static_cast<acc_t>(dA[r * Lk + j]) + (gattn ? static_cast<acc_t>(gattn[r * Lk + j]) : acc_t(0));
+      const acc_t da =
+          static_cast<acc_t>(dA[r * Lk + j]) + (gattn ? static_cast<acc_t>(gattn[r * Lk + j]) : acc_t(0));
       const acc_t kinv = knrm ? inv_norm(knrm[b * st.nb + j]) : acc_t(1);
       acc_t ds = a != acc_t(0) ? a * (da - s) : acc_t(0);
       if (j == jm) ds -= dsum;
@@ -453,73 +481,90 @@ void fused_forward_cuda(const XattnArgs& a, const at::Tensor& knrm, double max_s
   const int64_t R = a.B * a.Lq;
   TORCH_INTERNAL_ASSERT(a.Lk <= kMaxFusedKeys && R > 0);
   const Strides st = make_strides(a);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    fused_forward_kernel<scalar_t, acc_t><<<num_blocks(R), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        a.q.const_data_ptr<scalar_t>(), a.k.const_data_ptr<scalar_t>(), a.v.const_data_ptr<scalar_t>(),
-        opt_ptr<bool>(a.mask), normalize ? knrm.const_data_ptr<acc_t>() : nullptr, st, a.lsl.const_data_ptr(),
-        scale_code(a.lsl), max_scale, R, a.Lq, static_cast<int>(a.Lk), a.D, a.Dv, out.data_ptr<scalar_t>(),
-        attn.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        fused_forward_kernel<scalar_t, acc_t>
+            <<<num_blocks(R), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                a.q.const_data_ptr<scalar_t>(), a.k.const_data_ptr<scalar_t>(),
+                a.v.const_data_ptr<scalar_t>(), opt_ptr<bool>(a.mask),
+                normalize ? knrm.const_data_ptr<acc_t>() : nullptr, st, a.lsl.const_data_ptr(),
+                scale_code(a.lsl), max_scale, R, a.Lq, static_cast<int>(a.Lk), a.D, a.Dv,
+                out.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
-void softmax_forward_cuda(const XattnArgs& a, const at::Tensor& S, const at::Tensor& qnrm, const at::Tensor& knrm,
-                          double max_scale, bool normalize, const at::Tensor& attn) {
+void softmax_forward_cuda(const XattnArgs& a, const at::Tensor& S, const at::Tensor& qnrm,
+                          const at::Tensor& knrm, double max_scale, bool normalize, const at::Tensor& attn) {
   c10::cuda::CUDAGuard guard(a.q.device());
   const int64_t R = a.B * a.Lq;
   const Strides st = make_strides(a);
   const at::Tensor Sc = S.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_softmax_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    softmax_forward_kernel<scalar_t, acc_t><<<num_blocks(R), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        Sc.const_data_ptr<scalar_t>(), opt_ptr<bool>(a.mask), normalize ? qnrm.const_data_ptr<acc_t>() : nullptr,
-        normalize ? knrm.const_data_ptr<acc_t>() : nullptr, st, a.lsl.const_data_ptr(), scale_code(a.lsl), max_scale,
-        R, a.Lq, a.Lk, attn.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_softmax_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        softmax_forward_kernel<scalar_t, acc_t>
+            <<<num_blocks(R), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                Sc.const_data_ptr<scalar_t>(), opt_ptr<bool>(a.mask),
+                normalize ? qnrm.const_data_ptr<acc_t>() : nullptr,
+                normalize ? knrm.const_data_ptr<acc_t>() : nullptr, st, a.lsl.const_data_ptr(),
+                scale_code(a.lsl), max_scale, R, a.Lq, a.Lk, attn.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
-void fused_backward_cuda(const XattnArgs& a, const at::Tensor& knrm, const at::Tensor& gout, const at::Tensor& gattn,
-                         const at::Tensor& attn, double max_scale, bool normalize, const at::Tensor& dq,
-                         const at::Tensor& wqk, const at::Tensor& p) {
+void fused_backward_cuda(const XattnArgs& a, const at::Tensor& knrm, const at::Tensor& gout,
+                         const at::Tensor& gattn, const at::Tensor& attn, double max_scale, bool normalize,
+                         const at::Tensor& dq, const at::Tensor& wqk, const at::Tensor& p) {
   c10::cuda::CUDAGuard guard(a.q.device());
   const int64_t R = a.B * a.Lq;
   TORCH_INTERNAL_ASSERT(a.Lk <= kMaxFusedKeys && R > 0);
   const Strides st = make_strides(a);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    fused_backward_kernel<scalar_t, acc_t><<<num_blocks(R), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        a.q.const_data_ptr<scalar_t>(), a.k.const_data_ptr<scalar_t>(), a.v.const_data_ptr<scalar_t>(),
-        normalize ? knrm.const_data_ptr<acc_t>() : nullptr, st, gout.const_data_ptr<scalar_t>(),
-        opt_ptr<scalar_t>(gattn), attn.const_data_ptr<scalar_t>(), a.lsl.const_data_ptr(), scale_code(a.lsl),
-        max_scale, R, a.Lq, static_cast<int>(a.Lk), a.D, a.Dv, dq.defined() ? dq.data_ptr<scalar_t>() : nullptr,
-        wqk.data_ptr<acc_t>(), p.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        fused_backward_kernel<scalar_t, acc_t>
+            <<<num_blocks(R), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                a.q.const_data_ptr<scalar_t>(), a.k.const_data_ptr<scalar_t>(),
+                a.v.const_data_ptr<scalar_t>(), normalize ? knrm.const_data_ptr<acc_t>() : nullptr, st,
+                gout.const_data_ptr<scalar_t>(), opt_ptr<scalar_t>(gattn), attn.const_data_ptr<scalar_t>(),
+                a.lsl.const_data_ptr(), scale_code(a.lsl), max_scale, R, a.Lq, static_cast<int>(a.Lk), a.D,
+                a.Dv, dq.defined() ? dq.data_ptr<scalar_t>() : nullptr, wqk.data_ptr<acc_t>(),
+                p.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
-void softmax_backward_cuda(const XattnArgs& a, const at::Tensor& S, const at::Tensor& dA, const at::Tensor& gattn,
-                           const at::Tensor& attn, const at::Tensor& qnrm, const at::Tensor& knrm, double max_scale,
-                           bool normalize, const at::Tensor& wqk, const at::Tensor& p, const at::Tensor& rowcoef) {
+void softmax_backward_cuda(const XattnArgs& a, const at::Tensor& S, const at::Tensor& dA,
+                           const at::Tensor& gattn, const at::Tensor& attn, const at::Tensor& qnrm,
+                           const at::Tensor& knrm, double max_scale, bool normalize, const at::Tensor& wqk,
+                           const at::Tensor& p, const at::Tensor& rowcoef) {
   c10::cuda::CUDAGuard guard(a.q.device());
   const int64_t R = a.B * a.Lq;
   const Strides st = make_strides(a);
   const at::Tensor Sc = S.contiguous(), dAc = dA.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_softmax_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    softmax_backward_kernel<scalar_t, acc_t><<<num_blocks(R), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        Sc.const_data_ptr<scalar_t>(), dAc.const_data_ptr<scalar_t>(), opt_ptr<scalar_t>(gattn),
-        attn.const_data_ptr<scalar_t>(), normalize ? qnrm.const_data_ptr<acc_t>() : nullptr,
-        normalize ? knrm.const_data_ptr<acc_t>() : nullptr, st, a.lsl.const_data_ptr(), scale_code(a.lsl), max_scale,
-        R, a.Lq, a.Lk, wqk.data_ptr<acc_t>(), p.data_ptr<acc_t>(), rowcoef.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.q.scalar_type(), "scaled_cross_attention_softmax_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        softmax_backward_kernel<scalar_t, acc_t>
+            <<<num_blocks(R), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                Sc.const_data_ptr<scalar_t>(), dAc.const_data_ptr<scalar_t>(), opt_ptr<scalar_t>(gattn),
+                attn.const_data_ptr<scalar_t>(), normalize ? qnrm.const_data_ptr<acc_t>() : nullptr,
+                normalize ? knrm.const_data_ptr<acc_t>() : nullptr, st, a.lsl.const_data_ptr(),
+                scale_code(a.lsl), max_scale, R, a.Lq, a.Lk, wqk.data_ptr<acc_t>(), p.data_ptr<acc_t>(),
+                rowcoef.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 const XattnKernels& cuda_kernels() {
   static const XattnKernels k{
-      kMaxFusedKeys, &row_norms_cuda, &fused_forward_cuda, &softmax_forward_cuda, &fused_backward_cuda,
+      kMaxFusedKeys,
+      &row_norms_cuda,
+      &fused_forward_cuda,
+      &softmax_forward_cuda,
+      &fused_backward_cuda,
       &softmax_backward_cuda,
       [] { return at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None; },
       /*gemm_in_acc=*/false};
@@ -537,8 +582,8 @@ std::tuple<at::Tensor, at::Tensor> scaled_cross_attention_cuda(const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scaled_cross_attention_backward_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& query,
-    const at::Tensor& key, const at::Tensor& value, const at::Tensor& lsl, const at::Tensor& attn, double max_scale,
-    bool normalize, std::array<bool, 4> output_mask) {
+    const at::Tensor& key, const at::Tensor& value, const at::Tensor& lsl, const at::Tensor& attn,
+    double max_scale, bool normalize, std::array<bool, 4> output_mask) {
   c10::cuda::CUDAGuard guard(query.device());
   return xattn_backward(grad_out, grad_attn, query, key, value, lsl, attn, max_scale, normalize, output_mask,
                         cuda_kernels());

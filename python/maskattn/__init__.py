@@ -3,16 +3,21 @@
 Every op is registered as ``torch.ops.maskattn.<name>`` (autograd, fake kernels, torch.compile);
 the functions here are thin, documented wrappers around them.
 """
-from ._loader import build_info, cuda_available  # noqa: F401  (loads the compiled ops first)
-from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
-from ._padding import pack, pad_sequences, unpack
-from ._ops.patch_mask import patch_mask, patch_mask_to_image
-from ._ops.masked_softmax import masked_softmax
-from ._ops.gated_masked_mean import gated_masked_mean
+
+# isort: off
+# The loader must run first: it loads the compiled library that defines torch.ops.maskattn.*,
+# which every module below registers fake kernels and autograd for.
+from ._loader import build_info, cuda_available
+
+# isort: on
+from . import losses, masks, nn, optim, transforms
 from ._ops.foreground_mask import foreground_mask
+from ._ops.gated_masked_mean import gated_masked_mean
+from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
+from ._ops.masked_softmax import masked_softmax
+from ._ops.patch_mask import patch_mask, patch_mask_to_image
 from ._ops.scaled_cross_attention import scaled_cross_attention
-from . import losses, masks, optim, transforms  # noqa: E402
-from . import nn  # noqa: E402
+from ._padding import pack, pad_sequences, unpack
 
 __version__ = "0.1.0"
 

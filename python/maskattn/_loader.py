@@ -4,9 +4,12 @@ A C++ extension is tied to the exact torch it was compiled with; loading it unde
 fails with an unreadable undefined-symbol error at best and crashes at worst. The build records the
 torch version in _build_info.py, so the mismatch is caught before the shared library is touched.
 """
+
 import torch
 
-_REBUILD = "Rebuild maskattn against the installed torch: pip install --no-build-isolation --force-reinstall --no-deps ."
+_REBUILD = (
+    "Rebuild maskattn against the installed torch: pip install --no-build-isolation --force-reinstall --no-deps ."
+)
 
 try:
     from . import _build_info
@@ -32,7 +35,9 @@ if not _same_release(_build_info.TORCH_VERSION, torch.__version__):
 try:
     from . import _C  # noqa: E402  (registers torch.ops.maskattn.*)
 except ImportError as e:
-    raise ImportError(f"maskattn's compiled extension failed to load under torch {torch.__version__}: {e}. {_REBUILD}") from e
+    raise ImportError(
+        f"maskattn's compiled extension failed to load under torch {torch.__version__}: {e}. {_REBUILD}"
+    ) from e
 
 
 def build_info() -> dict:

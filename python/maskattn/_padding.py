@@ -3,7 +3,8 @@
 These are index shuffles, not kernels: they are written with differentiable torch ops so that
 gradients flow through pack/unpack and torch.compile sees through them.
 """
-from typing import List, Optional, Sequence, Tuple
+
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -59,7 +60,9 @@ def unpack(packed: Tensor, offsets: Tensor, max_len: Optional[int] = None) -> Tu
     if packed.dim() < 1:
         raise ValueError(f"unpack: packed must be [T, ...], got shape {tuple(packed.shape)}")
     if offsets.dim() != 1 or offsets.shape[0] < 1 or offsets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"unpack: offsets must be an int64 [B+1] tensor, got {offsets.dtype} shape {tuple(offsets.shape)}")
+        raise ValueError(
+            f"unpack: offsets must be an int64 [B+1] tensor, got {offsets.dtype} shape {tuple(offsets.shape)}"
+        )
     offsets = offsets.to(device=packed.device, dtype=torch.int64)
     lengths = offsets[1:] - offsets[:-1]
     batch, total = lengths.shape[0], packed.shape[0]
@@ -70,7 +73,9 @@ def unpack(packed: Tensor, offsets: Tensor, max_len: Optional[int] = None) -> Tu
     if not packed.is_cuda:
         o = offsets.tolist()
         if o[0] != 0 or o[-1] != total or any(b < a for a, b in zip(o, o[1:])):
-            raise ValueError(f"unpack: offsets must rise from 0 to T={total}, got {o if len(o) <= 16 else o[:16] + ['...']}")
+            raise ValueError(
+                f"unpack: offsets must rise from 0 to T={total}, got {o if len(o) <= 16 else o[:16] + ['...']}"
+            )
         if batch and max(b - a for a, b in zip(o, o[1:])) > max_len:
             raise ValueError(f"unpack: a bag is longer than max_len={max_len}")
     bag = torch.repeat_interleave(torch.arange(batch, device=packed.device), lengths, output_size=total)

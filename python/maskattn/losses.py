@@ -1,4 +1,5 @@
 """Losses over padded batches."""
+
 import torch
 from torch import Tensor
 
@@ -23,7 +24,9 @@ def masked_mse_loss(pred: Tensor, target: Tensor, mask: Tensor, reduction: str =
     returns the per-element mean; multiply by C to reproduce the seed's numbers.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"masked_mse_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+        raise ValueError(
+            f"masked_mse_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape"
+        )
     if pred.dim() < 2:
         raise ValueError(f"masked_mse_loss: pred must be [B, C, ...], got shape {tuple(pred.shape)}")
     if reduction not in ("mean", "sum", "none"):
@@ -31,11 +34,17 @@ def masked_mse_loss(pred: Tensor, target: Tensor, mask: Tensor, reduction: str =
     valid = mask if mask.dtype == torch.bool else mask != 0
     if valid.dim() == pred.dim() - 1 and valid.shape[0] == pred.shape[0] and valid.shape[1:] == pred.shape[2:]:
         valid = valid.unsqueeze(1)
-    ok = valid.dim() == pred.dim() and valid.shape[0] == pred.shape[0] and valid.shape[1] in (1, pred.shape[1]) \
+    ok = (
+        valid.dim() == pred.dim()
+        and valid.shape[0] == pred.shape[0]
+        and valid.shape[1] in (1, pred.shape[1])
         and valid.shape[2:] == pred.shape[2:]
+    )
     if not ok:
-        raise ValueError(f"masked_mse_loss: mask must be [B, H, W], [B, 1, H, W] or pred's shape {tuple(pred.shape)}, "
-                         f"got shape {tuple(mask.shape)}")
+        raise ValueError(
+            f"masked_mse_loss: mask must be [B, H, W], [B, 1, H, W] or pred's shape {tuple(pred.shape)}, "
+            f"got shape {tuple(mask.shape)}"
+        )
     if valid.device != pred.device:
         raise ValueError(f"masked_mse_loss: mask ({valid.device}) and pred ({pred.device}) must be on the same device")
     diff = torch.where(valid, pred - target, (pred - target).new_zeros(()))

@@ -1,12 +1,21 @@
 """Optimizer parameter groups for models with learnable logit scales."""
+
 from typing import Dict, Iterable, List
 
 from torch import nn
 
 # Normalisation layers whose affine parameters are conventionally not decayed.
-_NORM_TYPES = tuple(t for t in (
-    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None),
-    nn.LocalResponseNorm) if t is not None)
+_NORM_TYPES = tuple(
+    t
+    for t in (
+        nn.modules.batchnorm._NormBase,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        getattr(nn, "RMSNorm", None),
+        nn.LocalResponseNorm,
+    )
+    if t is not None
+)
 
 
 def _is_logit_scale(name: str) -> bool:
@@ -14,8 +23,9 @@ def _is_logit_scale(name: str) -> bool:
     return name.split(".")[-1].startswith("logit_scale")
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, no_decay_bias_and_norm: bool = False,
-                 no_decay: Iterable[str] = ()) -> List[Dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, *, no_decay_bias_and_norm: bool = False, no_decay: Iterable[str] = ()
+) -> List[Dict]:
     """Parameter groups that keep weight decay off every logit scale.
 
     Weight decay pulls ``logit_scale_log`` towards 0, i.e. the scale towards 1, which makes the
@@ -38,8 +48,11 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_decay_bias_and_nor
                 continue
             seen.add(id(p))
             full = f"{mod_name}.{pname}" if mod_name else pname
-            undecayed = (_is_logit_scale(pname) or full in extra
-                         or (no_decay_bias_and_norm and (pname == "bias" or isinstance(mod, _NORM_TYPES))))
+            undecayed = (
+                _is_logit_scale(pname)
+                or full in extra
+                or (no_decay_bias_and_norm and (pname == "bias" or isinstance(mod, _NORM_TYPES)))
+            )
             (keep if undecayed else decay).append(p)
             (keep_names if undecayed else decay_names).append(full)
     groups = []

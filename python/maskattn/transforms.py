@@ -1,8 +1,7 @@
 """Dataset transforms: the seed's preprocessing mask (face kept, background set to a value) in one line.
 
-    transform = Compose([FaceMask("content_based"), ...])        # on tensors, ndarrays or PIL images
+transform = Compose([FaceMask("content_based"), ...])        # on tensors, ndarrays or PIL images
 """
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -90,6 +89,7 @@ class FaceMask:
             arr = (out if out.dim() == 2 else out.permute(1, 2, 0)).contiguous().numpy()
             if pil is not None:
                 from PIL import Image
+
                 return Image.fromarray(arr)
             return arr
         raise TypeError(f"FaceMask: expected a tensor, numpy array or PIL image, got {type(image).__name__}")

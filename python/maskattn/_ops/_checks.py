@@ -4,6 +4,7 @@ The C++ checks only run in the CPU/CUDA kernels; a call that mixes a real device
 torch.compile trace with FakeTensors on different devices, reaches the fake kernel instead, so the
 fake kernels check devices too and give the same message.
 """
+
 import torch
 
 

@@ -5,6 +5,7 @@ in whatever low-precision dtype the active autocast region asks for (bfloat16 or
 CUDA), as native attention does. The kernels accumulate in float32 whatever the input dtype, so
 casting the floating inputs down is all an op needs.
 """
+
 import torch
 
 _lib = torch.library.Library("maskattn", "IMPL")
@@ -26,8 +27,12 @@ def register_low_precision(name: str, keep: tuple = ()) -> None:
             dtype = torch.get_autocast_dtype(_device_type)
 
             def cast(name, x):
-                if (isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == _device_type
-                        and name not in keep):
+                if (
+                    isinstance(x, torch.Tensor)
+                    and x.is_floating_point()
+                    and x.device.type == _device_type
+                    and name not in keep
+                ):
                     return x.to(dtype)
                 return x
 

@@ -1,4 +1,5 @@
 """foreground_mask: the content-based face mask of seed 004 as one batched op (wrapper + fake kernel)."""
+
 from typing import Tuple
 
 import torch
@@ -7,8 +8,14 @@ from torch import Tensor
 _ops = torch.ops.maskattn
 
 
-def foreground_mask(images: Tensor, threshold: float = 0.1, open_radius: int = 1, close_radius: int = 2,
-                    fill_holes: bool = True, sigma: float = 1.0) -> Tuple[Tensor, Tensor]:
+def foreground_mask(
+    images: Tensor,
+    threshold: float = 0.1,
+    open_radius: int = 1,
+    close_radius: int = 2,
+    fill_holes: bool = True,
+    sigma: float = 1.0,
+) -> Tuple[Tensor, Tensor]:
     """Soft foreground mask of dark-background images, without the coverage check.
 
     Args:
@@ -26,13 +33,17 @@ def foreground_mask(images: Tensor, threshold: float = 0.1, open_radius: int = 1
         ``(mask, coverage)``: float32 ``[B, H, W]`` in ``[0, 1]`` and float32 ``[B]``, the fraction
         of pixels in the binary mask (largest 8-connected component, holes filled) before smoothing.
     """
-    return _ops.foreground_mask(images, float(threshold), int(open_radius), int(close_radius), bool(fill_holes),
-                                float(sigma))
+    return _ops.foreground_mask(
+        images, float(threshold), int(open_radius), int(close_radius), bool(fill_holes), float(sigma)
+    )
 
 
 @torch.library.register_fake("maskattn::foreground_mask")
 def _(images, threshold=0.1, open_radius=1, close_radius=2, fill_holes=True, sigma=1.0):
-    torch._check(images.dim() in (3, 4), lambda: f"foreground_mask: images must be [B, C, H, W] or [B, H, W], got {tuple(images.shape)}")
+    torch._check(
+        images.dim() in (3, 4),
+        lambda: f"foreground_mask: images must be [B, C, H, W] or [B, H, W], got {tuple(images.shape)}",
+    )
     B, H, W = images.shape[0], images.shape[-2], images.shape[-1]
     mask = images.new_empty((B, H, W), dtype=torch.float32)
     coverage = images.new_empty((B,), dtype=torch.float32)

@@ -1,4 +1,5 @@
 """gated_masked_mean: sigmoid-gated global average pooling over valid pixels (wrapper, fakes, autograd)."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -31,8 +32,13 @@ def gated_masked_mean(features: Tensor, gate_logits: Tensor, mask: Optional[Tens
 def _(features, gate_logits, mask=None):
     _checks.same_device(gate_logits, "gated_masked_mean: gate_logits", features, "features")
     _checks.same_device(mask, "gated_masked_mean: mask", features, "features")
-    torch._check(features.dim() == 4, lambda: f"gated_masked_mean: features must be [B, C, H, W], got {tuple(features.shape)}")
-    torch._check(gate_logits.dtype == features.dtype, lambda: "gated_masked_mean: gate_logits and features must have the same dtype")
+    torch._check(
+        features.dim() == 4, lambda: f"gated_masked_mean: features must be [B, C, H, W], got {tuple(features.shape)}"
+    )
+    torch._check(
+        gate_logits.dtype == features.dtype,
+        lambda: "gated_masked_mean: gate_logits and features must have the same dtype",
+    )
     pooled = features.new_empty((features.shape[0], features.shape[1]))
     gate = gate_logits.new_empty(gate_logits.shape)
     return pooled, gate

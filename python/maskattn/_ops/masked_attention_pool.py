@@ -1,12 +1,11 @@
 """masked_attention_pool and masked_attention_pool_packed: wrappers, fake kernels, autograd."""
+
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _checks
-
-from . import _registration
+from . import _checks, _registration
 
 _ops = torch.ops.maskattn
 
@@ -45,6 +44,7 @@ def masked_attention_pool_packed(logits: Tensor, features: Tensor, offsets: Tens
 
 # ---- fake kernels: shapes, dtypes and strides exactly as the real kernels return them ----
 
+
 def _pooled_shape(logits: Tensor, features: Tensor, batch: int, has_k: bool):
     if has_k:
         return (batch, logits.shape[-1], features.shape[-1])
@@ -55,9 +55,16 @@ def _pooled_shape(logits: Tensor, features: Tensor, batch: int, has_k: bool):
 def _(logits, features, mask=None):
     _checks.same_device(logits, "masked_attention_pool: logits", features, "features")
     _checks.same_device(mask, "masked_attention_pool: mask", features, "features")
-    torch._check(features.dim() == 3, lambda: f"masked_attention_pool: features must be [B, N, D], got {tuple(features.shape)}")
-    torch._check(logits.dim() in (2, 3), lambda: f"masked_attention_pool: logits must be [B, N] or [B, N, K], got {tuple(logits.shape)}")
-    torch._check(logits.dtype == features.dtype, lambda: "masked_attention_pool: logits and features must have the same dtype")
+    torch._check(
+        features.dim() == 3, lambda: f"masked_attention_pool: features must be [B, N, D], got {tuple(features.shape)}"
+    )
+    torch._check(
+        logits.dim() in (2, 3),
+        lambda: f"masked_attention_pool: logits must be [B, N] or [B, N, K], got {tuple(logits.shape)}",
+    )
+    torch._check(
+        logits.dtype == features.dtype, lambda: "masked_attention_pool: logits and features must have the same dtype"
+    )
     pooled = features.new_empty(_pooled_shape(logits, features, features.shape[0], logits.dim() == 3))
     weights = logits.new_empty(logits.shape)
     return pooled, weights
@@ -67,8 +74,14 @@ def _(logits, features, mask=None):
 def _(logits, features, offsets):
     _checks.same_device(logits, "masked_attention_pool_packed: logits", features, "features")
     _checks.same_device(offsets, "masked_attention_pool_packed: offsets", features, "features")
-    torch._check(features.dim() == 2, lambda: f"masked_attention_pool_packed: features must be [T, D], got {tuple(features.shape)}")
-    torch._check(logits.dtype == features.dtype, lambda: "masked_attention_pool_packed: logits and features must have the same dtype")
+    torch._check(
+        features.dim() == 2,
+        lambda: f"masked_attention_pool_packed: features must be [T, D], got {tuple(features.shape)}",
+    )
+    torch._check(
+        logits.dtype == features.dtype,
+        lambda: "masked_attention_pool_packed: logits and features must have the same dtype",
+    )
     batch = offsets.shape[0] - 1
     pooled = features.new_empty(_pooled_shape(logits, features, batch, logits.dim() == 2))
     weights = logits.new_empty(logits.shape)
@@ -92,6 +105,7 @@ def _(grad_pooled, grad_weights, weights, features, offsets, output_mask):
 
 
 # ---- autograd: only the weights (an output) and the features (an input) are saved ----
+
 
 def _setup_padded(ctx, inputs, output):
     ctx.save_for_backward(output[1], inputs[1])

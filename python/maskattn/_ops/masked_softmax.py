@@ -1,4 +1,5 @@
 """masked_softmax: softmax over the valid positions of a broadcastable mask; wrapper, fake, autograd."""
+
 import torch
 from torch import Tensor
 
@@ -39,20 +40,32 @@ def _wrap(dim: int, nd: int) -> int:
 def _(scores, mask, dim=-1, scale=1.0):
     _checks.same_device(scores, "masked_softmax: scores", mask, "mask")
     _wrap(dim, scores.dim())
-    torch._check(scores.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-                 lambda: f"masked_softmax: scores must be float32, float64, float16 or bfloat16, got {scores.dtype}")
-    torch._check(mask.dim() <= scores.dim(),
-                 lambda: f"masked_softmax: mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}")
+    torch._check(
+        scores.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+        lambda: f"masked_softmax: scores must be float32, float64, float16 or bfloat16, got {scores.dtype}",
+    )
+    torch._check(
+        mask.dim() <= scores.dim(),
+        lambda: (
+            f"masked_softmax: mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}"
+        ),
+    )
     for i in range(1, mask.dim() + 1):
-        torch._check(mask.shape[-i] == 1 or mask.shape[-i] == scores.shape[-i],
-                     lambda: f"masked_softmax: mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}")
+        torch._check(
+            mask.shape[-i] == 1 or mask.shape[-i] == scores.shape[-i],
+            lambda: (
+                f"masked_softmax: mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}"
+            ),
+        )
     return torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
 
 
 @torch.library.register_fake("maskattn::_masked_softmax_backward")
 def _(grad_output, output, dim, scale):
     _wrap(dim, output.dim())
-    torch._check(grad_output.shape == output.shape, lambda: "_masked_softmax_backward: grad_output must have the shape of output")
+    torch._check(
+        grad_output.shape == output.shape, lambda: "_masked_softmax_backward: grad_output must have the shape of output"
+    )
     return torch.empty(output.shape, dtype=output.dtype, device=output.device)
 
 

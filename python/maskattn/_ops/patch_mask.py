@@ -1,4 +1,5 @@
 """patch_mask (image mask -> patch mask) and its inverse, patch_mask_to_image."""
+
 from typing import Tuple, Union
 
 import torch
@@ -49,21 +50,29 @@ def patch_mask_to_image(patch_mask: Tensor, patch_size: int, image_size: Union[i
         raise ValueError(f"patch_mask_to_image: image height H={h} and width W={w} must be multiples of patch_size={p}")
     nh, nw = h // p, w // p
     if patch_mask.dim() != 2 or patch_mask.shape[1] != nh * nw:
-        raise ValueError(f"patch_mask_to_image: patch_mask must be [B, {nh * nw}] for a {h}x{w} image with "
-                         f"patch_size={p}, got shape {tuple(patch_mask.shape)}")
+        raise ValueError(
+            f"patch_mask_to_image: patch_mask must be [B, {nh * nw}] for a {h}x{w} image with "
+            f"patch_size={p}, got shape {tuple(patch_mask.shape)}"
+        )
     valid = patch_mask if patch_mask.dtype == torch.bool else patch_mask != 0
     b = valid.shape[0]
     return valid.reshape(b, nh, 1, nw, 1).expand(b, nh, p, nw, p).reshape(b, h, w)
 
 
 def _check_fake(image_mask, patch_size, threshold):
-    torch._check(image_mask.dim() == 3 or (image_mask.dim() == 4 and image_mask.shape[1] == 1),
-                 lambda: f"patch_mask: image_mask must be [B, H, W] or [B, 1, H, W], got {tuple(image_mask.shape)}")
+    torch._check(
+        image_mask.dim() == 3 or (image_mask.dim() == 4 and image_mask.shape[1] == 1),
+        lambda: f"patch_mask: image_mask must be [B, H, W] or [B, 1, H, W], got {tuple(image_mask.shape)}",
+    )
     torch._check(patch_size > 0, lambda: f"patch_mask: patch_size must be positive, got {patch_size}")
     torch._check(0.0 <= threshold <= 1.0, lambda: f"patch_mask: threshold must be in [0, 1], got {threshold}")
     h, w = image_mask.shape[-2], image_mask.shape[-1]
-    torch._check(h % patch_size == 0 and w % patch_size == 0,
-                 lambda: f"patch_mask: image height H = {h} and width W = {w} must both be multiples of patch_size = {patch_size}")
+    torch._check(
+        h % patch_size == 0 and w % patch_size == 0,
+        lambda: (
+            f"patch_mask: image height H = {h} and width W = {w} must both be multiples of patch_size = {patch_size}"
+        ),
+    )
     return h // patch_size, w // patch_size
 
 

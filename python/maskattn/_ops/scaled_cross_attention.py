@@ -1,4 +1,5 @@
 """scaled_cross_attention: wrapper, fake kernels, autograd."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -9,9 +10,15 @@ from . import _checks
 _ops = torch.ops.maskattn
 
 
-def scaled_cross_attention(query: Tensor, key: Tensor, value: Tensor, logit_scale_log: Tensor,
-                           max_scale: float = 100.0, key_mask: Optional[Tensor] = None,
-                           normalize: bool = False) -> Tuple[Tensor, Tensor]:
+def scaled_cross_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    logit_scale_log: Tensor,
+    max_scale: float = 100.0,
+    key_mask: Optional[Tensor] = None,
+    normalize: bool = False,
+) -> Tuple[Tensor, Tensor]:
     """Cross-attention with a learnable, clamped logit scale, fused.
 
     ``scale = min(exp(logit_scale_log), max_scale)``; ``logits = scale * <q, k>`` (with ``q`` and
@@ -40,15 +47,27 @@ def scaled_cross_attention(query: Tensor, key: Tensor, value: Tensor, logit_scal
 
 # ---- fake kernels: shapes, dtypes and strides exactly as the real kernels return them ----
 
+
 @torch.library.register_fake("maskattn::scaled_cross_attention")
 def _(query, key, value, logit_scale_log, max_scale=100.0, key_mask=None, normalize=False):
     for t, n in ((key, "key"), (value, "value"), (logit_scale_log, "logit_scale_log"), (key_mask, "key_mask")):
         _checks.same_device(t, f"scaled_cross_attention: {n}", query, "query")
-    torch._check(query.dim() in (2, 3), lambda: f"scaled_cross_attention: query must be [B, Lq, D] or [B, D], got {tuple(query.shape)}")
-    torch._check(key.dim() in (2, 3), lambda: f"scaled_cross_attention: key must be [B, Lk, D] or [Lk, D], got {tuple(key.shape)}")
-    torch._check(value.dim() in (2, 3), lambda: f"scaled_cross_attention: value must be [B, Lk, Dv] or [Lk, Dv], got {tuple(value.shape)}")
-    torch._check(key.dtype == query.dtype and value.dtype == query.dtype,
-                 lambda: "scaled_cross_attention: query, key and value must have the same dtype")
+    torch._check(
+        query.dim() in (2, 3),
+        lambda: f"scaled_cross_attention: query must be [B, Lq, D] or [B, D], got {tuple(query.shape)}",
+    )
+    torch._check(
+        key.dim() in (2, 3),
+        lambda: f"scaled_cross_attention: key must be [B, Lk, D] or [Lk, D], got {tuple(key.shape)}",
+    )
+    torch._check(
+        value.dim() in (2, 3),
+        lambda: f"scaled_cross_attention: value must be [B, Lk, Dv] or [Lk, Dv], got {tuple(value.shape)}",
+    )
+    torch._check(
+        key.dtype == query.dtype and value.dtype == query.dtype,
+        lambda: "scaled_cross_attention: query, key and value must have the same dtype",
+    )
     torch._check(logit_scale_log.dim() == 0, lambda: "scaled_cross_attention: logit_scale_log must be a 0-dim tensor")
     torch._check(key.shape[-1] == query.shape[-1], lambda: "scaled_cross_attention: key and query must have the same D")
     torch._check(value.shape[-2] == key.shape[-2], lambda: "scaled_cross_attention: value must have Lk rows")
@@ -64,12 +83,17 @@ def _(grad_out, grad_attn, query, key, value, logit_scale_log, attn, max_scale, 
     def grad(t, needed):
         return t.new_empty(t.shape) if needed else t.new_empty((0,))
 
-    return (grad(query, output_mask[0]), grad(key, output_mask[1]), grad(value, output_mask[2]),
-            grad(logit_scale_log, output_mask[3]))
+    return (
+        grad(query, output_mask[0]),
+        grad(key, output_mask[1]),
+        grad(value, output_mask[2]),
+        grad(logit_scale_log, output_mask[3]),
+    )
 
 
 # ---- autograd: the inputs and the attention weights (an output) are saved; the logits are
 # recomputed in the backward's row pass, which reads the query rows anyway ----
+
 
 def _setup(ctx, inputs, output):
     query, key, value, logit_scale_log, max_scale, _key_mask, normalize = inputs
@@ -84,10 +108,10 @@ def _backward(ctx, grad_out, grad_attn):
     if grad_out is None:
         grad_out = torch.zeros(query.shape[:-1] + value.shape[-1:], dtype=query.dtype, device=query.device)
     dq, dk, dv, ds = _ops._scaled_cross_attention_backward(
-        grad_out, grad_attn, query, key, value, logit_scale_log, attn, ctx.max_scale, ctx.normalize, ctx.output_mask)
+        grad_out, grad_attn, query, key, value, logit_scale_log, attn, ctx.max_scale, ctx.normalize, ctx.output_mask
+    )
     m = ctx.output_mask
-    return (dq if m[0] else None, dk if m[1] else None, dv if m[2] else None, ds if m[3] else None,
-            None, None, None)
+    return (dq if m[0] else None, dk if m[1] else None, dv if m[2] else None, ds if m[3] else None, None, None, None)
 
 
 torch.library.register_autograd("maskattn::scaled_cross_attention", _backward, setup_context=_setup)

@@ -3,9 +3,10 @@
 Each suite module exposes ``run(args) -> list[Row]``; ``python -m maskattn.bench`` runs them all
 and prints one table. Every row names exactly what was timed.
 """
+
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -13,11 +14,11 @@ import torch
 
 @dataclass
 class Row:
-    suite: str           # e.g. "pool"
-    case: str            # shape / configuration, e.g. "B=8 N=2400 D=512"
-    mode: str            # e.g. "fwd", "fwd+bwd (frozen features)"
-    impl: str            # "seed eager", "seed compiled", "maskattn", "floor: read features once"
-    ms: float            # median wall time per call, milliseconds
+    suite: str  # the op, e.g. "masked_attention_pool"
+    case: str  # shape / configuration, e.g. "B=8 N=2400 D=512"
+    mode: str  # e.g. "fwd", "fwd+bwd (frozen features)"
+    impl: str  # "seed eager", "seed compiled", "maskattn", "floor: read features once"
+    ms: float  # median wall time per call, milliseconds
     gbps: Optional[float] = None  # bytes the op must move / time, where meaningful
     notes: str = ""
 
@@ -40,14 +41,20 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def timeit(fn: Callable[[], object], device: torch.device, min_time: float = 0.3, warmup: int = 3,
-           max_iters: int = 1000) -> float:
+def timeit(
+    fn: Callable[[], object], device: torch.device, min_time: float = 0.3, warmup: int = 3, max_iters: int = 1000
+) -> float:
     """Median seconds per call of fn over repeated runs of at least ``min_time`` in total."""
     return timeit_interleaved({"fn": fn}, device, min_time, warmup, max_iters)["fn"]
 
 
-def timeit_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, min_time: float = 0.3,
-                       warmup: int = 3, max_iters: int = 1000) -> Dict[str, float]:
+def timeit_interleaved(
+    fns: Dict[str, Callable[[], object]],
+    device: torch.device,
+    min_time: float = 0.3,
+    warmup: int = 3,
+    max_iters: int = 1000,
+) -> Dict[str, float]:
     """Median seconds per call of each fn, the calls taken in turn (a, b, c, a, b, c, ...) until
     every fn has run for ``min_time`` in total: on a shared, noisy host a slow spell then hits
     every implementation alike instead of whichever happened to be timed during it."""
@@ -72,6 +79,7 @@ def maybe_compile(fn, enabled: bool = True):
     # Every shape and every requires_grad pattern is its own specialised graph (dynamic=False, so the
     # compiled seed is at its best); the suites compile more of those than dynamo's default limit.
     import torch._dynamo.config as dcfg
+
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dcfg, name):
             setattr(dcfg, name, max(getattr(dcfg, name), 256))
@@ -94,8 +102,11 @@ def print_table(rows: List[Row], file=None) -> None:
         for r in rs:
             sp = f"{base / r.ms:7.2f}x" if base and r.ms > 0 else ""
             gb = f"{r.gbps:7.1f}" if r.gbps else ""
-            print(f"{suite:<8} {case:<28} {mode:<30} {r.impl:<30} {r.ms:9.3f} {gb:>7} {sp:>8}"
-                  + (f"  {r.notes}" if r.notes else ""), file=file)
+            print(
+                f"{suite:<8} {case:<28} {mode:<30} {r.impl:<30} {r.ms:9.3f} {gb:>7} {sp:>8}"
+                + (f"  {r.notes}" if r.notes else ""),
+                file=file,
+            )
 
 
 def markdown_table(rows: List[Row]) -> str:

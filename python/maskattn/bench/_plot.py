@@ -1,10 +1,12 @@
 """Speedup-versus-N plot from benchmark rows (``python -m maskattn.bench --plot``)."""
+
 import re
 
 
 def plot_speedup(rows, path):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:

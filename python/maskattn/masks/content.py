@@ -1,4 +1,5 @@
 """Content-based face masks (seed 004's generate_smart_face_mask), batched on CPU or CUDA."""
+
 from typing import Union
 
 import torch
@@ -26,10 +27,18 @@ def _fallback(fallback, H: int, W: int, device):
     return fb
 
 
-def content_based(images: Tensor, threshold: float = 0.1, open_radius: int = 1, close_radius: int = 2,
-                  fill_holes: bool = True, sigma: float = 1.0, min_coverage: float = 0.1,
-                  max_coverage: float = 0.8, fallback: Union[str, Tensor, None] = "ellipse",
-                  return_info: bool = False):
+def content_based(
+    images: Tensor,
+    threshold: float = 0.1,
+    open_radius: int = 1,
+    close_radius: int = 2,
+    fill_holes: bool = True,
+    sigma: float = 1.0,
+    min_coverage: float = 0.1,
+    max_coverage: float = 0.8,
+    fallback: Union[str, Tensor, None] = "ellipse",
+    return_info: bool = False,
+):
     """Soft face masks ``[B, H, W]`` (float32 in ``[0, 1]``) of black-background images.
 
     Per image: grey level ``> threshold`` of full scale -> opening (``2*open_radius+1`` square) ->
@@ -49,23 +58,28 @@ def content_based(images: Tensor, threshold: float = 0.1, open_radius: int = 1, 
             False where the fallback was used).
     """
     if not isinstance(images, Tensor) or images.dim() not in (3, 4):
-        raise ValueError(f"content_based: images must be a [B, C, H, W] or [B, H, W] tensor, got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+        raise ValueError(
+            f"content_based: images must be a [B, C, H, W] or [B, H, W] tensor, got "
+            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
+        )
     if not (0.0 <= min_coverage <= max_coverage <= 1.0):
-        raise ValueError(f"content_based: need 0 <= min_coverage <= max_coverage <= 1, got "
-                         f"min_coverage={min_coverage}, max_coverage={max_coverage}")
+        raise ValueError(
+            f"content_based: need 0 <= min_coverage <= max_coverage <= 1, got "
+            f"min_coverage={min_coverage}, max_coverage={max_coverage}"
+        )
     mask, coverage = foreground_mask(images, threshold, open_radius, close_radius, fill_holes, sigma)
     H, W = images.shape[-2], images.shape[-1]
     fb = _fallback(fallback, H, W, images.device)
     accepted = (coverage >= min_coverage) & (coverage <= max_coverage)
     # On CPU, checking whether any image needs the fallback costs nothing (no device sync) and
     # saves a full pass over the masks in the common case; CUDA and compiled graphs always select.
-    if fb is not None and (fb.dim() not in (2, 3) or tuple(fb.shape[-2:]) != (H, W)
-                           or (fb.dim() == 3 and fb.shape[0] != images.shape[0])):
-        raise ValueError(f"content_based: fallback must be [H, W] = [{H}, {W}] or [B, H, W], got shape "
-                         f"{tuple(fb.shape)}")
-    skip = fb is None or (images.device.type == "cpu" and not torch.compiler.is_compiling()
-                          and bool(accepted.all()))
+    if fb is not None and (
+        fb.dim() not in (2, 3) or tuple(fb.shape[-2:]) != (H, W) or (fb.dim() == 3 and fb.shape[0] != images.shape[0])
+    ):
+        raise ValueError(
+            f"content_based: fallback must be [H, W] = [{H}, {W}] or [B, H, W], got shape {tuple(fb.shape)}"
+        )
+    skip = fb is None or (images.device.type == "cpu" and not torch.compiler.is_compiling() and bool(accepted.all()))
     if not skip:
         mask = torch.where(accepted.view(-1, 1, 1), mask, fb.to(device=mask.device, dtype=mask.dtype))
     if return_info:

@@ -4,7 +4,9 @@ Pixel (i, j) is sampled at its centre ``(j + 0.5, i + 0.5)`` and the shapes are 
 ``(w / 2, h / 2)``, so every mask is symmetric under flips and does not shift by half a pixel
 between even and odd sizes.
 """
+
 import math
+
 import torch
 from torch import Tensor
 
@@ -35,8 +37,9 @@ def _rectangle_bool(h, w, fx, fy, device) -> Tensor:
     return (x.abs() <= fx * w / 2) & (y.abs() <= fy * h / 2)
 
 
-def ellipse(h: int, w: int, ax: float = 0.35, ay: float = 0.40, *, device=None,
-            dtype: torch.dtype = torch.float32) -> Tensor:
+def ellipse(
+    h: int, w: int, ax: float = 0.35, ay: float = 0.40, *, device=None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """``[h, w]`` mask of the centred ellipse with semi-axes ``ax * w`` (horizontal) and ``ay * h``.
 
     The seed's default covers ``pi * 0.35 * 0.40 ~ 44%`` of the image. 1 inside, 0 outside, in
@@ -46,15 +49,26 @@ def ellipse(h: int, w: int, ax: float = 0.35, ay: float = 0.40, *, device=None,
     return _ellipse_bool(h, w, ax, ay, device).to(dtype)
 
 
-def rectangle(h: int, w: int, fx: float = 0.70, fy: float = 0.80, *, device=None,
-              dtype: torch.dtype = torch.float32) -> Tensor:
+def rectangle(
+    h: int, w: int, fx: float = 0.70, fy: float = 0.80, *, device=None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """``[h, w]`` mask of the central ``fx * w`` by ``fy * h`` rectangle (the seed's 70% x 80%: 56%)."""
     _check("rectangle", h, w, fx=fx, fy=fy)
     return _rectangle_bool(h, w, fx, fy, device).to(dtype)
 
 
-def adaptive(h: int, w: int, ax: float = 0.35, ay: float = 0.40, fx: float = 0.70, fy: float = 0.80,
-             extension: float = 0.5, *, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+def adaptive(
+    h: int,
+    w: int,
+    ax: float = 0.35,
+    ay: float = 0.40,
+    fx: float = 0.70,
+    fy: float = 0.80,
+    extension: float = 0.5,
+    *,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """``[h, w]`` ellipse core plus rectangle extension: 1 inside the ellipse, ``extension`` in the
     rectangle outside it, 0 elsewhere.
 

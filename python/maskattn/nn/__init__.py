@@ -1,8 +1,14 @@
 """nn.Module drop-ins for the hand-written masked-attention layers."""
+
 from .attention_pooling import AttentionPooling
 from .learnable_scale_cross_attention import LearnableScaleCrossAttention
 from .masked_self_attention import MaskedSelfAttention, prepend_condition_mask
 from .spatial_attention_pool import SpatialAttentionPool
 
-__all__ = ["AttentionPooling", "LearnableScaleCrossAttention", "MaskedSelfAttention", "prepend_condition_mask",
-           "SpatialAttentionPool"]
+__all__ = [
+    "AttentionPooling",
+    "LearnableScaleCrossAttention",
+    "MaskedSelfAttention",
+    "prepend_condition_mask",
+    "SpatialAttentionPool",
+]

@@ -31,12 +31,15 @@ class AttentionPooling(nn.Module):
     are computed anyway, so this costs nothing).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 128, gated: bool = False, branches: int = 1,
-                 dropout: float = 0.0):
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 128, gated: bool = False, branches: int = 1, dropout: float = 0.0
+    ):
         super().__init__()
         if in_dim <= 0 or hidden_dim <= 0 or branches <= 0:
-            raise ValueError(f"AttentionPooling: in_dim, hidden_dim and branches must be positive, got "
-                             f"{in_dim}, {hidden_dim}, {branches}")
+            raise ValueError(
+                f"AttentionPooling: in_dim, hidden_dim and branches must be positive, got "
+                f"{in_dim}, {hidden_dim}, {branches}"
+            )
         self.in_dim, self.hidden_dim, self.gated, self.branches = in_dim, hidden_dim, gated, branches
         drop = [nn.Dropout(dropout)] if dropout > 0 else []
         if gated:
@@ -44,8 +47,9 @@ class AttentionPooling(nn.Module):
             self.attention_u = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Sigmoid(), *drop)
             self.attention_w = nn.Linear(hidden_dim, branches)
         else:
-            self.attention_net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Tanh(), *drop,
-                                               nn.Linear(hidden_dim, branches))
+            self.attention_net = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.Tanh(), *drop, nn.Linear(hidden_dim, branches)
+            )
 
     def scores(self, features: Tensor) -> Tensor:
         """Pre-softmax attention scores ``[B, N]`` (or ``[B, N, K]``)."""
@@ -57,7 +61,9 @@ class AttentionPooling(nn.Module):
 
     def forward(self, features: Tensor, mask: Optional[Tensor] = None, return_scores: bool = False):
         if features.dim() != 3 or features.shape[-1] != self.in_dim:
-            raise ValueError(f"AttentionPooling: features must be [B, N, {self.in_dim}], got shape {tuple(features.shape)}")
+            raise ValueError(
+                f"AttentionPooling: features must be [B, N, {self.in_dim}], got shape {tuple(features.shape)}"
+            )
         x = features
         if mask is not None and mask.shape == features.shape[:2] and mask.device == features.device:
             # inf/NaN stored in padding rows is replaced by 0 before the scoring MLP: the pool

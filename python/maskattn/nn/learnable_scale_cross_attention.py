@@ -52,16 +52,31 @@ class LearnableScaleCrossAttention(nn.Module):
     nonzero = valid) removes prototypes (e.g. absent classes) from the softmax.
     """
 
-    def __init__(self, dim: int, init_scale: float = 25.0, max_scale: float = 100.0, normalize: bool = True,
-                 clamp: str = "forward", track_stats: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        init_scale: float = 25.0,
+        max_scale: float = 100.0,
+        normalize: bool = True,
+        clamp: str = "forward",
+        track_stats: bool = True,
+    ):
         super().__init__()
         if dim <= 0:
             raise ValueError(f"LearnableScaleCrossAttention: dim must be positive, got {dim}")
         if not (init_scale > 0 and max_scale > 0):
-            raise ValueError(f"LearnableScaleCrossAttention: init_scale ({init_scale}) and max_scale ({max_scale}) must be positive")
+            raise ValueError(
+                f"LearnableScaleCrossAttention: init_scale ({init_scale}) and max_scale ({max_scale}) must be positive"
+            )
         if clamp not in _CLAMP_MODES:
             raise ValueError(f"LearnableScaleCrossAttention: clamp must be one of {_CLAMP_MODES}, got {clamp!r}")
-        self.dim, self.max_scale, self.normalize, self.clamp, self.track_stats = dim, float(max_scale), normalize, clamp, track_stats
+        self.dim, self.max_scale, self.normalize, self.clamp, self.track_stats = (
+            dim,
+            float(max_scale),
+            normalize,
+            clamp,
+            track_stats,
+        )
         # Same float32 rounding as the original torch.log(torch.tensor(init)), so checkpoints match.
         self.logit_scale_log = nn.Parameter(torch.log(torch.tensor(float(init_scale))))
         self.stats: Dict[str, Tensor] = {}
@@ -72,14 +87,19 @@ class LearnableScaleCrossAttention(nn.Module):
         s = self.logit_scale_log.detach().exp()
         return s.clamp(max=self.max_scale) if self.clamp == "forward" else s
 
-    def forward(self, query: Tensor, prototypes: Tensor, values: Optional[Tensor] = None,
-                key_mask: Optional[Tensor] = None):
+    def forward(
+        self, query: Tensor, prototypes: Tensor, values: Optional[Tensor] = None, key_mask: Optional[Tensor] = None
+    ):
         if query.shape[-1] != self.dim:
-            raise ValueError(f"LearnableScaleCrossAttention: query must have {self.dim} features, got shape {tuple(query.shape)}")
+            raise ValueError(
+                f"LearnableScaleCrossAttention: query must have {self.dim} features, got shape {tuple(query.shape)}"
+            )
         if values is None:
             values = prototypes
         cap = self.max_scale if self.clamp == "forward" else math.inf
-        out, attn = scaled_cross_attention(query, prototypes, values, self.logit_scale_log, cap, key_mask, self.normalize)
+        out, attn = scaled_cross_attention(
+            query, prototypes, values, self.logit_scale_log, cap, key_mask, self.normalize
+        )
         # Not under torch.export: an exported program cannot write module attributes (export warns
         # and drops them), so the stats would be stale there anyway.
         if self.track_stats and not torch.compiler.is_exporting():
@@ -110,4 +130,4 @@ class LearnableScaleCrossAttention(nn.Module):
         return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.clamp_logit_scale_())
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, max_scale={self.max_scale}, normalize={self.normalize}, clamp={self.clamp!r}")
+        return f"dim={self.dim}, max_scale={self.max_scale}, normalize={self.normalize}, clamp={self.clamp!r}"

@@ -1,4 +1,5 @@
 """Multi-head self-attention over padded token sequences (padded images as patches, padded text)."""
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -30,14 +31,18 @@ def prepend_condition_mask(mask: Tensor, num_condition_tokens: int) -> Tensor:
 
 def _valid_mask(x: Tensor, mask: Optional[Tensor], key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     if mask is not None and key_padding_mask is not None:
-        raise ValueError("MaskedSelfAttention: pass either mask (True = valid) or key_padding_mask (True = pad), not both")
+        raise ValueError(
+            "MaskedSelfAttention: pass either mask (True = valid) or key_padding_mask (True = pad), not both"
+        )
     m = mask if mask is not None else key_padding_mask
     if m is None:
         return None
     name = "mask" if mask is not None else "key_padding_mask"
     if m.shape != x.shape[:2]:
-        raise ValueError(f"MaskedSelfAttention: {name} must be [B, N] = {list(x.shape[:2])} to match x "
-                         f"{tuple(x.shape)}, got shape {tuple(m.shape)}")
+        raise ValueError(
+            f"MaskedSelfAttention: {name} must be [B, N] = {list(x.shape[:2])} to match x "
+            f"{tuple(x.shape)}, got shape {tuple(m.shape)}"
+        )
     if m.device != x.device:
         raise ValueError(f"MaskedSelfAttention: {name} ({m.device}) and x ({x.device}) must be on the same device")
     valid = m if m.dtype == torch.bool else m != 0
@@ -80,14 +85,15 @@ class MaskedSelfAttention(nn.Module):
     Half types use float32 accumulation on every path; head dims 64, 80 and 128 are tested in bf16.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+    def __init__(
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ):
         super().__init__()
         if dim <= 0 or num_heads <= 0 or dim % num_heads:
             raise ValueError(f"MaskedSelfAttention: dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         self.dim, self.num_heads = dim, num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -101,8 +107,12 @@ class MaskedSelfAttention(nn.Module):
             return False
         if self.pack_padding is not None:
             return bool(self.pack_padding)
-        return (_varlen_attn is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-                and not torch.compiler.is_compiling())
+        return (
+            _varlen_attn is not None
+            and x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and not torch.compiler.is_compiling()
+        )
 
     def _forward_packed(self, x: Tensor, valid: Tensor) -> Tensor:
         B, N, C = x.shape
@@ -124,15 +134,20 @@ class MaskedSelfAttention(nn.Module):
             segs, start = [], 0
             for n in lens:
                 if n:
-                    seg = [t[start:start + n].transpose(0, 1) for t in (q, k, v)]  # [H, n, hd]
+                    seg = [t[start : start + n].transpose(0, 1) for t in (q, k, v)]  # [H, n, hd]
                     segs.append(F.scaled_dot_product_attention(*seg, scale=self.scale).transpose(0, 1))
                 start += n
             o = torch.cat(segs, 0)
         y = self.proj_drop(self.proj(o.reshape(T, C)))
         return out.index_copy(0, idx, y).view(B, N, C)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = False,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MaskedSelfAttention: x must be [B, N, {self.dim}], got shape {tuple(x.shape)}")
         B, N, C = x.shape
@@ -157,9 +172,9 @@ class MaskedSelfAttention(nn.Module):
             weights = masked_softmax(scores, key_mask, -1, self.scale)
             out = self.attn_drop(weights) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                                 dropout_p=self.attn_drop.p if self.training else 0.0,
-                                                 scale=self.scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=key_mask, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
+            )
         out = out.transpose(1, 2).reshape(B, N, C)
         out = self.proj_drop(self.proj(out))
         if valid is not None:

@@ -56,20 +56,29 @@ class SpatialAttentionPool(nn.Module):
         if mask.dim() == 4 and mask.shape[1] == 1:
             mask = mask[:, 0]
         if mask.dim() != 3 or mask.shape[0] != B:
-            raise ValueError(f"SpatialAttentionPool: mask must be [B, H, W] with B = {B}, got shape {tuple(mask.shape)}")
+            raise ValueError(
+                f"SpatialAttentionPool: mask must be [B, H, W] with B = {B}, got shape {tuple(mask.shape)}"
+            )
         if tuple(mask.shape[1:]) == (H, W):
             return mask
         if mask.shape[1] < H or mask.shape[2] < W:
-            raise ValueError(f"SpatialAttentionPool: mask {tuple(mask.shape)} is neither at feature resolution "
-                             f"({H}, {W}) nor larger (image resolution)")
-        frac = F.adaptive_avg_pool2d((mask != 0).to(torch.float32).unsqueeze(1) if mask.dtype == torch.bool
-                                     or not mask.is_floating_point() else mask.to(torch.float32).unsqueeze(1), (H, W))
+            raise ValueError(
+                f"SpatialAttentionPool: mask {tuple(mask.shape)} is neither at feature resolution "
+                f"({H}, {W}) nor larger (image resolution)"
+            )
+        frac = F.adaptive_avg_pool2d(
+            (mask != 0).to(torch.float32).unsqueeze(1)
+            if mask.dtype == torch.bool or not mask.is_floating_point()
+            else mask.to(torch.float32).unsqueeze(1),
+            (H, W),
+        )
         return frac[:, 0] > self.mask_threshold
 
     def forward(self, features: Tensor, mask: Optional[Tensor] = None):
         if features.dim() != 4 or features.shape[1] != self.channels:
-            raise ValueError(f"SpatialAttentionPool: features must be [B, {self.channels}, H, W], got shape "
-                             f"{tuple(features.shape)}")
+            raise ValueError(
+                f"SpatialAttentionPool: features must be [B, {self.channels}, H, W], got shape {tuple(features.shape)}"
+            )
         logits = self.gate_logits(features)
         if mask is not None:
             mask = self.feature_mask(mask, features)

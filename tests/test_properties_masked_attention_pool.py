@@ -1,13 +1,14 @@
 """Property tests: masked_attention_pool against the reference over generated shapes, masks,
 dtypes, strides and storage offsets. Fixed seed and bounded examples keep CI fast; set
 HYPOTHESIS_PROFILE=long for a long run."""
-import pytest
+
 import torch
-from hypothesis import given, strategies as st
+from _props import TOL, layout, st_device  # registers and loads the hypothesis profiles
+from hypothesis import given
+from hypothesis import strategies as st
+from reference_masked_attention_pool import reference_pool, reference_pool_packed
 
 import maskattn
-from reference_mil import reference_pool, reference_pool_packed
-from _props import TOL, layout, st_device  # registers and loads the hypothesis profiles
 
 
 def _layout(t, kind, draw_offset):
@@ -37,8 +38,12 @@ def test_pool_matches_reference(case):
     lshape = (B, N) if K is None else (B, N, K)
     logits = (torch.randn(lshape, generator=g) * 3).to(dtype)
     feats = torch.randn(B, N, D, generator=g).to(dtype)
-    mask = {"none": None, "all": torch.ones(B, N, dtype=torch.bool), "empty": torch.zeros(B, N, dtype=torch.uint8),
-            "random": torch.rand(B, N, generator=g) < 0.5}[mask_kind]
+    mask = {
+        "none": None,
+        "all": torch.ones(B, N, dtype=torch.bool),
+        "empty": torch.zeros(B, N, dtype=torch.uint8),
+        "random": torch.rand(B, N, generator=g) < 0.5,
+    }[mask_kind]
     l = _layout(logits.to(device), llay, off).detach().requires_grad_()  # a leaf that keeps the strides
     f = _layout(feats.to(device), flay, off).detach().requires_grad_()
     assert l.stride() == _layout(logits, llay, off).stride()
@@ -64,8 +69,12 @@ def test_pool_matches_reference(case):
     torch.testing.assert_close(f.grad.double().cpu(), fg, atol=gtol, rtol=gtol)
 
 
-@given(st.lists(st.integers(0, 30), min_size=0, max_size=5), st.integers(0, 17), st.sampled_from([None, 2]),
-       st.integers(0, 2**16))
+@given(
+    st.lists(st.integers(0, 30), min_size=0, max_size=5),
+    st.integers(0, 17),
+    st.sampled_from([None, 2]),
+    st.integers(0, 2**16),
+)
 def test_packed_matches_reference(lengths, D, K, seed):
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)

@@ -6,6 +6,7 @@ Timed: that computation forward and forward+backward (gradients for queries, pro
 scale), and the training step's logging (the seed reads four statistics back with ``.item()``;
 maskattn's module keeps them as device tensors).
 """
+
 import math
 
 import torch
@@ -15,11 +16,13 @@ import maskattn
 
 from ._harness import Row, maybe_compile, timeit, timeit_interleaved
 
-SHAPES = [(8, 300, 5, 640), (32, 196, 64, 512)]        # (B, Lq, Lk, D), per the issue
+SUITE = "scaled_cross_attention"
+
+SHAPES = [(8, 300, 5, 640), (32, 196, 64, 512)]  # (B, Lq, Lk, D), per the issue
 QUICK_SHAPES = [(4, 50, 5, 64), (4, 32, 64, 64)]
 
 
-def seed_xattn(query, prototypes, logit_scale_log, logit_scale_max: float = 100.0):
+def prototype_xattn(query, prototypes, logit_scale_log, logit_scale_max: float = 100.0):
     """shared/seeds/003, compute_cross_attention (values = the prototypes)."""
     q = F.normalize(query, dim=-1)
     k = F.normalize(prototypes, dim=-1)
@@ -31,7 +34,7 @@ def seed_xattn(query, prototypes, logit_scale_log, logit_scale_max: float = 100.
     return torch.matmul(attn, prototypes), attn
 
 
-def seed_stats(attn, logit_scale_log, logit_scale_max: float = 100.0):
+def prototype_stats(attn, logit_scale_log, logit_scale_max: float = 100.0):
     """The seed's logged statistics: four host syncs."""
     current = torch.exp(logit_scale_log).clamp(max=logit_scale_max)
     return {
@@ -55,7 +58,7 @@ def run(args):
     dtype = getattr(torch, args.xattn_dtype) if getattr(args, "xattn_dtype", None) else torch.float32
     shapes = QUICK_SHAPES if args.quick else SHAPES
     min_time = args.min_time
-    seed_c = maybe_compile(seed_xattn, not args.no_compile)
+    seed_c = maybe_compile(prototype_xattn, not args.no_compile)
     rows = []
     for B, Lq, Lk, D in shapes:
         case = f"B={B} Lq={Lq} Lk={Lk} D={D} {str(dtype).replace('torch.', '')}"
@@ -63,26 +66,29 @@ def run(args):
         g = torch.Generator().manual_seed(0)
         protos = torch.randn(B, Lk, D, generator=g)
         labels = torch.randint(0, Lk, (B, Lq), generator=g)
-        query = (torch.gather(protos, 1, labels.unsqueeze(-1).expand(B, Lq, D)) + torch.randn(B, Lq, D, generator=g))
+        query = torch.gather(protos, 1, labels.unsqueeze(-1).expand(B, Lq, D)) + torch.randn(B, Lq, D, generator=g)
         query, protos = query.to(dev, dtype), protos.to(dev, dtype)
         lsl = torch.tensor(math.log(25.0), device=dev, requires_grad=True)
         qbytes = query.numel() * query.element_size()
 
-        impls = {"seed eager": seed_xattn, "maskattn": ours_xattn}
+        impls = {"seed eager": prototype_xattn, "maskattn": ours_xattn}
         if seed_c is not None:
             impls["seed compiled"] = seed_c
         order = ("seed eager", "seed compiled", "maskattn")
 
         # The implementations of one mode are timed interleaved: this host class is noisy.
         with torch.no_grad():
-            ts = timeit_interleaved({impl: (lambda fn=impls[impl]: fn(query, protos, lsl))
-                                     for impl in order if impl in impls}, dev, min_time)
+            ts = timeit_interleaved(
+                {impl: (lambda fn=impls[impl]: fn(query, protos, lsl)) for impl in order if impl in impls},
+                dev,
+                min_time,
+            )
             for impl, t in ts.items():
-                rows.append(Row("xattn", case, "fwd", impl, t * 1e3, 2 * qbytes / t / 1e9))
+                rows.append(Row(SUITE, case, "fwd", impl, t * 1e3, 2 * qbytes / t / 1e9))
             # the floor the GPU goal is stated against: one read of the queries, one write of the output
             dst = torch.empty_like(query)
             t = timeit(lambda: dst.copy_(query), dev, min_time)
-            rows.append(Row("xattn", case, "fwd", "floor: read q + write out", t * 1e3, 2 * qbytes / t / 1e9))
+            rows.append(Row(SUITE, case, "fwd", "floor: read q + write out", t * 1e3, 2 * qbytes / t / 1e9))
             del dst
 
         q = query.clone().requires_grad_()
@@ -104,12 +110,12 @@ def run(args):
                     out, attn = fn(q, k, lsl)
                     grads = torch.autograd.grad(out, (q, k, lsl), go)
                     if log:
-                        return grads, seed_stats(attn.detach(), lsl.detach())
+                        return grads, prototype_stats(attn.detach(), lsl.detach())
                     return grads
 
                 steps[impl] = go_step
             for impl, t in timeit_interleaved(steps, dev, min_time).items():
                 # bytes the fused path must move: q and grad_out read, out and grad_q written
-                rows.append(Row("xattn", case, mode, impl, t * 1e3, 4 * qbytes / t / 1e9))
+                rows.append(Row(SUITE, case, mode, impl, t * 1e3, 4 * qbytes / t / 1e9))
         del query, protos, q, k, go
     return rows

@@ -2,12 +2,27 @@
 included), broadcast mask shapes (fewer dims, size-1 dims), every mask kind and dtype, dims, scales,
 strides and storage offsets, dtypes and devices; forward and gradient. HYPOTHESIS_PROFILE=long for a
 long run."""
+
 import torch
-from hypothesis import given, strategies as st
+from _props import (
+    TOL,
+    as_mask_dtype,
+    close,
+    examples,
+    grad_or_zero,
+    leaf,
+    random_mask,
+    st_device,
+    st_dtype,
+    st_layout,
+    st_mask_dtype,
+    st_mask_kind,
+    st_seed,
+)
+from hypothesis import given
+from hypothesis import strategies as st
 
 import maskattn
-from _props import (TOL, as_mask_dtype, close, examples, grad_or_zero, leaf, random_mask, st_device, st_dtype,
-                    st_layout, st_mask_dtype, st_mask_kind, st_seed)
 
 
 def reference_masked_softmax(scores, mask, dim, scale):
@@ -29,9 +44,19 @@ def softmax_case(draw):
     shape[dim] = draw(st.sampled_from([shape[dim], 1, 33]))  # the softmax dim: sometimes long, sometimes 1
     mnd = draw(st.integers(1, nd))
     # each trailing dim of the mask is the scores' size or 1 (broadcast); leading dims may be absent
-    mshape = [draw(st.sampled_from([1, s])) for s in shape[nd - mnd:]]
-    return (tuple(shape), dim, tuple(mshape), draw(st_mask_kind), draw(st_mask_dtype), draw(st_dtype),
-            draw(st_layout), draw(st.sampled_from([1.0, 0.125, 2.5])), draw(st_device), draw(st_seed))
+    mshape = [draw(st.sampled_from([1, s])) for s in shape[nd - mnd :]]
+    return (
+        tuple(shape),
+        dim,
+        tuple(mshape),
+        draw(st_mask_kind),
+        draw(st_mask_dtype),
+        draw(st_dtype),
+        draw(st_layout),
+        draw(st.sampled_from([1.0, 0.125, 2.5])),
+        draw(st_device),
+        draw(st_seed),
+    )
 
 
 @examples(60)

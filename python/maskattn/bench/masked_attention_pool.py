@@ -4,6 +4,7 @@ What is timed is the pooling step the seed's ``AttentionAggregator`` performs af
 MLP (logits -> weights -> pooled); the MLP is the same nn.Linear stack on both sides and is
 left out so that the numbers measure what maskattn replaces.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -11,12 +12,14 @@ import maskattn
 
 from ._harness import Row, maybe_compile, timeit
 
+SUITE = "masked_attention_pool"
+
 CPU_SHAPES = [(8, 2400, 512), (4, 8192, 1024), (1, 50000, 1024)]
 GPU_SHAPES = CPU_SHAPES + [(16, 4096, 1024), (1, 100000, 1024)]
 QUICK_SHAPES = [(2, 300, 64), (1, 2000, 128)]
 
 
-def seed_pool(logits, features, mask):
+def aggregator_pool(logits, features, mask):
     """shared/seeds/000, AttentionAggregator.forward after the MLP."""
     logits = logits.masked_fill(mask == 0, -1e9)
     w = F.softmax(logits, dim=1)
@@ -28,7 +31,9 @@ def ours_pool(logits, features, mask):
 
 
 def add_args(p):
-    p.add_argument("--pool-dtype", default=None, help="dtype for the pool suite (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument(
+        "--pool-dtype", default=None, help="dtype for the pool suite (default: float32 on CPU, bfloat16 on CUDA)"
+    )
 
 
 def _make(B, N, D, dtype, device):
@@ -44,12 +49,15 @@ def _make(B, N, D, dtype, device):
 
 def run(args):
     dev = args.device
-    dtype = getattr(torch, args.pool_dtype) if getattr(args, "pool_dtype", None) else (
-        torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dtype = (
+        getattr(torch, args.pool_dtype)
+        if getattr(args, "pool_dtype", None)
+        else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    )
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if dev.type == "cuda" else CPU_SHAPES)
     min_time = args.min_time
     rows = []
-    seed_c = maybe_compile(seed_pool, not args.no_compile)
+    seed_c = maybe_compile(aggregator_pool, not args.no_compile)
     for B, N, D in shapes:
         case = f"B={B} N={N} D={D} {str(dtype).replace('torch.', '')}"
         logits, features, mask = _make(B, N, D, dtype, dev)
@@ -57,8 +65,10 @@ def run(args):
         print(f"[pool] {case}", flush=True)
 
         # forward
-        fwd = {"seed eager": lambda: seed_pool(logits, features, mask),
-               "maskattn": lambda: ours_pool(logits, features, mask)}
+        fwd = {
+            "seed eager": lambda: aggregator_pool(logits, features, mask),
+            "maskattn": lambda: ours_pool(logits, features, mask),
+        }
         if seed_c is not None:
             fwd["seed compiled"] = lambda: seed_c(logits, features, mask)
         # the floor: one streaming read of the features, the least any forward must do
@@ -66,13 +76,13 @@ def run(args):
         for impl in ("seed eager", "seed compiled", "maskattn", "floor: read features once"):
             if impl in fwd:
                 t = timeit(fwd[impl], dev, min_time)
-                rows.append(Row("pool", case, "fwd", impl, t * 1e3, fbytes / t / 1e9))
+                rows.append(Row(SUITE, case, "fwd", impl, t * 1e3, fbytes / t / 1e9))
         if dev.type == "cuda":
             # the bandwidth the issue's GPU goal is stated against: a device-to-device copy
             # (GB/s counts the read and the write)
             dst = torch.empty_like(features)
             t = timeit(lambda: dst.copy_(features), dev, min_time)
-            rows.append(Row("pool", case, "fwd", "device copy (read+write)", t * 1e3, 2 * fbytes / t / 1e9))
+            rows.append(Row(SUITE, case, "fwd", "device copy (read+write)", t * 1e3, 2 * fbytes / t / 1e9))
             del dst
 
         # forward + backward: frozen features (pre-extracted MIL features), then trainable ones
@@ -86,9 +96,10 @@ def run(args):
                 def go():
                     pooled, _ = fn(l, f, mask)
                     return torch.autograd.grad(pooled, inputs, gp)
+
                 return go
 
-            impls = {"seed eager": step(seed_pool), "maskattn": step(ours_pool)}
+            impls = {"seed eager": step(aggregator_pool), "maskattn": step(ours_pool)}
             if seed_c is not None:
                 impls["seed compiled"] = step(seed_c)
             for impl in ("seed eager", "seed compiled", "maskattn"):
@@ -96,6 +107,6 @@ def run(args):
                     t = timeit(impls[impl], dev, min_time)
                     # bytes the fused op must move: read features twice (fwd, bwd), write grad once if trainable
                     moved = fbytes * (3 if feat_grad else 2)
-                    rows.append(Row("pool", case, mode, impl, t * 1e3, moved / t / 1e9))
+                    rows.append(Row(SUITE, case, mode, impl, t * 1e3, moved / t / 1e9))
         del logits, features, mask
     return rows

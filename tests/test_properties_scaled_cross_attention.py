@@ -2,15 +2,29 @@
 Lq=0, Lk=0 and 1, D=0, Dv=0 included; Lk up to 80, past both devices' one-pass limits), 2-D/3-D
 query, shared/per-sample keys and values, key masks of every kind and dtype, normalize on/off, scales below and above the clamp (where the scale's gradient
 is zero), strides and storage offsets, dtypes and devices; forward and every gradient."""
+
 import math
 
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from _props import (
+    TOL,
+    as_mask_dtype,
+    close,
+    examples,
+    grad_or_zero,
+    leaf,
+    random_mask,
+    st_device,
+    st_dtype,
+    st_layout,
+    st_mask_dtype,
+    st_seed,
+)
+from hypothesis import given
+from hypothesis import strategies as st
 
 import maskattn
-from _props import (TOL, as_mask_dtype, close, examples, grad_or_zero, leaf, random_mask, st_device, st_dtype,
-                    st_layout, st_mask_dtype, st_seed)
 
 
 def reference_cross_attention(q, k, v, lsl, max_scale, key_mask, normalize):
@@ -42,15 +56,53 @@ def xattn_case(draw):
     # log-scales below the cap, near it, and above it (the clamp is active: zero scale gradient)
     lsl = draw(st.sampled_from([0.0, -1.0, math.log(25.0), math.log(99.0), math.log(101.0), 6.0]))
     max_scale = draw(st.sampled_from([100.0, 10.0, math.inf]))
-    return (B, Lq, Lk, D, Dv, q2d, k2d, v2d, mkind, m1d, draw(st_mask_dtype), lsl, max_scale, draw(st.booleans()),
-            draw(st_dtype), draw(st_layout), draw(st_layout), draw(st_device), draw(st_seed))
+    return (
+        B,
+        Lq,
+        Lk,
+        D,
+        Dv,
+        q2d,
+        k2d,
+        v2d,
+        mkind,
+        m1d,
+        draw(st_mask_dtype),
+        lsl,
+        max_scale,
+        draw(st.booleans()),
+        draw(st_dtype),
+        draw(st_layout),
+        draw(st_layout),
+        draw(st_device),
+        draw(st_seed),
+    )
 
 
 @examples(60)
 @given(xattn_case())
 def test_scaled_cross_attention_matches_reference(case):
-    (B, Lq, Lk, D, Dv, q2d, k2d, v2d, mkind, m1d, mdtype, lsl, max_scale, normalize, dtype, qlay, klay, device,
-     seed) = case
+    (
+        B,
+        Lq,
+        Lk,
+        D,
+        Dv,
+        q2d,
+        k2d,
+        v2d,
+        mkind,
+        m1d,
+        mdtype,
+        lsl,
+        max_scale,
+        normalize,
+        dtype,
+        qlay,
+        klay,
+        device,
+        seed,
+    ) = case
     if abs(math.exp(lsl) - max_scale) < 1e-6:
         return  # exactly at the cap the clamp's gradient is a convention; tested elsewhere
     g = torch.Generator().manual_seed(seed)
@@ -72,8 +124,9 @@ def test_scaled_cross_attention_matches_reference(case):
     # float32 rounding of exp(lsl) alone would exceed the float64 tolerance
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
     s = torch.tensor(lsl, dtype=sdt, device=device, requires_grad=True)
-    out, attn = maskattn.scaled_cross_attention(q, k, v, s, max_scale, None if mask is None else mask.to(device),
-                                                normalize)
+    out, attn = maskattn.scaled_cross_attention(
+        q, k, v, s, max_scale, None if mask is None else mask.to(device), normalize
+    )
     qr, kr, vr = (t.double().requires_grad_() for t in (q0, k0, v0))
     sr = torch.tensor(lsl, dtype=torch.float64, requires_grad=True)
     outr, attnr = reference_cross_attention(qr, kr, vr, sr, max_scale, mask, normalize)

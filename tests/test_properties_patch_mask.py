@@ -1,11 +1,13 @@
 """Property tests: patch_mask and patch_mask_to_image against plain-PyTorch references over generated
 image sizes (B=0, rectangular, one patch), patch sizes, thresholds, mask dtypes, soft masks, strides
 and storage offsets, and devices."""
+
 import torch
-from hypothesis import given, strategies as st
+from _props import examples, layout, st_device, st_layout, st_seed
+from hypothesis import given
+from hypothesis import strategies as st
 
 import maskattn
-from _props import examples, layout, st_device, st_layout, st_seed
 
 
 def reference_patch_mask(m, p, threshold):
@@ -20,12 +22,23 @@ def reference_patch_mask(m, p, threshold):
 @st.composite
 def patch_case(draw):
     p = draw(st.integers(1, 6))
-    return (draw(st.integers(0, 3)), draw(st.integers(0, 4)) * p, draw(st.integers(0, 4)) * p, p,
-            draw(st.sampled_from([0.0, 0.25, 0.5, 0.7, 1.0, 1 / 3])), draw(st.booleans()),
-            draw(st.sampled_from([torch.bool, torch.uint8, torch.int32, torch.float32, torch.float64, torch.float16,
-                                  torch.bfloat16])),
-            draw(st.sampled_from(["random", "all", "empty", "rect", "soft"])), draw(st_layout), draw(st_device),
-            draw(st_seed))
+    return (
+        draw(st.integers(0, 3)),
+        draw(st.integers(0, 4)) * p,
+        draw(st.integers(0, 4)) * p,
+        p,
+        draw(st.sampled_from([0.0, 0.25, 0.5, 0.7, 1.0, 1 / 3])),
+        draw(st.booleans()),
+        draw(
+            st.sampled_from(
+                [torch.bool, torch.uint8, torch.int32, torch.float32, torch.float64, torch.float16, torch.bfloat16]
+            )
+        ),
+        draw(st.sampled_from(["random", "all", "empty", "rect", "soft"])),
+        draw(st_layout),
+        draw(st_device),
+        draw(st_seed),
+    )
 
 
 @examples(60)
@@ -45,7 +58,8 @@ def test_patch_mask_matches_reference(case):
         m = ((torch.arange(H)[:, None] < hh) & (torch.arange(W) < ww)).to(mdtype)
     else:  # soft float values: counted as valid where nonzero
         m = (torch.rand(B, H, W, generator=g) * (torch.rand(B, H, W, generator=g) < 0.6)).to(
-            mdtype if mdtype.is_floating_point else torch.float32)
+            mdtype if mdtype.is_floating_point else torch.float32
+        )
     if four_d:
         m = m.unsqueeze(1)
     x = layout(m.to(device), lay)

@@ -1,19 +1,30 @@
 """Property tests: masked_attention_pool_packed against the per-bag reference over generated offsets
 (empty bags, no bags, T = 0, D = 0), K branches, strides and storage offsets, dtypes and devices;
 forward and both gradients."""
+
 import torch
-from hypothesis import given, strategies as st
+from _props import TOL, close, examples, grad_or_zero, leaf, st_device, st_dtype, st_layout, st_seed
+from hypothesis import given
+from hypothesis import strategies as st
+from reference_masked_attention_pool import reference_pool_packed
 
 import maskattn
-from reference_mil import reference_pool_packed
-from _props import TOL, close, examples, grad_or_zero, leaf, st_device, st_dtype, st_layout, st_seed
 
 
 @st.composite
 def packed_case(draw):
     lengths = draw(st.lists(st.sampled_from([0, 0, 1, 2, 5, 13, 40]), min_size=0, max_size=5))
-    return (lengths, draw(st.integers(0, 33)), draw(st.sampled_from([None, 1, 3])), draw(st_dtype),
-            draw(st_layout), draw(st_layout), draw(st.integers(1, 7)), draw(st_device), draw(st_seed))
+    return (
+        lengths,
+        draw(st.integers(0, 33)),
+        draw(st.sampled_from([None, 1, 3])),
+        draw(st_dtype),
+        draw(st_layout),
+        draw(st_layout),
+        draw(st.integers(1, 7)),
+        draw(st_device),
+        draw(st_seed),
+    )
 
 
 @examples(60)

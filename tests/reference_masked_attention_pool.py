@@ -3,6 +3,7 @@
 AttentionAggregator.forward, as the seed wrote it: scores from an MLP, masked_fill(mask == 0, -1e9),
 softmax over N, bmm.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +25,7 @@ class AttentionAggregator(nn.Module):
         return aggregated, attn_weights
 
 
-def seed_pool(logits, features, mask=None):
+def aggregator_pool(logits, features, mask=None):
     """The seed's pooling step on given logits ([B,N]); a fully padded bag gets uniform weights."""
     if mask is not None:
         logits = logits.masked_fill(mask == 0, -1e9)
@@ -57,10 +58,16 @@ def reference_pool_packed(logits, features, offsets):
     outs, ws = [], []
     o = offsets.tolist()
     for b in range(len(o) - 1):
-        l, f = logits[o[b]:o[b + 1]], features[o[b]:o[b + 1]]
+        l, f = logits[o[b] : o[b + 1]], features[o[b] : o[b + 1]]
         p, w = reference_pool(l.unsqueeze(0), f.unsqueeze(0))
         outs.append(p[0])
         ws.append(w[0])
-    pooled = torch.stack(outs) if outs else features.new_zeros((0,) + ((logits.shape[1],) if logits.dim() == 2 else ()) + (features.shape[1],)).double()
+    pooled = (
+        torch.stack(outs)
+        if outs
+        else features.new_zeros(
+            (0,) + ((logits.shape[1],) if logits.dim() == 2 else ()) + (features.shape[1],)
+        ).double()
+    )
     weights = torch.cat(ws) if ws else logits.double()
     return pooled, weights

@@ -1,27 +1,35 @@
-"""Suite "face": seed 004's face masks and spatial-attention pooling against maskattn.
+"""Suite "foreground_mask": the thermal-face classifier's content-based face mask against maskattn.
 
-- content_based on a batch of synthetic thermal faces (black background, salt noise, a dark hole, a
-  separate blob) against the same pipeline written with OpenCV, image by image, as the seed's data
-  loader runs it (same stages, same parameters). OpenCV is optional (opencv-python-headless): the
-  row is skipped, and says so, when cv2 is missing.
-- SpatialAttentionPool forward+backward against the seed's module (same weights), and the pooling
-  stage alone against ``(features * gate).mean((2, 3))`` plus its backward.
+masks.content_based (op foreground_mask) on a batch of synthetic thermal faces (black background,
+salt noise, a dark hole, a separate blob) against the same pipeline written with OpenCV, image by
+image, as that classifier's data loader runs it (same stages, same parameters). OpenCV is optional
+(opencv-python-headless): the row is skipped, and says so, when cv2 is missing.
 """
+
 import math
-from typing import List, Optional
+from typing import List
 
 import torch
-from torch import nn
 
-from ._harness import Row, maybe_compile, timeit
+from ._harness import Row, timeit
 
-SUITE = "face"
+SUITE = "foreground_mask"
 
 
 # ---------------------------------------------------------------- synthetic data
 
-def synthetic_faces(B: int, H: int = 256, W: int = 256, channels: int = 3, seed: int = 0, salt: float = 0.002,
-                    hole: bool = True, blob: bool = True, dtype: torch.dtype = torch.uint8):
+
+def synthetic_faces(
+    B: int,
+    H: int = 256,
+    W: int = 256,
+    channels: int = 3,
+    seed: int = 0,
+    salt: float = 0.002,
+    hole: bool = True,
+    blob: bool = True,
+    dtype: torch.dtype = torch.uint8,
+):
     """Black-background face-like images ``[B, C, H, W]`` and their true face regions ``[B, H, W]``.
 
     Each face is an ellipse (random centre and size) warm in the middle; a dark disk inside it (a
@@ -64,9 +72,18 @@ def synthetic_faces(B: int, H: int = 256, W: int = 256, channels: int = 3, seed:
 
 # ---------------------------------------------------------------- OpenCV pipeline (the seed's way)
 
-def opencv_content_mask(image, threshold: float = 0.1, open_radius: int = 1, close_radius: int = 2,
-                        fill_holes: bool = True, sigma: float = 1.0, min_coverage: float = 0.1,
-                        max_coverage: float = 0.8, fallback=None):
+
+def opencv_content_mask(
+    image,
+    threshold: float = 0.1,
+    open_radius: int = 1,
+    close_radius: int = 2,
+    fill_holes: bool = True,
+    sigma: float = 1.0,
+    min_coverage: float = 0.1,
+    max_coverage: float = 0.8,
+    fallback=None,
+):
     """Seed 004's generate_smart_face_mask for one ``[H, W]`` or ``[H, W, 3]`` uint8 ndarray, in OpenCV.
 
     Returns ``(soft mask float32 [H, W], coverage, accepted)``; ``fallback`` ([H, W] ndarray) replaces
@@ -112,27 +129,14 @@ def opencv_content_mask(image, threshold: float = 0.1, open_radius: int = 1, clo
 def _have_cv2() -> bool:
     try:
         import cv2  # noqa: F401
+
         return True
     except ImportError:
         return False
 
 
-# ---------------------------------------------------------------- seed attention module
-
-class SeedSpatialAttention(nn.Module):
-    """Seed 004's attention branch: sigmoid gate (conv 3x3 -> ReLU -> conv 1x1) then global average pooling."""
-
-    def __init__(self, channels: int, hidden: int = 256):
-        super().__init__()
-        self.attention_conv = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
-                                            nn.Conv2d(hidden, 1, 1), nn.Sigmoid())
-
-    def forward(self, features):
-        attention = self.attention_conv(features)
-        return (features * attention).mean((2, 3)), attention
-
-
 # ---------------------------------------------------------------- suite
+
 
 def _timeit_threads(n: int, fn, device, min_time) -> float:
     # Thread count set around the timing, not inside it: set_num_threads is not free.
@@ -157,93 +161,48 @@ def _mask_rows(args) -> List[Row]:
     if _have_cv2() and dev.type == "cpu":
         import cv2
         import numpy as np
+
         cv2.setNumThreads(1)  # the seed's loader runs one image per call; OpenCV's own threads off
         hwc = [np.ascontiguousarray(imgs[b].permute(1, 2, 0).numpy()) for b in range(B)]
         fb = maskattn.masks.ellipse(S, S).numpy()
         t = timeit(lambda: [opencv_content_mask(im, fallback=fb) for im in hwc], dev, args.min_time)
         rows.append(Row(SUITE, case, mode, "seed eager", t * 1e3, notes="OpenCV per image, 1 thread"))
     else:
-        rows.append(Row(SUITE, case, mode, "seed eager (skipped)", float("nan"),
-                        notes="opencv-python-headless not installed" if dev.type == "cpu" else "OpenCV is CPU-only"))
+        rows.append(
+            Row(
+                SUITE,
+                case,
+                mode,
+                "seed eager (skipped)",
+                float("nan"),
+                notes="opencv-python-headless not installed" if dev.type == "cpu" else "OpenCV is CPU-only",
+            )
+        )
     x = imgs.to(dev)
     if dev.type == "cpu":
         t1 = _timeit_threads(1, lambda: maskattn.masks.content_based(x), dev, args.min_time)
         rows.append(Row(SUITE, case, mode, "maskattn, 1 thread", t1 * 1e3, notes=f"{t1 * 1e6 / B:.0f} us/image"))
         tn = timeit(lambda: maskattn.masks.content_based(x), dev, args.min_time)
-        rows.append(Row(SUITE, case, mode, f"maskattn, {nthreads} threads", tn * 1e3, notes=f"{tn * 1e6 / B:.0f} us/image"))
-        one = [x[b:b + 1] for b in range(B)]
+        rows.append(
+            Row(SUITE, case, mode, f"maskattn, {nthreads} threads", tn * 1e3, notes=f"{tn * 1e6 / B:.0f} us/image")
+        )
+        one = [x[b : b + 1] for b in range(B)]
         tp = _timeit_threads(1, lambda: [maskattn.masks.content_based(o) for o in one], dev, args.min_time)
-        rows.append(Row(SUITE, case, mode, "maskattn, per-image calls", tp * 1e3,
-                        notes="1 thread, B calls of B=1 (data-loader use)"))
+        rows.append(
+            Row(
+                SUITE,
+                case,
+                mode,
+                "maskattn, per-image calls",
+                tp * 1e3,
+                notes="1 thread, B calls of B=1 (data-loader use)",
+            )
+        )
     else:
         t = timeit(lambda: maskattn.masks.content_based(x), dev, args.min_time)
         rows.append(Row(SUITE, case, mode, "maskattn", t * 1e3, notes="CC stage on a host copy"))
     return rows
 
 
-def _pool_rows(args) -> List[Row]:
-    import maskattn
-
-    rows: List[Row] = []
-    dev = args.device
-    shapes = [(4, 64, 7, 7)] if args.quick else [(32, 512, 7, 7), (32, 2048, 7, 7), (16, 512, 14, 14)]
-    for (B, C, H, W) in shapes:
-        case = f"B={B} C={C} {H}x{W}"
-        torch.manual_seed(0)
-        seed = SeedSpatialAttention(C).to(dev)
-        ours = maskattn.nn.SpatialAttentionPool(C).to(dev)
-        ours.load_state_dict(seed.state_dict())
-        feats = torch.randn(B, C, H, W, device=dev, requires_grad=True)
-
-        def fwd_bwd(mod):
-            params = [feats, *mod.parameters()]
-
-            def fn():
-                pooled, att = mod(feats)
-                return torch.autograd.grad(pooled.sum(), params)
-            return fn
-
-        mode = "module fwd+bwd"
-        rows.append(Row(SUITE, case, mode, "seed eager", timeit(fwd_bwd(seed), dev, args.min_time) * 1e3))
-        cseed = maybe_compile(seed, not args.no_compile)
-        if cseed is not None:
-            try:
-                rows.append(Row(SUITE, case, mode, "seed compiled", timeit(fwd_bwd(cseed), dev, args.min_time) * 1e3))
-            except Exception as e:  # pragma: no cover - toolchain dependent
-                rows.append(Row(SUITE, case, mode, "seed compiled (failed)", float("nan"), notes=type(e).__name__))
-        rows.append(Row(SUITE, case, mode, "maskattn", timeit(fwd_bwd(ours), dev, args.min_time) * 1e3))
-
-        # Pooling stage alone: gate given (seed) or gate logits given (maskattn applies the sigmoid itself).
-        mode = "pool stage fwd+bwd"
-        logits = torch.randn(B, 1, H, W, device=dev, requires_grad=True)
-        gate = torch.sigmoid(logits).detach().requires_grad_(True)
-        nbytes = feats.numel() * feats.element_size() * 3  # read fwd, read + write bwd
-
-        def seed_stage():
-            return torch.autograd.grad((feats * gate).mean((2, 3)).sum(), [feats, gate])
-
-        def seed_stage_sig():
-            return torch.autograd.grad((feats * torch.sigmoid(logits)).mean((2, 3)).sum(), [feats, logits])
-
-        def ours_stage():
-            return torch.autograd.grad(maskattn.gated_masked_mean(feats, logits)[0].sum(), [feats, logits])
-
-        t = timeit(seed_stage, dev, args.min_time)
-        rows.append(Row(SUITE, case, mode, "seed eager", t * 1e3, nbytes / t / 1e9, notes="(features*gate).mean((2,3))"))
-        t = timeit(seed_stage_sig, dev, args.min_time)
-        rows.append(Row(SUITE, case, mode, "seed eager + sigmoid", t * 1e3, nbytes / t / 1e9,
-                        notes="(features*sigmoid(logits)).mean"))
-        cs = maybe_compile(lambda f, l: (f * torch.sigmoid(l)).mean((2, 3)), not args.no_compile)
-        if cs is not None:
-            try:
-                t = timeit(lambda: torch.autograd.grad(cs(feats, logits).sum(), [feats, logits]), dev, args.min_time)
-                rows.append(Row(SUITE, case, mode, "seed compiled + sigmoid", t * 1e3, nbytes / t / 1e9))
-            except Exception as e:  # pragma: no cover
-                rows.append(Row(SUITE, case, mode, "seed compiled (failed)", float("nan"), notes=type(e).__name__))
-        t = timeit(ours_stage, dev, args.min_time)
-        rows.append(Row(SUITE, case, mode, "maskattn", t * 1e3, nbytes / t / 1e9, notes="gated_masked_mean (sigmoid fused)"))
-    return rows
-
-
 def run(args) -> List[Row]:
-    return _mask_rows(args) + _pool_rows(args)
+    return _mask_rows(args)

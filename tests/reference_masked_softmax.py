@@ -1,18 +1,10 @@
-"""Pure-PyTorch transcriptions of the seed layers (JiT padded-image model, seed 001; Transformer
-key-padding mask from token ids, seed 002), kept verbatim in their arithmetic so that tests and
+"""Pure-PyTorch references for masked_softmax and MaskedSelfAttention: JiT's padded-image attention
+(timm-style qkv/proj with a masked_fill(-inf) key mask), its masked loss, and the Transformer
+key-padding mask built from token ids, kept verbatim in their arithmetic so that tests and
 benchmarks compare against what users run today."""
+
 import torch
 import torch.nn as nn
-
-
-def image_mask_to_patch_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Seed 001: mean over each p x p patch > 0.5, as float [B, num_patches] (rectangular allowed)."""
-    B, H, W = mask.shape
-    p = patch_size
-    mask_patches = mask.reshape(B, H // p, p, W // p, p)
-    mask_patches = mask_patches.mean(dim=(2, 4))
-    patch_mask = (mask_patches > 0.5).float()
-    return patch_mask.reshape(B, -1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -22,7 +14,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -44,18 +36,12 @@ class MultiHeadAttention(nn.Module):
         return x
 
 
-def seed_block_output(attn: MultiHeadAttention, x, patch_mask):
+def jit_block_output(attn: MultiHeadAttention, x, patch_mask):
     """The seed's attention followed by its 'zero the padding patches' step (x * patch_mask)."""
     return attn(x, attention_mask=patch_mask) * patch_mask.unsqueeze(-1)
 
 
-def seed_condition_mask(patch_mask, n_cond):
-    B = patch_mask.shape[0]
-    cond_mask = torch.ones(B, n_cond, device=patch_mask.device)
-    return torch.cat([cond_mask, patch_mask], dim=1)
-
-
-def seed_masked_loss(pred_img, clean, mask):
+def jit_masked_loss(pred_img, clean, mask):
     """Seed 001's loss: sum over C x pixels divided by the pixel count."""
     mask_expanded = mask.unsqueeze(1)
     diff = (pred_img - clean) ** 2
@@ -63,12 +49,12 @@ def seed_masked_loss(pred_img, clean, mask):
     return masked_diff.sum() / (mask_expanded.sum() + 1e-8)
 
 
-def seed_scaled_masked_softmax(scores, mask, scale=1.0, dim=-1):
+def jit_masked_softmax(scores, mask, scale=1.0, dim=-1):
     """Seeds 001/002: masked_fill(-inf) then softmax (NaN on fully masked rows)."""
     return (scores * scale).masked_fill(mask == 0, float("-inf")).softmax(dim)
 
 
-def seed_token_padding_softmax(scores, inputs):
+def token_padding_softmax(scores, inputs):
     """Seed 002: padding mask from token ids (0 = pad), -1e9 fill, softmax."""
     padding_mask = inputs == 0
     return scores.masked_fill(padding_mask.unsqueeze(1).unsqueeze(2), -1e9).softmax(-1)

@@ -6,18 +6,21 @@ torch.clamp, row-max subtraction before the softmax, stats read back with .item(
 left out of weight decay. Masks and per-batch prototypes are the only additions (the seed has
 neither): masked keys are filled with -inf after the max subtraction.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def seed_cross_attention(query, prototypes, values, logit_scale_log, logit_scale_max=100.0, key_mask=None,
-                         normalize=True):
+def prototype_cross_attention(
+    query, prototypes, values, logit_scale_log, logit_scale_max=100.0, key_mask=None, normalize=True
+):
     """compute_cross_attention of the seed: (out, attn)."""
     if query.dim() == 2 and (prototypes.dim() == 3 or values.dim() == 3):
         # one query per sample against per-sample prototypes: the same with Lq = 1
-        out, attn = seed_cross_attention(query.unsqueeze(1), prototypes, values, logit_scale_log, logit_scale_max,
-                                         key_mask, normalize)
+        out, attn = prototype_cross_attention(
+            query.unsqueeze(1), prototypes, values, logit_scale_log, logit_scale_max, key_mask, normalize
+        )
         return out.squeeze(1), attn.squeeze(1)
     q = F.normalize(query, dim=-1) if normalize else query
     k = F.normalize(prototypes, dim=-1) if normalize else prototypes
@@ -36,7 +39,7 @@ def seed_cross_attention(query, prototypes, values, logit_scale_log, logit_scale
     return out, attn
 
 
-class SeedSemanticAnchorPurification(nn.Module):
+class SemanticAnchorPurification(nn.Module):
     """The seed's SAP module: cross-attention of samples to class prototypes with stats."""
 
     def __init__(self, phy_dim, normalize=True):
@@ -49,8 +52,9 @@ class SeedSemanticAnchorPurification(nn.Module):
 
     def compute_cross_attention(self, query, prototypes, values=None, key_mask=None):
         values = prototypes if values is None else values
-        return seed_cross_attention(query, prototypes, values, self.logit_scale_log, self.logit_scale_max,
-                                    key_mask, self.normalize)
+        return prototype_cross_attention(
+            query, prototypes, values, self.logit_scale_log, self.logit_scale_max, key_mask, self.normalize
+        )
 
     def forward(self, query, prototypes, values=None, key_mask=None):
         out, attn = self.compute_cross_attention(query, prototypes, values, key_mask)
@@ -65,13 +69,13 @@ class SeedSemanticAnchorPurification(nn.Module):
         return out, attn, stats
 
 
-class SeedExpB1Model(nn.Module):
+class PrototypeClassifier(nn.Module):
     """Enough of the seed's ExpB1Model for get_parameters(): a backbone, a head and the SAP module."""
 
     def __init__(self, dim=64, n_way=5):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.ReLU(), nn.Linear(dim, dim))
-        self.sap_module = SeedSemanticAnchorPurification(dim)
+        self.sap_module = SemanticAnchorPurification(dim)
         self.head = nn.Linear(dim, n_way)
 
     def get_parameters(self):
