@@ -18,6 +18,8 @@ from ._ops.masked_softmax import masked_softmax
 from ._ops.patch_mask import patch_mask, patch_mask_to_image
 from ._ops.scaled_cross_attention import scaled_cross_attention
 from ._padding import pack, pad_sequences, unpack
+from ._segments import SortedByBatch as SortedByBatch  # the return types, for annotations
+from ._segments import batch_from_offsets, offsets_from_batch, sort_by_batch
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,9 @@ __all__ = [
     "pack",
     "pad_sequences",
     "unpack",
+    "offsets_from_batch",
+    "batch_from_offsets",
+    "sort_by_batch",
     "patch_mask",
     "patch_mask_to_image",
     "masked_softmax",
