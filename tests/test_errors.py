@@ -743,6 +743,38 @@ CASES = [
         ValueError,
         r"pass offsets or batch, not both",
     ),
+    Case(
+        "topk_per_bag",
+        "value",
+        "negative k",
+        lambda: maskattn.topk_per_bag(r(2, 3), -1),
+        ValueError,
+        r"k must be a Python int >= 0",
+    ),
+    Case(
+        "topk_per_bag",
+        "shape",
+        "mask [B, N+1]",
+        lambda: maskattn.topk_per_bag(r(2, 3), 2, m(2, 4)),
+        ValueError,
+        r"mask must be \[2, 3\] to match scores",
+    ),
+    Case(
+        "topk_per_bag",
+        "offsets",
+        "offsets not ending at T",
+        lambda: maskattn.topk_per_bag(r(5), 2, offsets=_offs(0, 3)),
+        ValueError,
+        r"offsets must rise from 0 to T=5",
+    ),
+    Case(
+        "topk_per_bag",
+        "device",
+        "mask on another device than scores",
+        lambda: maskattn.topk_per_bag(r(2, 3), 2, m(2, 3, device=OTHER)),
+        ValueError,
+        r"mask \(.*\) and scores \(.*\) must be on the same device",
+    ),
     # ---- nn modules
     Case(
         "nn.AttentionPooling.forward",

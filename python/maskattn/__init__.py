@@ -20,6 +20,8 @@ from ._ops.scaled_cross_attention import scaled_cross_attention
 from ._padding import pack, pad_sequences, unpack
 from ._segments import SortedByBatch as SortedByBatch  # the return types, for annotations
 from ._segments import batch_from_offsets, offsets_from_batch, sort_by_batch
+from ._topk import TopKPerBag as TopKPerBag
+from ._topk import topk_per_bag
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,7 @@ __all__ = [
     "offsets_from_batch",
     "batch_from_offsets",
     "sort_by_batch",
+    "topk_per_bag",
     "patch_mask",
     "patch_mask_to_image",
     "masked_softmax",
