@@ -10,7 +10,7 @@ the functions here are thin, documented wrappers around them.
 from ._loader import build_info, cuda_available
 
 # isort: on
-from . import losses, masks, nn, optim, transforms
+from . import data, losses, masks, nn, optim, transforms
 from ._ops.foreground_mask import foreground_mask
 from ._ops.gated_masked_mean import gated_masked_mean
 from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
@@ -37,6 +37,7 @@ __all__ = [
     "batch_from_offsets",
     "sort_by_batch",
     "topk_per_bag",
+    "data",
     "patch_mask",
     "patch_mask_to_image",
     "masked_softmax",
