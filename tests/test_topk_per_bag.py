@@ -279,3 +279,22 @@ def test_cuda_unchecked_bad_offsets_stay_in_bounds():
     out = maskattn.topk_per_bag(scores, 4, offsets=bad)
     torch.cuda.synchronize()
     assert out.indices.shape == (3, 4) and ((out.indices >= 0) & (out.indices < 10)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_under_deterministic_algorithms(device):
+    scores = distinct_scores((4, 50, 2), torch.float32, device, seed=15).requires_grad_()
+    mask = random_mask(4, 50, torch.bool, device, seed=16)
+    packed, offsets = maskattn.pack(scores.detach(), mask)
+    ref = maskattn.topk_per_bag(scores, 6, mask)
+    ref_p = maskattn.topk_per_bag(packed, 6, offsets=offsets, largest=False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = maskattn.topk_per_bag(scores, 6, mask)
+        out.values.sum().backward()
+        out_p = maskattn.topk_per_bag(packed, 6, offsets=offsets, largest=False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(out + out_p, ref + ref_p):
+        assert torch.equal(a, b)
+    assert scores.grad.sum() == out.valid.sum()
