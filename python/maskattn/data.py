@@ -443,7 +443,7 @@ class BagBatchSampler(Sampler[List[int]]):
             freely within a batch.
         bucket_ratio: r above, > 1. Within a bucket the longest bag is less than r times the
             shortest, so a padded batch formed in one bucket is less than ``1 - 1/r`` padding
-            (a third for the default 1.5); only the batches of the epoch's leftovers (below) mix
+            (a third for the default 1.5); only the batches of the buckets' leftovers (see drop_last) mix
             buckets. Smaller r, less padding and less mixing.
         max_bags: optional cap on the number of bags per batch.
         budget: ``"instances"`` (sum of sizes) or ``"padded"`` (bags x longest bag).
