@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._segments import offsets_from_batch
 from . import _checks, _registration
 
 _ops = torch.ops.maskattn
@@ -26,7 +27,14 @@ def masked_attention_pool(logits: Tensor, features: Tensor, mask: Optional[Tenso
     return _ops.masked_attention_pool(logits, features, mask)
 
 
-def masked_attention_pool_packed(logits: Tensor, features: Tensor, offsets: Tensor) -> Tuple[Tensor, Tensor]:
+def masked_attention_pool_packed(
+    logits: Tensor,
+    features: Tensor,
+    offsets: Optional[Tensor] = None,
+    *,
+    batch: Optional[Tensor] = None,
+    num_bags: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
     """Attention pooling over bags stored back to back, with no padding at all.
 
     Args:
@@ -35,10 +43,23 @@ def masked_attention_pool_packed(logits: Tensor, features: Tensor, offsets: Tens
         offsets: int64 ``[B+1]`` with ``0 = offsets[0] <= ... <= offsets[B] = T``; bag b is rows
             ``offsets[b]:offsets[b+1]``. On CPU bad offsets raise; on CUDA they are not checked (that
             would need a host sync) but are clamped so that nothing is read or written out of bounds.
+        batch: keyword-only alternative to ``offsets``: PyG's bag id per row ``[T]``, sorted,
+            converted by ``maskattn.offsets_from_batch(batch, num_bags)`` (checked on CPU; on CUDA
+            unchecked, and ``num_bags=None`` costs one host sync). For unsorted ids use
+            ``maskattn.sort_by_batch``.
+        num_bags: with ``batch``: the number of bags (trailing empty bags included).
 
     Returns:
         ``(pooled [B, D] or [B, K, D], weights like logits)``; empty bags give zeros.
     """
+    if batch is not None:
+        if offsets is not None:
+            raise ValueError("masked_attention_pool_packed: pass offsets or batch, not both")
+        offsets = offsets_from_batch(batch, num_bags)
+    elif offsets is None:
+        raise ValueError("masked_attention_pool_packed: offsets [B+1] (or batch=, the bag id of every row) is required")
+    elif num_bags is not None:
+        raise ValueError("masked_attention_pool_packed: num_bags goes with batch=; offsets already fix B")
     return _ops.masked_attention_pool_packed(logits, features, offsets)
 
 
