@@ -43,7 +43,17 @@ def _machine(device: torch.device) -> dict:
         info["load_average"] = list(os.getloadavg())
     except (AttributeError, OSError):
         pass
+    # Fresh gradients are first-touched memory: whether huge pages are on moves the fwd+bwd rows.
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            info["transparent_hugepage"] = fh.read().strip()
+    except OSError:
+        pass
     return info
+
+
+def _busy(m: dict) -> bool:
+    return "load_average_end" in m and bool(m["cpu_count"]) and m["load_average_end"][0] > m["cpu_count"]
 
 
 def _info_line(m: dict) -> str:
@@ -69,7 +79,7 @@ def parser(mods) -> argparse.ArgumentParser:
         "--max-time",
         type=float,
         default=None,
-        help="seconds of timing per case before it stops even if the medians have not settled (default 3; --quick 0.3)",
+        help="seconds of timing per case before it stops even if the medians have not settled (default 2; --quick 0.3)",
     )
     p.add_argument("--tol", type=float, default=0.03, help="settled: each median's 95%% CI within +-TOL (0.03)")
     p.add_argument("--json", metavar="FILE", help="write every row, the summary, machine and command line as JSON")
@@ -100,7 +110,7 @@ def main(argv=None):
     settings = H.Settings(
         device=args.device,
         min_time=args.min_time if args.min_time is not None else (0.02 if args.quick else 0.2),
-        max_time=args.max_time if args.max_time is not None else (0.3 if args.quick else 3.0),
+        max_time=args.max_time if args.max_time is not None else (0.3 if args.quick else 2.0),
         min_rounds=5 if args.quick else 7,
         tol=args.tol,
         progress=None if args.quiet else sys.stderr,
@@ -120,6 +130,8 @@ def main(argv=None):
         print(H.format_table(suite_rows), flush=True)
     summaries = H.summarize(rows)
     duration = time.perf_counter() - settings.t0
+    if "load_average" in machine:
+        machine["load_average_end"] = list(os.getloadavg())
 
     command = "python -m maskattn.bench " + " ".join(argv)
     if args.json:
@@ -137,7 +149,7 @@ def main(argv=None):
                 "tol": settings.tol,
                 "quick": args.quick,
                 "compile": not args.no_compile,
-                "noisy_rel_iqr": H.NOISY_REL_IQR,
+                "noisy_ratio_iqr": H.NOISY_RATIO_IQR,
                 "win": H.WIN,
                 "loss": H.LOSS,
             },
@@ -163,7 +175,8 @@ def main(argv=None):
     print()
     print(
         f"{_info_line(machine)} | {duration:.0f} s"
-        + (f" | load average {machine['load_average'][0]:.1f}" if "load_average" in machine else "")
+        + (f" | load average {machine['load_average_end'][0]:.1f}" if "load_average_end" in machine else "")
+        + (" (busy host: more runnable processes than cpus, expect unreliable ratios)" if _busy(machine) else "")
         + (f" | wrote {', '.join(written)}" if written else "")
     )
     print(H.format_summary(summaries), flush=True)

@@ -26,9 +26,12 @@ FLOOR = "floor"  # the least memory traffic the op must do, timed as a plain tor
 REFERENCE = "reference"  # anything else worth a row (another formulation of the baseline, a device copy)
 ROLES = (BASELINE, COMPILED, MASKATTN, VARIANT, FLOOR, REFERENCE)
 
-# A ratio is marked unreliable when the interquartile ranges of its two timings overlap or either
-# relative IQR exceeds this: then the repeats alone could move the ratio by more than ~10 %.
-NOISY_REL_IQR = 0.10
+# A ratio is the median over rounds of (reference time / row time) within the same round: the
+# implementations of a round run back to back, so a slow spell of a shared host that lasts longer
+# than a round cancels out of each round's ratio (it does not cancel out of a ratio of medians).
+# It is marked unreliable when those per-round ratios spread by more than about +-10 %: their
+# interquartile range exceeds NOISY_RATIO_IQR of the ratio.
+NOISY_RATIO_IQR = 0.20
 # The verdict's thresholds on a geometric-mean speedup: below WIN and above LOSS is "no gain".
 WIN = 1.10
 LOSS = 0.90
@@ -103,7 +106,7 @@ class Row:
     settled: bool = False  # the case stopped because every median settled, not at the time bound
     gbps: Optional[float] = None
     vs_eager: Optional[float] = None
-    vs_eager_band: Optional[List[float]] = None  # [q1 ratio, q3 ratio]: baseline q1/this q3, q3/q1
+    vs_eager_band: Optional[List[float]] = None  # quartiles of the per-round ratios
     vs_eager_unreliable: bool = False
     vs_compiled: Optional[float] = None
     vs_compiled_band: Optional[List[float]] = None
@@ -133,7 +136,7 @@ class Settings:
 
     device: torch.device = torch.device("cpu")
     min_time: float = 0.2
-    max_time: float = 3.0
+    max_time: float = 2.0
     min_rounds: int = 7
     tol: float = 0.03
     sample_time: float = 0.002  # calls are batched so that one sample takes about this long
@@ -316,13 +319,17 @@ def measure(case: Case, s: Settings, suite: str) -> List[Row]:
 # ---------------------------------------------------------------- ratios and summary
 
 
-def unreliable(a: Row, b: Row) -> bool:
-    """True when the ratio of a's and b's medians cannot be trusted: their IQRs overlap, or either
-    relative IQR exceeds NOISY_REL_IQR (see the legend)."""
-    if a is b:
-        return False
-    overlap = a.q1_ms <= b.q3_ms and b.q1_ms <= a.q3_ms
-    return overlap or a.rel_iqr > NOISY_REL_IQR or b.rel_iqr > NOISY_REL_IQR
+def paired_ratio(ref: Row, row: Row) -> tuple:
+    """(ratio, [q1, q3], unreliable): the median and quartiles of ref / row over the rounds in
+    which both ran, > 1 when ``row`` is faster; unreliable as the legend says."""
+    pairs = [a / b for a, b in zip(ref.samples_ms, row.samples_ms) if b > 0]
+    if row is ref:
+        return 1.0, [1.0, 1.0], False
+    if not pairs:  # rows built without samples: the ratio of the medians, its band from the quartiles
+        return ref.median_ms / row.median_ms, [ref.q1_ms / row.q3_ms, ref.q3_ms / row.q1_ms], True
+    med = statistics.median(pairs)
+    q1, q3 = _quartiles(pairs)
+    return med, [q1, q3], (q3 - q1) > NOISY_RATIO_IQR * med
 
 
 def fill_ratios(rows: List[Row]) -> None:
@@ -337,16 +344,11 @@ def fill_ratios(rows: List[Row]) -> None:
         if not r.ok:
             continue
         if base is not None:
-            r.vs_eager = base.median_ms / r.median_ms
-            r.vs_eager_band = [base.q1_ms / r.q3_ms, base.q3_ms / r.q1_ms]
-            r.vs_eager_unreliable = unreliable(base, r)
+            r.vs_eager, r.vs_eager_band, r.vs_eager_unreliable = paired_ratio(base, r)
         if comp is not None and r.role in (MASKATTN, VARIANT):
-            r.vs_compiled = comp.median_ms / r.median_ms
-            r.vs_compiled_band = [comp.q1_ms / r.q3_ms, comp.q3_ms / r.q1_ms]
-            r.vs_compiled_unreliable = unreliable(comp, r)
+            r.vs_compiled, r.vs_compiled_band, r.vs_compiled_unreliable = paired_ratio(comp, r)
         if floor is not None and r.role != FLOOR:
-            r.vs_floor = floor.median_ms / r.median_ms
-            r.vs_floor_unreliable = unreliable(floor, r)
+            r.vs_floor, _, r.vs_floor_unreliable = paired_ratio(floor, r)
 
 
 def geomean(xs: Sequence[float]) -> Optional[float]:
@@ -447,9 +449,11 @@ LEGEND = [
     "  maskattn.*  the replacement; floor = the least memory traffic the op must do, timed as a plain torch op",
     "  ms          median time per call over n repeats; the implementations of a case run interleaved (a,b,c,b,c,a,...)",
     "  IQR%        spread: interquartile range of the repeats / median",
-    "  vs eager    baseline (eager) time / this time: >1x = faster than the layer it replaces, <1x = slower;",
-    "              vs compiled likewise against the compiled baseline; vs floor = floor time / this time (1x = at the floor)",
-    f"  ?           unreliable ratio: the two IQRs overlap or either IQR% > {NOISY_REL_IQR:.0%}: rerun on a quieter machine",
+    "  vs eager    baseline (eager) time / this time, the median over rounds of the ratio within each round:",
+    "              >1x = faster than the layer it replaces, <1x = slower; vs compiled likewise against the compiled",
+    "              baseline; vs floor = floor time / this time (1x = as fast as just moving the bytes)",
+    f"  ?           unreliable ratio: the per-round ratios spread by more than +-{NOISY_RATIO_IQR / 2:.0%} (IQR > "
+    f"{NOISY_RATIO_IQR:.0%} of the ratio); rerun on a quieter machine",
     "  GB/s        bytes the op must move / median time",
 ]
 

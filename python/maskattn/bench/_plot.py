@@ -17,7 +17,7 @@ def check_matplotlib() -> None:
 
 def plot_speedup(rows: List[Row], path: str) -> str:
     """One panel per layer replaced: maskattn's speedup over the eager and the compiled baseline for
-    every case, the whiskers spanning the ratio of the quartiles, unreliable ratios hatched."""
+    every case, the whiskers spanning the quartiles of the per-round ratios, unreliable ratios hatched."""
     check_matplotlib()
     import matplotlib
 
@@ -78,8 +78,8 @@ def plot_speedup(rows: List[Row], path: str) -> str:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(handles=[Patch(color=c, label=lab) for _, c, lab in series], fontsize=7, loc="lower right")
     axes[-1].set_xlabel(
-        "speedup of maskattn (log scale): >1x = maskattn faster; whiskers: ratio of the quartiles; "
-        "hatched = unreliable (IQRs overlap or IQR > 10 %)",
+        "speedup of maskattn (log scale): >1x = maskattn faster; whiskers: quartiles of the per-round ratios; "
+        "hatched = unreliable (they spread by more than +-10 %)",
         fontsize=8,
     )
     fig.tight_layout()
