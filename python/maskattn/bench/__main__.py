@@ -67,8 +67,19 @@ def parser(mods) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m maskattn.bench", description=__doc__.splitlines()[0])
     p.add_argument("--suite", action="append", choices=SUITES, help="run only these suites (repeatable)")
     p.add_argument("--device", default="cuda" if maskattn.cuda_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small shapes, short timing (a smoke test: tens of seconds)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd baselines")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes, short timing, no torch.compile unless --compile (a smoke test: tens of seconds)",
+    )
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="time the baselines under torch.compile too (the default, except with --quick)",
+    )
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baselines")
     p.add_argument(
         "--min-time",
         type=float,
@@ -103,6 +114,8 @@ def main(argv=None):
     mods = {name: importlib.import_module(f"maskattn.bench.{name}") for name in SUITES}
     args = parser(mods).parse_args(argv)
     args.device = torch.device(args.device)
+    # Compiling the baselines takes minutes on a small machine: --quick leaves it out unless asked.
+    args.no_compile = not (args.compile if args.compile is not None else not args.quick)
     if args.plot:
         from ._plot import check_matplotlib
 

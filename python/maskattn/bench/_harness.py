@@ -439,7 +439,8 @@ def _pct(v: float) -> str:
 def _x(v: Optional[float], unrel: bool = False) -> str:
     if v is None:
         return ""
-    return f"{v:.2f}x" + ("?" if unrel else "")
+    text = f"{v:.2g}x" if v < 0.1 else (f"{v:.0f}x" if v >= 100 else f"{v:.2f}x")
+    return text + ("?" if unrel else "")
 
 
 LEGEND = [
@@ -508,7 +509,7 @@ def format_summary(summaries: List[LayerSummary]) -> str:
         ):
             if v is not None:
                 parts.append(
-                    f"{name} {v:.2f}x vs eager" + (f" ({vc:.2f}x vs compiled)" if vc is not None else "") + f" [{n}]"
+                    f"{name} {_x(v)} vs eager" + (f" ({_x(vc)} vs compiled)" if vc is not None else "") + f" [{n}]"
                 )
         out.append(
             "    "
