@@ -418,3 +418,29 @@ def test_quick_suite_end_to_end(tmp_path):
     for r in doc["rows"]:
         assert f"gated_masked_mean | {r['case']} |" in p.stderr
     assert "seed" not in (p.stdout + p.stderr).lower()
+
+
+def test_failure_during_the_rounds_drops_only_that_implementation():
+    clock = FakeClock()
+    calls = {"n": 0}
+
+    def fails_on_fourth_call():
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise MemoryError("out of memory")
+        clock.t += 1e-3
+
+    case = Case(
+        LAYER,
+        "c",
+        "fwd",
+        [
+            Impl("eager", clock.runner([2.0]), BASELINE),
+            Impl("flaky", fails_on_fourth_call, VARIANT),
+            Impl("ours", clock.runner([1.0]), MASKATTN),
+        ],
+    )
+    rows = by_impl(H.measure(case, settings(clock), "suite"))
+    assert not rows["flaky"].ok and "MemoryError" in rows["flaky"].note
+    assert rows["ours"].n == rows["eager"].n >= 5
+    assert rows["ours"].vs_eager == pytest.approx(2.0)

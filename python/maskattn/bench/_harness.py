@@ -73,6 +73,9 @@ class Case:
         for im in self.impls:
             if im.role not in ROLES:
                 raise ValueError(f"Impl {im.name!r}: role {im.role!r} is not one of {ROLES}")
+        names = [im.name for im in self.impls]
+        if len(set(names)) != len(names):
+            raise ValueError(f"case {self.case!r} {self.mode}: implementation names repeat: {names}")
         for role in (BASELINE, COMPILED, MASKATTN, FLOOR):
             if sum(im.role == role for im in self.impls) > 1:
                 raise ValueError(f"case {self.case!r} {self.mode}: more than one implementation has role {role!r}")
@@ -227,6 +230,11 @@ def _quartiles(xs: Sequence[float]) -> tuple:
     return q[0], q[2]
 
 
+def _failure(e: Exception) -> str:
+    msg = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"failed: {type(e).__name__}" + (f": {msg}" if msg else "")
+
+
 def measure(case: Case, s: Settings, suite: str) -> List[Row]:
     """Time every implementation of ``case`` interleaved and return one row each, ratios filled in.
 
@@ -262,7 +270,7 @@ def measure(case: Case, s: Settings, suite: str) -> List[Row]:
             # (compilation, first touch of memory) must not make the samples single calls.
             one = min(_with_threads(im.threads, lambda im=im: _sample(im.fn, 1, s)) for _ in range(max(1, s.warmup)))
         except Exception as e:  # a compile failure or a missing kernel is reported, not fatal
-            row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}".rstrip(": ")
+            row.note = _failure(e)
             _progress(s, f"{head} | {im.name}: {row.note}")
             continue
         row.warmup_s = time.perf_counter() - t0
@@ -279,10 +287,18 @@ def measure(case: Case, s: Settings, suite: str) -> List[Row]:
         gc.disable()  # a collection inside a sample would land on whichever implementation ran then
         t_start = s.clock()
         try:
-            while rounds < s.max_rounds:
+            while live and rounds < s.max_rounds:
                 k = rounds % len(live)
                 for im in live[k:] + live[:k]:
-                    samples[im.name].append(_with_threads(im.threads, lambda im=im: _sample(im.fn, calls[im.name], s)))
+                    try:
+                        t = _with_threads(im.threads, lambda im=im: _sample(im.fn, calls[im.name], s))
+                    except Exception as e:  # e.g. out of memory after a few rounds: drop it, keep the rest
+                        rows[im.name].note = _failure(e)
+                        _progress(s, f"{head} | {im.name}: {rows[im.name].note}")
+                        live.remove(im)
+                        del samples[im.name]
+                        continue
+                    samples[im.name].append(t)
                 rounds += 1
                 elapsed = s.clock() - t_start
                 enough = rounds >= s.min_rounds and all(
