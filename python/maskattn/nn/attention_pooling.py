@@ -3,81 +3,271 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .._ops.masked_attention_pool import masked_attention_pool
+from .._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def _capturing_cuda_graph(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class AttentionPooling(nn.Module):
-    """Attention-based MIL pooling (Ilse et al., 2018) over padded bags, fused.
+    """Attention-based MIL pooling (Ilse et al., 2018) over padded, packed or single bags, fused.
 
-    A drop-in for the hand-written ``AttentionAggregator``: an MLP scores every instance, a softmax
-    over each bag's *valid* instances turns the scores into weights, and the bag is their weighted
-    sum. Unlike ``masked_fill(mask == 0, -1e9)``, padding gets weight exactly 0 and a bag with no
-    valid instance pools to zeros instead of averaging its padding.
+    A drop-in for the hand-written ``AttentionAggregator`` and for the attention pools of CLAM,
+    torchmil and PyG: an MLP scores every instance, a softmax over each bag's *valid* instances turns
+    the scores into weights, and the bag is their weighted sum. Unlike ``masked_fill(mask == 0,
+    -1e9)``, padding gets weight exactly 0 and a bag with no valid instance pools to zeros instead of
+    averaging its padding.
 
     Args:
         in_dim: feature size D.
-        hidden_dim: hidden size of the scoring MLP.
-        gated: use the gated variant, ``w^T (tanh(V h) * sigmoid(U h))``.
-        branches: K attention branches (multi-branch / multi-class MIL); outputs gain a K dim.
-        dropout: dropout on the scoring MLP's hidden activations.
+        hidden_dim: hidden size of the scoring MLP; ``None`` scores with one linear layer
+            ``Linear(D, K)`` (PyG's ``gate_nn = Linear(F, 1)``; not with ``gated``).
+        gated: the gated variant (CLAM's ``Attn_Net_Gated``), ``w^T (act(V h) * sigmoid(U h))``.
+        branches: K attention branches (multi-branch / multi-class MIL, CLAM_MB); outputs gain a K dim.
+        dropout: dropout after the activation of each branch, before the product (CLAM's placement;
+            CLAM uses 0.25).
+        act: the activation of the (first) hidden branch: ``"tanh"`` (ABMIL, CLAM), ``"relu"`` or
+            ``"gelu"`` (torchmil's options).
+        bias_last: bias on the last linear layer (torchmil's ``fc2`` has none).
 
-    With ``gated=False`` and ``dropout=0`` the parameters are ``attention_net.0`` (Linear D->hidden),
-    ``attention_net.1`` (Tanh), ``attention_net.2`` (Linear hidden->K), so a checkpoint of the
-    usual ``nn.Sequential(Linear, Tanh, Linear)`` aggregator loads unchanged.
+    Parameters, so that the usual checkpoints load unchanged:
 
-    ``forward(features [B,N,D], mask [B,N] or None, return_scores=False)`` returns
-    ``(pooled [B,D], weights [B,N])`` (``[B,K,D]`` and ``[B,N,K]`` when ``branches > 1``), plus the
-    pre-softmax scores when ``return_scores=True`` (for heatmaps and top-k instance selection; they
-    are computed anyway, so this costs nothing).
+    - plain: ``attention_net = Sequential(Linear(D, hidden), act, [Dropout], Linear(hidden, K))``:
+      ``attention_net.0`` and ``attention_net.2`` (``attention_net.3`` with dropout), the names of
+      the ``Sequential(Linear, Tanh, Linear)`` aggregator; ``hidden_dim=None``: ``attention_net.0``.
+    - gated: ``attention_v = Sequential(Linear, act, [Dropout])``, ``attention_u = Sequential(Linear,
+      Sigmoid, [Dropout])``, ``attention_w = Linear(hidden, K)``.
+
+    CLAM / torchmil / PyG parameters load with :meth:`from_clam`, :meth:`from_torchmil` and
+    :meth:`from_pyg` (``maskattn.nn.convert``).
+
+    ``forward(features, mask=None, return_scores=False, *, offsets=None, batch=None, num_bags=None)``
+    takes three layouts (K = ``branches``; the K dim is absent when ``branches == 1``):
+
+    ==========================  =========================  ===================  ==================
+    input                        layout                     pooled               weights, scores
+    ==========================  =========================  ===================  ==================
+    ``[B, N, D]`` + ``mask``      padded batch               ``[B, (K,) D]``       ``[B, N, (K)]``
+    ``[T, D]`` + ``offsets``      packed (bags back to back)  ``[B, (K,) D]``       ``[T, (K)]``
+    ``[T, D]`` + ``batch``        packed, PyG's bag ids       ``[B, (K,) D]``       ``[T, (K)]``
+    ``[N, D]`` (+ ``mask [N]``)   one bag (CLAM's input)      ``[(K,) D]``          ``[N, (K)]``
+    ==========================  =========================  ===================  ==================
+
+    ``mask`` is a valid mask of any dtype (nonzero = instance, 0 = padding) or None (all valid).
+    ``offsets`` int64 ``[B+1]`` and ``batch`` / ``num_bags`` are as in
+    :func:`maskattn.masked_attention_pool_packed`. For a single bag CLAM writes ``A`` ``[K, N]`` and
+    ``M = A @ h`` ``[K, D]``: ``weights.view(N, -1).T`` is CLAM's ``A``, ``pooled`` (``[K, D]``
+    when ``K > 1``) its ``M``. ``return_scores=True`` adds the pre-softmax scores (heatmaps, top-k
+    instance selection with :func:`maskattn.topk_per_bag`); they are computed anyway. Scores at
+    padding are 0 (they are never computed).
+
+    **Only valid instances are scored.** A padded batch with padding has its valid rows gathered
+    (one pass over them), scored, pooled with the packed op, and the weights and scores scattered
+    back to ``[B, N]``: the MLP never runs on padding (and so never sees what padding holds, even
+    inf / NaN), and no pass rewrites the whole ``[B, N, D]`` tensor. Learning the number of valid
+    rows is free on CPU and costs one host sync on CUDA. Where a sync is not allowed the module
+    takes a sync-free path instead: under ``torch.compile`` (so ``fullgraph=True`` and
+    ``dynamic=True`` hold), while a CUDA graph is being captured, or when the attribute
+    ``pack_padding`` is ``False``; that path zeroes the padding rows (one pass over ``[B, N, D]``)
+    and scores all ``B * N`` rows. ``pack_padding = True`` forces the gather, ``None`` (default)
+    chooses as above. A mask with no padding skips both.
     """
 
     def __init__(
-        self, in_dim: int, hidden_dim: int = 128, gated: bool = False, branches: int = 1, dropout: float = 0.0
+        self,
+        in_dim: int,
+        hidden_dim: Optional[int] = 128,
+        gated: bool = False,
+        branches: int = 1,
+        dropout: float = 0.0,
+        act: str = "tanh",
+        bias_last: bool = True,
     ):
         super().__init__()
-        if in_dim <= 0 or hidden_dim <= 0 or branches <= 0:
+        if in_dim <= 0 or (hidden_dim is not None and hidden_dim <= 0) or branches <= 0:
             raise ValueError(
                 f"AttentionPooling: in_dim, hidden_dim and branches must be positive, got "
                 f"{in_dim}, {hidden_dim}, {branches}"
             )
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"AttentionPooling: act must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"AttentionPooling: dropout must be in [0, 1), got {dropout}")
+        if hidden_dim is None and (gated or dropout > 0):
+            raise ValueError(
+                "AttentionPooling: hidden_dim=None (a linear scorer) has no hidden layer for gated=True or dropout"
+            )
         self.in_dim, self.hidden_dim, self.gated, self.branches = in_dim, hidden_dim, gated, branches
+        self.act, self.bias_last, self.dropout = act, bias_last, dropout
         drop = [nn.Dropout(dropout)] if dropout > 0 else []
         if gated:
-            self.attention_v = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Tanh(), *drop)
-            self.attention_u = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Sigmoid(), *drop)
-            self.attention_w = nn.Linear(hidden_dim, branches)
+            self.attention_v = nn.Sequential(nn.Linear(in_dim, hidden_dim), _ACTIVATIONS[act](), *drop)
+            self.attention_u = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.Sigmoid(), *[nn.Dropout(dropout) for _ in drop]
+            )
+            self.attention_w = nn.Linear(hidden_dim, branches, bias=bias_last)
+        elif hidden_dim is None:
+            self.attention_net = nn.Sequential(nn.Linear(in_dim, branches, bias=bias_last))
         else:
             self.attention_net = nn.Sequential(
-                nn.Linear(in_dim, hidden_dim), nn.Tanh(), *drop, nn.Linear(hidden_dim, branches)
+                nn.Linear(in_dim, hidden_dim),
+                _ACTIVATIONS[act](),
+                *drop,
+                nn.Linear(hidden_dim, branches, bias=bias_last),
             )
+        # None = gather the valid rows of a padded batch wherever that needs no forbidden host sync
+        # (see the class docstring); a plain attribute, like MaskedSelfAttention's.
+        self.pack_padding: Optional[bool] = None
+
+    # ------------------------------------------------------------------ scoring
+
+    def _score_rows(self, x: Tensor) -> Tensor:
+        """Scores of feature rows ``[..., D]`` -> ``[..., K]`` (the K dim kept)."""
+        if self.gated:
+            return self.attention_w(self.attention_v(x) * self.attention_u(x))
+        return self.attention_net(x)
 
     def scores(self, features: Tensor) -> Tensor:
-        """Pre-softmax attention scores ``[B, N]`` (or ``[B, N, K]``)."""
-        if self.gated:
-            s = self.attention_w(self.attention_v(features) * self.attention_u(features))
-        else:
-            s = self.attention_net(features)
+        """Pre-softmax attention scores of every row: ``[..., D]`` -> ``[...]`` (or ``[..., K]``)."""
+        s = self._score_rows(features)
         return s.squeeze(-1) if self.branches == 1 else s
 
-    def forward(self, features: Tensor, mask: Optional[Tensor] = None, return_scores: bool = False):
-        if features.dim() != 3 or features.shape[-1] != self.in_dim:
+    def _squeeze(self, t: Tensor) -> Tensor:
+        return t.squeeze(-1) if self.branches == 1 else t
+
+    # ------------------------------------------------------------------ layouts
+
+    def _check_features(self, features: Tensor, packed: bool) -> None:
+        d = self.in_dim
+        ok = isinstance(features, Tensor) and features.shape[-1:] == (d,)
+        ok = ok and (features.dim() == 2 if packed else features.dim() in (2, 3))
+        if not ok:
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            if packed:
+                raise ValueError(
+                    f"AttentionPooling: packed features (with offsets/batch) must be [T, {d}], got shape {shape}"
+                )
             raise ValueError(
-                f"AttentionPooling: features must be [B, N, {self.in_dim}], got shape {tuple(features.shape)}"
+                f"AttentionPooling: features must be [B, N, {d}] (padded, with mask), [T, {d}] (packed, with "
+                f"offsets or batch) or [N, {d}] (one bag), got shape {shape}"
             )
-        x = features
-        if mask is not None and mask.shape == features.shape[:2] and mask.device == features.device:
-            # inf/NaN stored in padding rows is replaced by 0 before the scoring MLP: the pool
-            # ignores those rows' scores, but their content would otherwise reach the MLP's
-            # parameter gradients and the features' gradient through 0 * NaN (e.g. tanh'(NaN)).
-            # Finite padding is left alone, so the returned scores stay mod.scores(features).
-            # (A malformed mask skips this and reaches the op, whose error names it.)
-            valid = mask if mask.dtype == torch.bool else mask != 0
-            x = features.masked_fill(~valid.unsqueeze(-1) & ~torch.isfinite(features), 0)
-        scores = self.scores(x)
-        pooled, weights = masked_attention_pool(scores, features, mask)
+
+    def _use_packing(self, features: Tensor, mask: Tensor) -> bool:
+        # A mask the op would reject takes the op's path, whose error names it.
+        if mask.shape != features.shape[:2] or mask.device != features.device or mask.dtype.is_complex:
+            return False
+        if self.pack_padding is not None:
+            return bool(self.pack_padding)
+        return not torch.compiler.is_compiling() and not _capturing_cuda_graph(features)
+
+    def _pool_padded(self, features: Tensor, mask: Optional[Tensor]):
+        if mask is None:
+            s = self._squeeze(self._score_rows(features))
+            pooled, weights = masked_attention_pool(s, features, None)
+            return pooled, weights, s
+        if self._use_packing(features, mask):
+            out = self._pool_padded_by_packing(features, mask)
+            if out is not None:
+                return out
+        valid = mask if mask.dtype == torch.bool else mask != 0
+        if valid.shape == features.shape[:2] and valid.device == features.device:
+            # Sync-free: padding rows are zeroed (not multiplied: 0 * inf is NaN) so that whatever they
+            # hold reaches neither the MLP's outputs nor its parameter gradients.
+            x = torch.where(valid.unsqueeze(-1), features, features.new_zeros(()))
+            s = self._score_rows(x)
+            s = torch.where(valid.view(valid.shape + (1,)), s, s.new_zeros(()))
+        else:
+            s = self._score_rows(features)
+        s = self._squeeze(s)
+        pooled, weights = masked_attention_pool(s, features, mask)
+        return pooled, weights, s
+
+    def _pool_padded_by_packing(self, features: Tensor, mask: Tensor):
+        """Gather the valid rows, score and pool them packed, scatter weights and scores back.
+        None when the mask has no padding (the caller then scores every row)."""
+        B, N, D = features.shape
+        valid = mask if mask.dtype == torch.bool else mask != 0
+        rows = valid.reshape(-1).nonzero().squeeze(1)  # bag by bag, in order; one host sync on CUDA
+        if rows.shape[0] == B * N:
+            return None
+        if features.is_contiguous():
+            x = features.view(B * N, D).index_select(0, rows)
+        else:  # any strides, read in place (a reshape would copy all of [B, N, D])
+            x = features[valid]
+        lengths = valid.sum(1)
+        offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+        s = self._squeeze(self._score_rows(x))
+        pooled, w = masked_attention_pool_packed(s, x, offsets)
+        shape = (B * N,) + tuple(s.shape[1:])
+        weights = w.new_zeros(shape).index_copy(0, rows, w).view((B, N) + shape[1:])
+        scores = s.new_zeros(shape).index_copy(0, rows, s).view((B, N) + shape[1:])
+        return pooled, weights, scores
+
+    def forward(
+        self,
+        features: Tensor,
+        mask: Optional[Tensor] = None,
+        return_scores: bool = False,
+        *,
+        offsets: Optional[Tensor] = None,
+        batch: Optional[Tensor] = None,
+        num_bags: Optional[int] = None,
+    ):
+        if offsets is not None or batch is not None or num_bags is not None:
+            self._check_features(features, packed=True)
+            if mask is not None:
+                raise ValueError(
+                    "AttentionPooling: mask goes with padded [B, N, D] or single-bag [N, D] features; packed "
+                    "features (offsets/batch) have no padding"
+                )
+            s = self._squeeze(self._score_rows(features))
+            pooled, weights = masked_attention_pool_packed(s, features, offsets, batch=batch, num_bags=num_bags)
+        else:
+            self._check_features(features, packed=False)
+            if features.dim() == 2:  # one bag [N, D], pooled as a batch of one
+                m = None if mask is None else (mask.unsqueeze(0) if isinstance(mask, Tensor) else mask)
+                pooled, weights, s = self._pool_padded(features.unsqueeze(0), m)
+                pooled, weights, s = pooled[0], weights[0], s[0]
+            else:
+                pooled, weights, s = self._pool_padded(features, mask)
         if return_scores:
-            return pooled, weights, scores
+            return pooled, weights, s
         return pooled, weights
 
+    # ------------------------------------------------------------------ peers' checkpoints
+
+    @classmethod
+    def from_clam(cls, source, *, prefix: Optional[str] = None, dropout: Optional[float] = None):
+        """An AttentionPooling holding the parameters of CLAM's ``Attn_Net`` / ``Attn_Net_Gated``
+        (a module or a state dict, also nested in ``CLAM_SB`` / ``CLAM_MB``); see
+        :func:`maskattn.nn.convert.from_clam`."""
+        from .convert import from_clam
+
+        return from_clam(source, prefix=prefix, dropout=dropout, cls=cls)
+
+    @classmethod
+    def from_torchmil(cls, source, *, act: Optional[str] = None, prefix: str = ""):
+        """An AttentionPooling holding the parameters of torchmil's ``AttentionPool``; see
+        :func:`maskattn.nn.convert.from_torchmil`."""
+        from .convert import from_torchmil
+
+        return from_torchmil(source, act=act, prefix=prefix, cls=cls)
+
+    @classmethod
+    def from_pyg(cls, source, *, act: Optional[str] = None, dropout: Optional[float] = None, prefix: str = ""):
+        """An AttentionPooling holding the ``gate_nn`` parameters of PyG's
+        ``AttentionalAggregation``; see :func:`maskattn.nn.convert.from_pyg`."""
+        from .convert import from_pyg
+
+        return from_pyg(source, act=act, dropout=dropout, prefix=prefix, cls=cls)
+
     def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, gated={self.gated}, branches={self.branches}"
+        s = f"in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, gated={self.gated}, branches={self.branches}"
+        if self.act != "tanh":
+            s += f", act={self.act!r}"
+        if not self.bias_last:
+            s += ", bias_last=False"
+        return s
