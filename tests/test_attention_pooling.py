@@ -510,3 +510,62 @@ def test_from_pyg_against_torch_geometric_when_installed():
         gref, gours, {"gate_nn.0.weight": "attention_net.0.weight", "gate_nn.2.bias": "attention_net.2.bias"}
     )
     torch.testing.assert_close(x2.grad, x1.grad, **F64)
+
+
+# ---------------------------------------------------------------- the model-level benchmark suite
+
+
+def test_benchmark_suite_cases_run_and_check_gradients():
+    import argparse
+
+    from maskattn.bench import attention_pooling as suite
+
+    p = argparse.ArgumentParser()
+    suite.add_args(p)
+    args = p.parse_args(["--mil-bags", "5", "--mil-pad-batch", "2"])
+    args.device, args.quick, args.no_compile = torch.device("cpu"), True, True
+    main = []
+    for case in suite.cases(args):  # a case's tensors live while it is current, as the harness uses it
+        if case.layer == suite.LAYER:
+            main.append([im.name for im in case.impls])
+            assert case.mode == "fwd+bwd"
+            for im in case.impls:
+                im.fn()  # each runs (the gradients were compared with the loop's before the case was made)
+    assert main == [[suite.LOOP, suite.PACKED, suite.PADDED, suite.PACKED_BATCHES]]
+    sizes = suite.bag_sizes(1000, 800)
+    assert 700 < sorted(sizes)[500] < 900 and max(sizes) > 3 * 800  # log-normal around the median
+    with pytest.raises(AssertionError, match="parameter gradient 1 differs"):
+        suite._check_same("x", [torch.ones(3), torch.ones(2)], [torch.ones(3), torch.tensor([1.0, 1.1])])
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_row_blocks_change_nothing(monkeypatch, trainable):
+    import maskattn.nn.attention_pooling as ap
+
+    mod = _mod("cpu", gated=True, branches=2)
+    bags = _bags("cpu", sizes=(7, 0, 12, 3, 9))
+    feats, mask = maskattn.pad_sequences(bags)
+    x = torch.cat(bags)
+    offsets = torch.tensor([0, 7, 7, 19, 22, 31])
+    cf = feats.transpose(1, 2).contiguous().transpose(1, 2)  # channels-first storage
+
+    def run():
+        out = []
+        for args, kw in (((feats, mask), {}), ((cf, mask), {}), ((x,), dict(offsets=offsets)), ((x,), {})):
+            mod.zero_grad()
+            inp = args[0].clone().requires_grad_(trainable) if trainable else args[0]
+            p, w, s = mod(inp, *args[1:], return_scores=True, **kw)
+            (p.square().sum() + (w * s).sum()).backward()
+            out += [p, w, s] + [q.grad.clone() for q in mod.parameters()]
+            if trainable:
+                out.append(inp.grad)
+        return out
+
+    whole = run()
+    monkeypatch.setattr(ap, "_BLOCK_ROWS", 4)
+    seen = []
+    mod.attention_v[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    blocked = run()
+    assert max(seen) == 4 and len(seen) > 8  # the blocks were used
+    for a, b in zip(whole, blocked):
+        torch.testing.assert_close(a, b, **F64)

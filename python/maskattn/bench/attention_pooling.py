@@ -10,7 +10,9 @@ log-normally distributed sizes (whole-slide bags: a median and a spread of about
 - maskattn packed: ``AttentionPooling(features [T, D], offsets=...)``, one call for all bags;
 - maskattn padded: ``AttentionPooling(features [b, N_max, D], mask)`` over padded batches of
   ``--mil-pad-batch`` bags in draw order (what ``DataLoader(batch_size=b)`` with a padding collate
-  gives; the padding fraction is in the case name), no instance budget.
+  gives; the padding fraction is in the case name), no instance budget, one backward per batch;
+- maskattn packed in the same batches: the padded row's batches without their padding, so that
+  the two differ in layout only.
 
 Before timing, every implementation's parameter gradients are checked against the loop's.
 
@@ -39,6 +41,7 @@ LOOP = "CLAM per-bag loop + grad accumulation (eager)"
 LOOP_COMPILED = "CLAM per-bag loop (compiled, dynamic)"
 PACKED = "AttentionPooling packed (offsets)"
 PADDED = "AttentionPooling padded (mask)"
+PACKED_BATCHES = "AttentionPooling packed, same batches as padded"
 SIGMA = 1.0  # log-normal spread of bag sizes: a factor e^1 = 2.7 either side of the median
 N_CLASSES = 2
 
@@ -159,7 +162,7 @@ def cases(args):
         padded = None
         if pad_rows * L * x.element_size() <= args.mil_max_padded_gb * 1e9:
             padded = [maskattn.pad_sequences(bags[i : i + pb]) for i in range(0, n_bags, pb)]
-            padded_y = [labels[i : i + pb] for i in range(0, n_bags, pb)]
+        padded_y = [labels[i : i + pb] for i in range(0, n_bags, pb)]
 
         def zero():
             for p in ref_params + our_params:
@@ -184,9 +187,20 @@ def cases(args):
                 pooled, _ = pool(feats, mask)
                 F.cross_entropy(pool_head(pooled), y, reduction="sum").backward()
 
+        batches = [
+            (offsets[i : i + pb + 1] - offsets[i], offsets[i].item(), offsets[min(i + pb, n_bags)].item())
+            for i in range(0, n_bags, pb)
+        ]
+
+        def packed_batches():
+            zero()
+            for (o, a, b), y in zip(batches, padded_y):
+                pooled, _ = pool(x[a:b], offsets=o)
+                F.cross_entropy(pool_head(pooled), y, reduction="sum").backward()
+
         loop()()
         ref = _grads(ref_params)
-        for name, fn in ((PACKED, packed), (PADDED, padded_run if padded else None)):
+        for name, fn in ((PACKED, packed), (PADDED, padded_run if padded else None), (PACKED_BATCHES, packed_batches)):
             if fn is not None:
                 fn()
                 _check_same(name, ref, _grads(our_params))
@@ -204,6 +218,7 @@ def cases(args):
                 note="" if padded else f"padded batches would take {pad_rows * L * 4 / 1e9:.1f} GB",
             )
         )
+        impls.append(Impl(PACKED_BATCHES, packed_batches, VARIANT))
         yield Case(LAYER, case, "fwd+bwd", impls, detail=f"frozen features, padded in batches of {pb}")
         impls = None
 

