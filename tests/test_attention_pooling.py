@@ -170,6 +170,11 @@ def test_padded_forward_writes_no_full_feature_tensor(device, channels_first):
     assert any(shape == (B, N, D) and "view" not in f for f, shape in rec.outputs)  # the sync-free pass
     torch.testing.assert_close(p, p2, **F64)
     torch.testing.assert_close(w, w2, **F64)
+    mod.pack_padding = None
+    with _Shapes() as rec:  # a mask without padding: neither a gather nor a rewrite
+        mod(x, torch.ones(B, N, device=device))
+    big = [f for f, shape in rec.outputs if shape in ((B, N, D), (B * N, D))]
+    assert not [f for f in big if "where" in f or "index" in f], big
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -173,28 +173,31 @@ class AttentionPooling(nn.Module):
                 f"offsets or batch) or [N, {d}] (one bag), got shape {shape}"
             )
 
-    def _use_packing(self, features: Tensor, mask: Tensor) -> bool:
-        # A mask the op would reject takes the op's path, whose error names it.
-        if mask.shape != features.shape[:2] or mask.device != features.device or mask.dtype.is_complex:
-            return False
+    def _use_packing(self, features: Tensor) -> bool:
         if self.pack_padding is not None:
             return bool(self.pack_padding)
         return not torch.compiler.is_compiling() and not _capturing_cuda_graph(features)
 
     def _pool_padded(self, features: Tensor, mask: Optional[Tensor]):
         B, N, D = features.shape
-        if mask is None or not self._use_packing(features, mask):
-            s = None
-        else:
-            s = self._score_valid_rows(features, mask)
-        if s is None and mask is not None and mask.shape == features.shape[:2] and mask.device == features.device:
+        # A mask the op would reject is passed on as it is: the op's error names it.
+        usable = (
+            mask is not None
+            and mask.shape == features.shape[:2]
+            and mask.device == features.device
+            and not mask.dtype.is_complex
+        )
+        s = None
+        if usable and self._use_packing(features):
+            s = self._score_valid_rows(features, mask)  # None: no padding, score every row below
+        elif usable:
             # Sync-free: padding rows are zeroed (not multiplied: 0 * inf is NaN) so that whatever they
             # hold reaches neither the MLP's outputs nor its parameter gradients.
             valid = mask if mask.dtype == torch.bool else mask != 0
             x = torch.where(valid.unsqueeze(-1), features, features.new_zeros(()))
             s = self._score_rows(x)
             s = torch.where(valid.unsqueeze(-1), s, s.new_zeros(()))
-        elif s is None:
+        if s is None:
             if features.is_contiguous():
                 s = self._score_packed(features.view(B * N, D)).view(B, N, self.branches)
             else:
