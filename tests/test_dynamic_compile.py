@@ -70,6 +70,9 @@ def check_dynamic(fn, make_inputs, sizes, params=(), atol=1e-5, rtol=1e-5, grad=
     frames_after_first = None
     for size in sizes:
         args = make_inputs(*size)
+        # On CUDA the eager kernels (SDPA, cuBLAS) and inductor's reduce in other orders.
+        if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+            atol, rtol = max(atol, 1e-4), max(rtol, 1e-4)
         with torch.set_grad_enabled(grad):
             eager = _flat(fn(*args))
             got = _flat(compiled(*args))
