@@ -349,6 +349,14 @@ CASES = [
         r"scores \(.*\) and mask \(.*\) must be on the same device",
         cuda=True,
     ),
+    Case(
+        "masked_softmax",
+        "value",
+        "NaN scale",
+        lambda: maskattn.masked_softmax(r(2, 3), m(2, 3), scale=float("nan")),
+        RuntimeError,
+        r"masked_softmax: scale must be finite, got nan",
+    ),
     # ---- patch_mask / patch_mask_to_image
     Case(
         "patch_mask",
@@ -485,6 +493,14 @@ CASES = [
         lambda: maskattn.patch_mask_to_image(torch.ones(1, 4, dtype=torch.complex64), 2, 4),
         MASK_DTYPE,
         r"patch_mask_to_image: patch_mask must be a bool, integer or floating tensor, got complex64",
+    ),
+    Case(
+        "patch_mask",
+        "type",
+        "bool patch_size",
+        lambda: maskattn.patch_mask(m(1, 4, 4), True),
+        TypeError,
+        r"patch_mask: patch_size must be an int, got True",
     ),
     # ---- gated_masked_mean
     Case(
@@ -701,6 +717,14 @@ CASES = [
         ),
         MASK_DTYPE,
         r"scaled_cross_attention: key_mask must be a bool, integer or floating tensor, got complex64",
+    ),
+    Case(
+        "scaled_cross_attention",
+        "value",
+        "NaN max_scale",
+        lambda: maskattn.scaled_cross_attention(r(2, 3, 4), r(5, 4), r(5, 6), r(), max_scale=float("nan")),
+        RuntimeError,
+        r"max_scale must be positive .*got nan",
     ),
     # ---- pack / unpack / pad_sequences
     Case("pad_sequences", "size", "empty list", lambda: maskattn.pad_sequences([]), ValueError, r"seqs is empty"),

@@ -30,6 +30,8 @@ def patch_mask(image_mask: Tensor, patch_size: int, threshold: float = 0.5) -> T
     the two agree exactly.
     """
     _v.reject_complex(image_mask, "patch_mask", "image_mask")
+    # a bool would pass the op's int argument as a patch size of 0 or 1
+    patch_size = _v.as_int(patch_size, "patch_mask", "patch_size")
     return _ops.patch_mask(image_mask, patch_size, threshold)
 
 
