@@ -5,6 +5,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .. import _validation as _v
+
 _ops = torch.ops.maskattn
 
 
@@ -33,8 +35,15 @@ def foreground_mask(
         ``(mask, coverage)``: float32 ``[B, H, W]`` in ``[0, 1]`` and float32 ``[B]``, the fraction
         of pixels in the binary mask (largest 8-connected component, holes filled) before smoothing.
     """
+    # Types only (int() would silently truncate a radius of 1.5); the ranges are the op's checks.
+    fn = "foreground_mask"
     return _ops.foreground_mask(
-        images, float(threshold), int(open_radius), int(close_radius), bool(fill_holes), float(sigma)
+        images,
+        _v.as_float(threshold, fn, "threshold", allow_inf=True),
+        _v.as_int(open_radius, fn, "open_radius"),
+        _v.as_int(close_radius, fn, "close_radius"),
+        _v.as_bool(fill_holes, fn, "fill_holes"),
+        _v.as_float(sigma, fn, "sigma", allow_inf=True),
     )
 
 

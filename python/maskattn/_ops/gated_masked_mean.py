@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _validation as _v
 from . import _checks
 
 _ops = torch.ops.maskattn
@@ -25,6 +26,7 @@ def gated_masked_mean(features: Tensor, gate_logits: Tensor, mask: Optional[Tens
         ``(pooled [B, C], gate)``: gate shaped like gate_logits, the sigmoid at valid pixels and
         exactly 0 at padding. A sample without valid pixels pools to zeros with zero gradient.
     """
+    _v.reject_complex(mask, "gated_masked_mean", "mask")
     return _ops.gated_masked_mean(features, gate_logits, mask)
 
 

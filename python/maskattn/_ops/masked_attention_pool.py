@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _validation as _v
 from .._segments import offsets_from_batch
 from . import _checks, _registration
 
@@ -24,6 +25,7 @@ def masked_attention_pool(logits: Tensor, features: Tensor, mask: Optional[Tenso
         exactly 0 at padding. A bag with no valid row (or only ``-inf`` logits) gets zero weights
         and a zero pooled vector, never NaN. Half types accumulate in float32.
     """
+    _v.reject_complex(mask, "masked_attention_pool", "mask")
     return _ops.masked_attention_pool(logits, features, mask)
 
 

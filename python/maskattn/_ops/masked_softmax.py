@@ -3,6 +3,7 @@
 import torch
 from torch import Tensor
 
+from .. import _validation as _v
 from . import _checks
 
 _ops = torch.ops.maskattn
@@ -28,6 +29,7 @@ def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1, scale: float = 1
     masked rows) and the ``-1e9`` fill (uniform weights over padding on fully masked rows) with one
     read of the scores and one write of the result.
     """
+    _v.reject_complex(mask, "masked_softmax", "mask")
     return _ops.masked_softmax(scores, mask, dim, scale)
 
 

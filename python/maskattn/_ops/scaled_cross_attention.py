@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _validation as _v
 from . import _checks
 
 _ops = torch.ops.maskattn
@@ -42,6 +43,7 @@ def scaled_cross_attention(
         ``logit_scale_log``; the latter's is zero while ``exp(logit_scale_log) > max_scale``,
         exactly as ``torch.clamp`` gives.
     """
+    _v.reject_complex(key_mask, "scaled_cross_attention", "key_mask")
     return _ops.scaled_cross_attention(query, key, value, logit_scale_log, float(max_scale), key_mask, normalize)
 
 

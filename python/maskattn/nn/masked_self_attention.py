@@ -6,12 +6,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validation as _v
 from .._ops.masked_softmax import masked_softmax
 
 try:  # torch >= 2.10: FlashAttention over packed sequences (CUDA, half types)
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except ImportError:  # pragma: no cover - older torch
     _varlen_attn = None
+
+_NAME = "MaskedSelfAttention"
+
+
+def _varlen_ok(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``varlen_attn`` (FlashAttention over packed sequences) runs these inputs.
+
+    FlashAttention takes CUDA float16/bfloat16 with a head dim that is a multiple of 8 and at
+    most 256; any other head dim raises inside the kernel, so those go to SDPA instead.
+    """
+    return (
+        _varlen_attn is not None
+        and device_type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+    )
 
 
 def prepend_condition_mask(mask: Tensor, num_condition_tokens: int) -> Tensor:
@@ -20,11 +38,10 @@ def prepend_condition_mask(mask: Tensor, num_condition_tokens: int) -> Tensor:
     The JiT rule for class/time condition tokens prepended to the patch tokens: they always take
     part, whatever the image padding (``torch.cat([torch.ones(B, n_cond), patch_mask], 1)``).
     """
+    valid = _v.valid_mask(mask, "prepend_condition_mask")
     if mask.dim() != 2:
         raise ValueError(f"prepend_condition_mask: mask must be [B, N], got shape {tuple(mask.shape)}")
-    if num_condition_tokens < 0:
-        raise ValueError(f"prepend_condition_mask: num_condition_tokens must be >= 0, got {num_condition_tokens}")
-    valid = mask if mask.dtype == torch.bool else mask != 0
+    num_condition_tokens = _v.as_int(num_condition_tokens, "prepend_condition_mask", "num_condition_tokens", 0)
     cond = valid.new_ones((valid.shape[0], num_condition_tokens))
     return torch.cat([cond, valid], dim=1)
 
@@ -38,6 +55,7 @@ def _valid_mask(x: Tensor, mask: Optional[Tensor], key_padding_mask: Optional[Te
     if m is None:
         return None
     name = "mask" if mask is not None else "key_padding_mask"
+    _v.check_mask(m, _NAME, name)
     if m.shape != x.shape[:2]:
         raise ValueError(
             f"MaskedSelfAttention: {name} must be [B, N] = {list(x.shape[:2])} to match x "
@@ -45,7 +63,7 @@ def _valid_mask(x: Tensor, mask: Optional[Tensor], key_padding_mask: Optional[Te
         )
     if m.device != x.device:
         raise ValueError(f"MaskedSelfAttention: {name} ({m.device}) and x ({x.device}) must be on the same device")
-    valid = m if m.dtype == torch.bool else m != 0
+    valid = _v.valid_mask(m, _NAME, name)
     return ~valid if key_padding_mask is not None else valid
 
 
@@ -65,13 +83,16 @@ class MaskedSelfAttention(nn.Module):
 
     Routing, fastest correct path first:
 
-    1. CUDA, float16/bfloat16, eager, no ``need_weights``, no active attention dropout, a mask given:
+    1. CUDA, float16/bfloat16, a head dim that is a multiple of 8 and at most 256 (FlashAttention's
+       limits), eager, no ``need_weights``, no active attention dropout, a mask given:
        the valid tokens are *packed* (padding dropped), projected, and attended with
        ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention over variable-length sequences),
        then scattered back with zeros at padding. Compute and memory scale with the number of valid
        tokens, so a batch with 30% padding is faster than one with none. Learning the packed size
        costs one host sync per call; set ``module.pack_padding = False`` to avoid it (CUDA graphs),
-       or ``True`` to force packing (on CPU it then runs SDPA per sequence - a test path).
+       or ``True`` to force packing in eager mode (where FlashAttention does not apply - CPU,
+       float32, other head dims - the packed sequences then run SDPA one by one: a test path).
+       Under ``torch.compile`` path 2 always runs: packing needs the host sync.
     2. Otherwise, without ``need_weights``, the attention runs in ``F.scaled_dot_product_attention`` with
     a boolean ``[B, 1, 1, N]`` key mask - the fastest correct path on CPU (its fused flash kernel,
     measured 2x faster than materialising the scores in float32 and far faster in bfloat16) and on
@@ -89,8 +110,13 @@ class MaskedSelfAttention(nn.Module):
         self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
     ):
         super().__init__()
+        dim = _v.as_int(dim, _NAME, "dim")
+        num_heads = _v.as_int(num_heads, _NAME, "num_heads")
         if dim <= 0 or num_heads <= 0 or dim % num_heads:
             raise ValueError(f"MaskedSelfAttention: dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
+        qkv_bias = _v.as_bool(qkv_bias, _NAME, "qkv_bias")
+        attn_drop = _v.as_probability(attn_drop, _NAME, "attn_drop")
+        proj_drop = _v.as_probability(proj_drop, _NAME, "proj_drop")
         self.dim, self.num_heads = dim, num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -103,16 +129,12 @@ class MaskedSelfAttention(nn.Module):
         self.pack_padding: Optional[bool] = None
 
     def _use_packed(self, x: Tensor, valid: Optional[Tensor], need_weights: bool) -> bool:
-        if valid is None or need_weights or (self.training and self.attn_drop.p > 0):
+        # Packing learns the packed size on the host: a graph break, so never under torch.compile.
+        if valid is None or need_weights or (self.training and self.attn_drop.p > 0) or torch.compiler.is_compiling():
             return False
         if self.pack_padding is not None:
             return bool(self.pack_padding)
-        return (
-            _varlen_attn is not None
-            and x.is_cuda
-            and x.dtype in (torch.float16, torch.bfloat16)
-            and not torch.compiler.is_compiling()
-        )
+        return _varlen_ok(x.device.type, x.dtype, self.head_dim)
 
     def _forward_packed(self, x: Tensor, valid: Tensor) -> Tensor:
         B, N, C = x.shape
@@ -126,7 +148,7 @@ class MaskedSelfAttention(nn.Module):
             return out.view(B, N, C)
         qkv = self.qkv(x.reshape(B * N, C).index_select(0, idx)).reshape(T, 3, H, hd)
         q, k, v = (t.contiguous() for t in qkv.unbind(1))  # [T, H, hd]
-        if x.is_cuda and _varlen_attn is not None:
+        if _varlen_ok(x.device.type, x.dtype, hd):
             cu = torch.zeros(B + 1, dtype=torch.int32, device=x.device)
             cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
             o = _varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=self.scale)
@@ -148,6 +170,7 @@ class MaskedSelfAttention(nn.Module):
         key_padding_mask: Optional[Tensor] = None,
         need_weights: bool = False,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        _v.check_floating(x, _NAME, "x")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MaskedSelfAttention: x must be [B, N, {self.dim}], got shape {tuple(x.shape)}")
         B, N, C = x.shape
