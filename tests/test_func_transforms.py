@@ -445,3 +445,104 @@ def test_non_differentiable_ops_vmap():
     fg = vmap(maskattn.foreground_mask)(images)
     close(got, torch.stack([maskattn.patch_mask(m, 4) for m in image_masks]))
     close(fg, tuple(torch.stack(z) for z in zip(*[maskattn.foreground_mask(x) for x in images])))
+
+
+# ---- the padding bridges (pure torch): linear, so a tangent is the bridge applied to the tangent ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pack_unpack_pad_sequences_under_transforms(device):
+    g = torch.Generator().manual_seed(0)
+    padded = torch.randn(3, 5, 2, generator=g, dtype=DT).to(device)
+    mask = (torch.rand(3, 5, generator=g) > 0.4).to(device)
+    mask[1] = False
+    t = torch.randn(padded.shape, generator=g, dtype=DT).to(device)
+    packed, offsets = maskattn.pack(padded, mask)
+
+    def pack(p):
+        return maskattn.pack(p, mask)[0]
+
+    def unpack(p):
+        return maskattn.unpack(p, offsets, 5)[0]
+
+    close(jvp(pack, (padded,), (t,))[1], pack(t))
+    close(jacfwd(pack)(padded), jacrev(pack)(padded))
+    tp = pack(t)
+    close(jvp(unpack, (packed,), (tp,))[1], unpack(tp))
+    close(jacfwd(unpack)(packed), jacrev(unpack)(packed))
+    stacked = torch.stack([padded, t, -padded])
+    close(vmap(pack)(stacked), torch.stack([pack(x) for x in stacked]))
+    packs = vmap(pack)(stacked).transpose(0, 1)  # the examples at dim 1
+    close(vmap(unpack, in_dims=1)(packs), torch.stack([unpack(x) for x in packs.unbind(1)]))
+
+    seqs = [torch.randn(n, 2, generator=g, dtype=DT).to(device) for n in (2, 4, 0, 3)]
+    pv, mv = vmap(lambda *s: maskattn.pad_sequences(list(s)))(*[torch.stack([s, 2 * s]) for s in seqs])
+    p0, m0 = maskattn.pad_sequences(seqs)
+    close(pv, torch.stack([p0, 2 * p0]))
+    close(mv, torch.stack([m0, m0]))
+    ts = [torch.ones_like(s) for s in seqs]
+    close(jvp(lambda *s: maskattn.pad_sequences(list(s))[0], tuple(seqs), tuple(ts))[1], maskattn.pad_sequences(ts)[0])
+
+    # a per-example mask or offsets would give each example its own number or placement of rows
+    with pytest.raises(RuntimeError, match=r"maskattn\.pack's mask cannot be vmapped"):
+        vmap(lambda m: maskattn.pack(padded, m)[0])(torch.stack([mask, ~mask]))
+    with pytest.raises(RuntimeError, match=r"maskattn\.unpack's offsets cannot be vmapped"):
+        vmap(lambda o: maskattn.unpack(packed, o, 5)[0])(torch.stack([offsets, offsets]))
+
+
+# ---- the modules, through torch.func.functional_call ----
+
+
+def _module_cases(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(V, 6, 8, generator=g, dtype=DT).to(device)
+    mask = (torch.rand(V, 6, generator=g) > 0.3).to(device)
+    mask[:, 0] = True
+    mask[1, 3:] = False
+    img = torch.randn(V, 4, 5, 6, generator=g, dtype=DT).to(device)
+    img_mask = (torch.rand(V, 5, 6, generator=g) > 0.3).to(device)
+    protos = torch.randn(5, 8, generator=g, dtype=DT).to(device)
+    torch.manual_seed(0)
+    nn = maskattn.nn
+    return {
+        "AttentionPooling": (nn.AttentionPooling(8, 16, gated=True, branches=2), (x, mask), {}),
+        "MaskedSelfAttention": (nn.MaskedSelfAttention(8, 2), (x, mask), {}),
+        "MaskedSelfAttention_weights": (nn.MaskedSelfAttention(8, 2), (x, mask), {"need_weights": True}),
+        "LearnableScaleCrossAttention": (nn.LearnableScaleCrossAttention(8), (x, protos), {}),
+        "SpatialAttentionPool": (nn.SpatialAttentionPool(4, 6), (img, img_mask), {}),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(_module_cases("cpu")))
+def test_modules_under_func_transforms(name, device):
+    """Per-example gradients (vmap of grad) match a loop; forward mode (jvp in the parameters)
+    matches reverse mode; module state (the cross-attention stats) is not written from inside a
+    transform, where it would keep the transform's wrapped tensors."""
+    mod, inputs, kwargs = _module_cases(device)[name]
+    mod = mod.to(device=device, dtype=DT)
+    params = {k: v.detach() for k, v in mod.named_parameters()}
+    shared = [t is not inputs[0] and t.shape[0] != V for t in inputs]  # the prototypes
+
+    def loss(p, *a):
+        a = tuple(t if s else t.unsqueeze(0) for t, s in zip(a, shared))
+        y = torch.func.functional_call(mod, p, a, kwargs)
+        return sum((t**2).sum() for t in (y if isinstance(y, tuple) else (y,)))
+
+    in_dims = (None,) + tuple(None if s else 0 for s in shared)
+    got = vmap(grad(loss), in_dims)(params, *inputs)
+    for i in range(V):
+        one = grad(loss)(params, *(t if s else t[i] for t, s in zip(inputs, shared)))
+        close({k: v[i] for k, v in got.items()}, one)
+
+    one_input = tuple(t if s else t[0] for t, s in zip(inputs, shared))
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    value, t_loss = jvp(lambda p: loss(p, *one_input), (params,), (tangents,))
+    g = grad(loss)(params, *one_input)
+    close(t_loss, sum((g[k] * tangents[k]).sum() for k in params))
+    plain = mod(*(t if s else t[:1] for t, s in zip(inputs, shared)), **kwargs)
+    close(value, sum((t**2).sum() for t in (plain if isinstance(plain, tuple) else (plain,))))
+    if hasattr(mod, "stats"):
+        mod.stats = {}
+        vmap(grad(loss), in_dims)(params, *inputs)
+        assert mod.stats == {}
