@@ -15,10 +15,11 @@ per-example fallback. All of this sits on the op itself, so direct ``torch.ops.m
 calls behave exactly like the public functions, and torch.compile / export still see one opaque
 op.
 
-Why not ``Function.apply``: under a transform it routes through functorch's Python
+Why ``_SingleLevelFunction`` (the base functorch itself uses for this) and not
+``autograd.Function``: under a transform ``Function.apply`` routes through functorch's Python
 ``custom_function_call``, which must run above the dispatcher; from inside this kernel the
-transform's dispatch keys are masked and that route fails. The C++ ``_FunctionBase.apply`` used
-here also skips ``Function.apply``'s per-call ``inspect.signature``.
+transform's dispatch keys are masked and that route fails. The single-level apply also skips
+``Function.apply``'s per-call ``inspect.signature``.
 """
 
 from typing import Callable, Optional, Sequence, Tuple
@@ -28,6 +29,7 @@ import torch.autograd.forward_ad as _fwd_ad
 from torch import Tensor
 from torch._C import _functorch
 from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd.function import _SingleLevelFunction
 
 _lib = torch.library.Library("maskattn", "IMPL")
 
@@ -125,7 +127,7 @@ def register(
     def function(suffix, fwd, setup, bwd, fjvp):
         cls = type(
             f"maskattn_{name}{suffix}",
-            (torch.autograd.Function,),
+            (_SingleLevelFunction,),
             {
                 "forward": staticmethod(fwd),
                 "setup_context": staticmethod(setup),
@@ -133,7 +135,7 @@ def register(
                 "jvp": staticmethod(fjvp),
             },
         )
-        return super(torch.autograd.Function, cls).apply  # the C++ apply: one level, no signature binding
+        return cls.apply
 
     apply = function("", forward, setup_context, backward, jvp)
     apply_t = function("_transformed", forward_t, setup_context_t, backward_t, jvp_t)
