@@ -546,3 +546,24 @@ def test_modules_under_func_transforms(name, device):
         mod.stats = {}
         vmap(grad(loss), in_dims)(params, *inputs)
         assert mod.stats == {}
+
+
+def test_compiled_autograd_takes_the_backward_graph():
+    """The ops' autograd nodes carry what torch._dynamo's compiled autograd keys backward graphs on."""
+    from torch._dynamo import compiled_autograd
+
+    def grads(compiled):
+        args = [a.detach().requires_grad_() for a in _args(CASES[0], "cpu")[:2]]
+        scores = args[0].detach().nan_to_num(neginf=0.0).requires_grad_()
+        mask = _args(CASES[0], "cpu")[2]
+        pooled, weights = maskattn.masked_attention_pool(*args, mask)
+        loss = (pooled**2).sum() + (weights * maskattn.masked_softmax(scores, mask)).sum()
+        if compiled:
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        return [a.grad for a in args + [scores]]
+
+    torch._dynamo.reset()
+    close(grads(True), grads(False))

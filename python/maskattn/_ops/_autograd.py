@@ -133,6 +133,8 @@ def register(
                 "setup_context": staticmethod(setup),
                 "backward": staticmethod(bwd),
                 "jvp": staticmethod(fjvp),
+                # what autograd.Function adds: compiled autograd keys its backward graphs on it
+                "_compiled_autograd_key": staticmethod(torch.autograd.Function._compiled_autograd_key),
             },
         )
         return cls.apply
