@@ -22,7 +22,7 @@ transform's dispatch keys are masked and that route fails. The single-level appl
 ``Function.apply``'s per-call ``inspect.signature``.
 """
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as _fwd_ad
@@ -215,13 +215,6 @@ def _register_vmap(name: str, vmap: Callable, fill: Callable[[tuple], tuple]) ->
 # ---- helpers for batching rules ----
 
 
-def front(x: Optional[Tensor], bdim: Optional[int]) -> Optional[Tensor]:
-    """The vmapped dim of ``x`` moved to the front (None and unbatched tensors as they are)."""
-    if x is None or bdim is None:
-        return x
-    return x.movedim(bdim, 0)
-
-
 def batched(x: Optional[Tensor], bdim: Optional[int], size: int) -> Optional[Tensor]:
     """``x`` with the vmapped dim in front, expanded (not copied) where ``x`` is not vmapped."""
     if x is None:
@@ -247,7 +240,3 @@ def unfold(x: Tensor, size: int) -> Tensor:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels accumulate in: float32 for half types."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def any_batched(in_dims: Sequence[Optional[int]]) -> bool:
-    return any(d is not None for d in in_dims)
