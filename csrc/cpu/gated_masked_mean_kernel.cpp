@@ -255,7 +255,10 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& featu
           });
         }
       });
-  return {pooled, gate_logits.dim() == 4 ? gate.unsqueeze(1) : gate};
+  // [B, 1, H, W] in place, not through a view: an op output that is a view cannot be modified in
+  // place under autograd.
+  if (gate_logits.dim() == 4) gate.unsqueeze_(1);
+  return {pooled, gate};
 }
 
 std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
@@ -347,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
           }
         });
       });
-  if (need_l && gate.dim() == 4) grad_logits = grad_logits.unsqueeze(1);
+  if (need_l && gate.dim() == 4) grad_logits.unsqueeze_(1);
   return {grad_features, grad_logits};
 }
 

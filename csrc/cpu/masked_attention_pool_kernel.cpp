@@ -401,7 +401,12 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cpu(const at::Tensor& l
   const at::Tensor f = readable_features(in.features);
   auto [pooled, weights] =
       pool_forward(in.logits, f, in.mask, padded_bags(in.logits, f, in.mask), in.logits.sizes());
-  if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
+  // Squeezed in place, not through a view: an op output that is a view cannot be modified in place
+  // under autograd (pooled += bias), so every output is a tensor of its own.
+  if (in.squeeze_k) {
+    pooled.squeeze_(1);
+    weights.squeeze_(-1);
+  }
   return {pooled, weights};
 }
 
@@ -412,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cpu(
   const at::Tensor f = readable_features(features);
   auto [gl, gf] =
       pool_backward(g, f, padded_bags(g.weights, f, at::Tensor()), output_mask[0], output_mask[1]);
-  if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
+  if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
   return {gl, gf};
 }
 
@@ -423,7 +428,10 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_cpu(const at::Te
   const at::Tensor f = readable_features(in.features);
   auto [pooled, weights] =
       pool_forward(in.logits, f, at::Tensor(), packed_bags(in.logits, f, in.offsets), in.logits.sizes());
-  if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
+  if (in.squeeze_k) {
+    pooled.squeeze_(1);
+    weights.squeeze_(-1);
+  }
   return {pooled, weights};
 }
 
@@ -434,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_backward_cpu(
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, o.size(0) - 1, true);
   const at::Tensor f = readable_features(features);
   auto [gl, gf] = pool_backward(g, f, packed_bags(g.weights, f, o), output_mask[0], output_mask[1]);
-  if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
+  if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
   return {gl, gf};
 }
 

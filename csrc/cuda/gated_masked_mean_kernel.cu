@@ -214,7 +214,12 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& feat
   const int64_t HW = H * W;
   at::Tensor gate = at::empty({B, H, W}, gate_logits.options());
   at::Tensor pooled = at::empty({B, C}, features.options());
-  auto ret = [&] { return std::make_tuple(pooled, gate_logits.dim() == 4 ? gate.unsqueeze(1) : gate); };
+  // [B, 1, H, W] in place, not through a view: an op output that is a view cannot be modified in
+  // place under autograd.
+  auto ret = [&] {
+    if (gate_logits.dim() == 4) gate.unsqueeze_(1);
+    return std::make_tuple(pooled, gate);
+  };
   if (B == 0) return ret();
   if (HW == 0) {
     pooled.zero_();
@@ -266,7 +271,8 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cuda(
       need_f ? at::empty({B, C, H, W}, features.options()) : at::empty({0}, features.options());
   at::Tensor grad_logits = need_l ? at::empty({B, H, W}, gate.options()) : at::empty({0}, gate.options());
   auto ret = [&] {
-    return std::make_tuple(grad_features, need_l && gate.dim() == 4 ? grad_logits.unsqueeze(1) : grad_logits);
+    if (need_l && gate.dim() == 4) grad_logits.unsqueeze_(1);
+    return std::make_tuple(grad_features, grad_logits);
   };
   if ((!need_f && !need_l) || B == 0 || HW == 0) return ret();
   const auto acc_type = at::toOpMathType(features.scalar_type());

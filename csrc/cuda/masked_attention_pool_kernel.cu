@@ -557,7 +557,12 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cuda(const at::Tensor& 
   PoolInputs in = check_pool_inputs(logits, features, mask);
   const at::Tensor f = unit_stride_d(in.features);
   auto [pooled, weights] = pool_forward_cuda(in.logits, f, in.mask, at::Tensor(), f.size(0), f.size(1));
-  if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
+  // Squeezed in place, not through a view: an op output that is a view cannot be modified in place
+  // under autograd (pooled += bias), so every output is a tensor of its own.
+  if (in.squeeze_k) {
+    pooled.squeeze_(1);
+    weights.squeeze_(-1);
+  }
   return {pooled, weights};
 }
 
@@ -567,7 +572,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cuda(
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, features.size(0), false);
   auto [gl, gf] =
       pool_backward_cuda(g, features, at::Tensor(), features.size(0), output_mask[0], output_mask[1]);
-  if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
+  if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
   return {gl, gf};
 }
 
@@ -579,7 +584,10 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_cuda(const at::T
   const int64_t nbags = in.offsets.size(0) - 1;
   auto [pooled, weights] = pool_forward_cuda(in.logits, f, at::Tensor(), in.offsets, nbags,
                                              nbags > 0 ? ceil_div(f.size(0), nbags) : 0);
-  if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
+  if (in.squeeze_k) {
+    pooled.squeeze_(1);
+    weights.squeeze_(-1);
+  }
   return {pooled, weights};
 }
 
@@ -589,7 +597,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_backward_cuda(
   const at::Tensor o = offsets.contiguous();
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, o.size(0) - 1, true);
   auto [gl, gf] = pool_backward_cuda(g, features, o, o.size(0) - 1, output_mask[0], output_mask[1]);
-  if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
+  if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
   return {gl, gf};
 }
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as _v
+from . import _autograd
 
 _ops = torch.ops.maskattn
 
@@ -57,3 +58,12 @@ def _(images, threshold=0.1, open_radius=1, close_radius=2, fill_holes=True, sig
     mask = images.new_empty((B, H, W), dtype=torch.float32)
     coverage = images.new_empty((B,), dtype=torch.float32)
     return mask, coverage
+
+
+def _vmap(info, in_dims, images, *options):
+    V = info.batch_size
+    mask, coverage = _ops.foreground_mask(_autograd.fold(images, in_dims[0], V), *options)
+    return (_autograd.unfold(mask, V), _autograd.unfold(coverage, V)), (0, 0)
+
+
+_autograd.register_vmap_only("foreground_mask", _vmap)

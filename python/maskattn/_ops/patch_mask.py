@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as _v
+from . import _autograd
 
 _ops = torch.ops.maskattn
 
@@ -94,3 +95,11 @@ def _check_fake(image_mask, patch_size, threshold):
 def _(image_mask, patch_size, threshold=0.5):
     nh, nw = _check_fake(image_mask, patch_size, threshold)
     return image_mask.new_empty((image_mask.shape[0], nh * nw), dtype=torch.bool)
+
+
+def _vmap(info, in_dims, image_mask, patch_size, threshold):
+    V = info.batch_size
+    return _autograd.unfold(_ops.patch_mask(_autograd.fold(image_mask, in_dims[0], V), patch_size, threshold), V), 0
+
+
+_autograd.register_vmap_only("patch_mask", _vmap)

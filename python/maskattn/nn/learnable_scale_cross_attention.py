@@ -11,6 +11,10 @@ _CLAMP_MODES = ("forward", "after_step")
 _NAME = "LearnableScaleCrossAttention"
 
 
+def _in_func_transform() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 class LearnableScaleCrossAttention(nn.Module):
     """Cross-attention to (class) prototypes with a learnable, capped logit scale, fused.
 
@@ -114,8 +118,9 @@ class LearnableScaleCrossAttention(nn.Module):
             query, prototypes, values, self.logit_scale_log, cap, key_mask, self.normalize
         )
         # Not under torch.export: an exported program cannot write module attributes (export warns
-        # and drops them), so the stats would be stale there anyway.
-        if self.track_stats and not torch.compiler.is_exporting():
+        # and drops them), so the stats would be stale there anyway. Not inside torch.func
+        # transforms either: the stats would hold the transform's wrapped tensors past its end.
+        if self.track_stats and not torch.compiler.is_exporting() and not _in_func_transform():
             self.stats = self._stats(attn)
         return out, attn
 

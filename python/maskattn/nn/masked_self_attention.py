@@ -46,6 +46,10 @@ def prepend_condition_mask(mask: Tensor, num_condition_tokens: int) -> Tensor:
     return torch.cat([cond, valid], dim=1)
 
 
+def _in_func_transform() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def _valid_mask(x: Tensor, mask: Optional[Tensor], key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     if mask is not None and key_padding_mask is not None:
         raise ValueError(
@@ -100,6 +104,9 @@ class MaskedSelfAttention(nn.Module):
     ``need_weights=True`` the ``[B, H, N, N]`` weights must exist anyway, SDPA cannot return them,
     and the fused :func:`maskattn.masked_softmax` (path 3: scale folded in, one read and one write of the
     scores, zeros instead of NaN on fully masked rows) computes them; ``(y, weights)`` is returned.
+    Inside torch.func transforms (``vmap``, ``jvp``, ``jacfwd``, ``grad``) path 3 always runs: SDPA's
+    fused kernels have neither batching rules nor forward-mode derivatives, and packing needs
+    data-dependent sizes.
 
     Parameters are named like timm's / JiT's ``Attention`` (``qkv``: Linear(dim, 3 dim),
     ``proj``: Linear(dim, dim)), so the seed's ``MultiHeadAttention`` state dict loads unchanged.
@@ -129,8 +136,15 @@ class MaskedSelfAttention(nn.Module):
         self.pack_padding: Optional[bool] = None
 
     def _use_packed(self, x: Tensor, valid: Optional[Tensor], need_weights: bool) -> bool:
-        # Packing learns the packed size on the host: a graph break, so never under torch.compile.
-        if valid is None or need_weights or (self.training and self.attn_drop.p > 0) or torch.compiler.is_compiling():
+        # Packing learns the packed size on the host: a graph break, so never under torch.compile;
+        # and its index_select/varlen kernels have no batching rules, so never inside torch.func.
+        if (
+            valid is None
+            or need_weights
+            or (self.training and self.attn_drop.p > 0)
+            or torch.compiler.is_compiling()
+            or _in_func_transform()
+        ):
             return False
         if self.pack_padding is not None:
             return bool(self.pack_padding)
@@ -188,7 +202,7 @@ class MaskedSelfAttention(nn.Module):
             # are all padding and are zeroed below, so let it attend anywhere instead (no sync).
             key_mask = (valid | ~valid.any(dim=1, keepdim=True))[:, None, None, :]
         weights = None
-        if need_weights:
+        if need_weights or _in_func_transform():
             scores = q @ k.transpose(-2, -1)
             if key_mask is None:
                 key_mask = scores.new_ones((), dtype=torch.bool).expand(1, 1, 1, N)
