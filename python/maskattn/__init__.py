@@ -11,6 +11,7 @@ from ._loader import build_info, cuda_available
 
 # isort: on
 from . import data, losses, masks, nn, optim, transforms
+from ._attention import masked_attention
 from ._ops.foreground_mask import foreground_mask
 from ._ops.gated_masked_mean import gated_masked_mean
 from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
@@ -41,6 +42,7 @@ __all__ = [
     "patch_mask",
     "patch_mask_to_image",
     "masked_softmax",
+    "masked_attention",
     "gated_masked_mean",
     "foreground_mask",
     "losses",
