@@ -221,6 +221,37 @@ def test_whole_jit_like_model_step(device):
     torch.testing.assert_close(ours(img, y), ref(img, y), atol=1e-12, rtol=1e-12)
 
 
+class CheckpointedBlock(torch.nn.Module):
+    """A JiT block whose forward runs under activation checkpointing (recomputed in the backward)."""
+
+    def __init__(self, block, use_reentrant):
+        super().__init__()
+        self.block, self.use_reentrant = block, use_reentrant
+
+    def forward(self, x, c, rope):
+        return torch.utils.checkpoint.checkpoint(self.block, x, c, rope, use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant,run_per_sample", [(False, False), (True, True), (True, False)])
+def test_activation_checkpointing_inside_the_blocks(use_reentrant, run_per_sample):
+    # the recomputed attention runs in the backward, outside packed_forward: it must still attend
+    # within each sample
+    _, ours = stacks()
+    rope = VisionRotaryEmbeddingFast(C // HEADS // 2, pt_seq_len=GRID).double()
+    x, c, mask = inputs()
+    params = list(ours.parameters())
+    ours.pack = False
+    y = ours(x, mask, c, rope)
+    g = torch.randn_like(y)
+    ref = grads_of(y, [x, c, *params], g)
+    ck = PackedBlocks([CheckpointedBlock(b, use_reentrant) for b in ours], run_per_sample=run_per_sample)
+    yc = ck(x, mask, c, rope)
+    torch.testing.assert_close(yc, y, atol=1e-12, rtol=1e-12)
+    yc.backward(g)  # the reentrant checkpoint refuses autograd.grad
+    for t, b in zip([x, c, *params], ref):
+        torch.testing.assert_close(t.grad, b, atol=1e-12, rtol=1e-12)
+
+
 def test_slices_keep_settings_and_state_dict_keys():
     _, ours = stacks(depth=3)
     ours.pack, ours.run_per_sample = False, False

@@ -8,7 +8,7 @@ and each token's original position (``positions``) to pick its rotary-embedding 
 """
 
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -73,21 +73,53 @@ class PackedLayout:
 class _Active(threading.local):
     # What PackedBlocks is running on this thread: the layout of its packed tokens, or the mask of
     # its padded batch. A thread-local (not a context variable) because torch.compile traces
-    # reading it, with a guard, without breaking the graph.
+    # reading it, with a guard, without breaking the graph. ``backward`` holds (graph task id,
+    # layout) for packed stacks whose backward is running on this thread: activation
+    # checkpointing inside the blocks recomputes their forward there, outside packed_forward.
     def __init__(self):
         self.layout: Optional[PackedLayout] = None
         self.mask: Optional[Tensor] = None
+        self.backward: List[Tuple[int, PackedLayout]] = []
 
 
 _ACTIVE = _Active()
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _matches(layout: PackedLayout, x: Tensor) -> bool:
+    return x.dim() == 3 and x.shape[0] == layout.total and x.shape[1] == 1
 
 
 def active_layout(x: Tensor) -> Optional[PackedLayout]:
     """The layout of the packed block stack being run, when ``x`` is its ``[T, 1, C]`` tokens."""
     layout = _ACTIVE.layout
-    if layout is not None and x.dim() == 3 and x.shape[0] == layout.total and x.shape[1] == 1:
-        return layout
+    if layout is not None:
+        return layout if _matches(layout, x) else None
+    if _ACTIVE.backward:  # a forward recomputed during the backward of a packed stack
+        task = _graph_task_id()
+        for t, lay in reversed(_ACTIVE.backward):
+            if t == task and _matches(lay, x):
+                return lay
     return None
+
+
+def keep_active_in_backward(out: Tensor, inp: Tensor, layout: PackedLayout) -> None:
+    """Make ``layout`` active again while the backward runs from the packed output ``out`` back to
+    the packed input ``inp`` (both ``[T, 1, ...]``), for forwards recomputed there (activation
+    checkpointing inside the blocks). Entries are tied to the backward's graph task, so one left
+    behind by a backward that never reached ``inp`` can match nothing later."""
+    if _graph_task_id is None or not (torch.is_grad_enabled() and out.requires_grad and inp.requires_grad):
+        return
+
+    def enter(grad):
+        task = _graph_task_id()
+        _ACTIVE.backward = [e for e in _ACTIVE.backward if e[0] == task] + [(task, layout)]
+
+    def leave(grad):
+        _ACTIVE.backward = [e for e in _ACTIVE.backward if e[1] is not layout]
+
+    out.register_hook(enter)
+    inp.register_hook(leave)
 
 
 def active_mask(x: Tensor) -> Optional[Tensor]:

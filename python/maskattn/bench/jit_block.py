@@ -15,8 +15,9 @@ different sizes are padded to one square; the patch mask is the mean over each p
   loop replaced by ``PackedBlocks`` (valid tokens packed once per block range, attention per
   sample), ``masked_mse_loss(reduction="pixel_mean")``.
 
-Default: hidden 384, depth 4, 6 heads, patch 8, 128 px, 16 in-context tokens, B=4, padding 0 / 40 /
-60 % of the image area, float32 (CUDA: ``--jit-dtype bfloat16`` runs the step under autocast).
+Default: hidden 384, depth 4, 6 heads, patch 8, 16 in-context tokens, padding 0 / 40 / 60 % of the
+image area; on CPU 128 px, B=4, float32; on CUDA 256 px, B=16, the step under bfloat16 autocast
+(``--jit-size``, ``--jit-batch``, ``--jit-dtype``, ``--jit-padding`` change them).
 """
 
 import math
@@ -36,12 +37,12 @@ LAYER = Layer(
 
 
 def add_args(p):
-    p.add_argument("--jit-size", type=int, default=None, help="jit_block: image size in pixels (default 128)")
-    p.add_argument("--jit-batch", type=int, default=None, help="jit_block: batch size (default 4)")
+    p.add_argument("--jit-size", type=int, default=None, help="jit_block: image size in pixels (default 128; CUDA 256)")
+    p.add_argument("--jit-batch", type=int, default=None, help="jit_block: batch size (default 4; CUDA 16)")
     p.add_argument(
         "--jit-dtype",
         default=None,
-        help="jit_block: float32, or bfloat16 / float16 to run the step under autocast (default float32)",
+        help="jit_block: float32, or bfloat16 / float16 to run the step under autocast (default float32; CUDA bfloat16)",
     )
     p.add_argument(
         "--jit-padding",
@@ -237,10 +238,11 @@ def image_masks(B, size, patch, padded_fraction, device):
 def cases(args):
     dev = args.device
     quick = args.quick
-    dtype_name = getattr(args, "jit_dtype", None) or "float32"
+    cuda = dev.type == "cuda"
+    dtype_name = getattr(args, "jit_dtype", None) or ("bfloat16" if cuda else "float32")
     amp = getattr(torch, dtype_name)
-    size = getattr(args, "jit_size", None) or (64 if quick else 128)
-    B = getattr(args, "jit_batch", None) or (2 if quick else 4)
+    size = getattr(args, "jit_size", None) or (64 if quick else 256 if cuda else 128)
+    B = getattr(args, "jit_batch", None) or (2 if quick else 16 if cuda else 4)
     pads = getattr(args, "jit_padding", None)
     pads = [float(f) for f in pads.split(",")] if pads else ([0.0, 0.6] if quick else [0.0, 0.4, 0.6])
     dim, depth, heads, patch, n_ctx = (192, 2, 3, 8, 8) if quick else (384, 4, 6, 8, 16)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._packed_layout import _ACTIVE, PackedLayout
+from .._packed_layout import _ACTIVE, PackedLayout, keep_active_in_backward
 from .masked_self_attention import MaskedSelfAttention
 
 
@@ -174,7 +174,8 @@ def packed_forward(
 
     targs = tuple(to_tokens(a) for a in args)
     tkwargs = {k: to_tokens(v) for k, v in kwargs.items()}
-    h = layout.pack(x).unsqueeze(1)
+    h0 = layout.pack(x).unsqueeze(1)
+    h = h0
     hooks = _PerSampleHooks(blocks, expanded, layout) if run_per_sample and expanded else None
     previous = (_ACTIVE.layout, _ACTIVE.mask)
     _ACTIVE.layout, _ACTIVE.mask = layout, None
@@ -189,6 +190,7 @@ def packed_forward(
             f"packed_forward: the blocks must return the packed tokens [T, 1, C] = [{layout.total}, 1, ...], got "
             f"{tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__}"
         )
+    keep_active_in_backward(h, h0, layout)
     return layout.unpack(h.squeeze(1))
 
 
