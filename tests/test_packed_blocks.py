@@ -157,21 +157,29 @@ def test_padding_invariance_content_and_amount():
     lengths = [9, 3, 16]
     xs = [torch.randn(n, C, dtype=torch.float64) for n in lengths]
     c = torch.randn(3, C, dtype=torch.float64)
-    outs = []
+    params = list(ours.parameters())
+    outs, grads = [], []
     for n_pad, fill in [(16, 0.0), (20, float("nan")), (25, float("inf")), (16, -1e6)]:
         x = torch.full((3, n_pad, C), fill, dtype=torch.float64)
         for b, t in enumerate(xs):
             x[b, : lengths[b]] = t
+        x.requires_grad_()
         m = lengths_mask(lengths, n_pad)
         for pack in (True, False):
             ours.pack = pack
             y = ours(x, m, c)
             assert torch.isfinite(y).all() and (y[~m] == 0).all()
             outs.append([y[b, :n] for b, n in enumerate(lengths)])
+            gx, *gp = torch.autograd.grad(y.sum(), [x, *params])
+            assert (gx[~m] == 0).all()
+            grads.append(gp)
     for b in range(len(lengths)):
         alone = ours(xs[b][None], None, c[b : b + 1])[0]
         for o in outs:
             torch.testing.assert_close(o[b], alone, atol=1e-12, rtol=1e-12)
+    for gp in grads[1:]:  # parameter gradients depend neither on the padding's content nor its amount
+        for a, b in zip(gp, grads[0]):
+            torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
 
 
 class MaskattnJiT(TinyJiT):

@@ -236,7 +236,7 @@ def _normalise_mask(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
     scores_shape = (*q.shape[:-1], Lk)
     if valid.dim() == 2 and q.dim() >= 3 and valid.shape == (q.shape[0], Lk):
         # the padded-batch key mask [B, Lk] (read so even when B == Lq: [Lq, Lk] must then be 4-D)
-        return valid.view(q.shape[0], *([1] * (q.dim() - 2)), Lk)
+        return valid.reshape(q.shape[0], *([1] * (q.dim() - 2)), Lk)
     try:
         ok = valid.dim() <= len(scores_shape) and torch.broadcast_shapes(valid.shape, scores_shape) == scores_shape
     except RuntimeError:

@@ -141,12 +141,12 @@ class MaskedSelfAttention(nn.Module):
        whole block stack (projections and MLP on valid tokens only too), use
        :class:`maskattn.nn.PackedBlocks`.
     2. Otherwise, without ``need_weights``, the attention runs in ``F.scaled_dot_product_attention`` with
-       a boolean ``[B, 1, 1, N]`` key mask - the fastest correct path on CPU (its fused flash kernel,
-       measured 2x faster than materialising the scores in float32 and far faster in bfloat16) and on
-       CUDA (memory-efficient / cuDNN kernels that never materialise ``[B, H, N, N]``). With
-       ``need_weights=True`` the ``[B, H, N, N]`` weights must exist anyway, SDPA cannot return them,
-       and the fused :func:`maskattn.masked_softmax` (path 3: scale folded in, one read and one write of the
-       scores, zeros instead of NaN on fully masked rows) computes them; ``(y, weights)`` is returned.
+    a boolean ``[B, 1, 1, N]`` key mask - the fastest correct path on CPU (its fused flash kernel,
+    measured 2x faster than materialising the scores in float32 and far faster in bfloat16) and on
+    CUDA (memory-efficient / cuDNN kernels that never materialise ``[B, H, N, N]``). With
+    ``need_weights=True`` the ``[B, H, N, N]`` weights must exist anyway, SDPA cannot return them,
+    and the fused :func:`maskattn.masked_softmax` (path 3: scale folded in, one read and one write of the
+    scores, zeros instead of NaN on fully masked rows) computes them; ``(y, weights)`` is returned.
 
     Half types use float32 accumulation on every path; head dims 64, 80 and 128 are tested in bf16.
     """

@@ -147,6 +147,9 @@ def packed_forward(
     if pack is None:
         pack = not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
     if not pack:
+        # Zeroed on entry: padded rows still run through the token-wise layers here, and inf / NaN
+        # stored there would reach the parameter gradients (0 * NaN) though never an output.
+        x = torch.where(valid.view(*valid.shape, *([1] * (x.dim() - 2))), x, x.new_zeros(()))
         previous = _ACTIVE.mask
         _ACTIVE.mask = valid
         try:
