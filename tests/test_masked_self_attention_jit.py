@@ -269,6 +269,8 @@ def test_argument_errors():
     x = torch.randn(2, 16, DIM)
     with pytest.raises(TypeError, match="rope must be a callable"):
         mod(x, rope=3.0)
+    with pytest.raises(TypeError, match=r"pass a rotary embedding by keyword: attn\(x, rope=rope\)"):
+        mod(x, rope_for(16, "cpu", torch.float32))  # JiT's positional attn(x, rope)
     with pytest.raises(TypeError, match=r"\(cos, sin\) pair"):
         mod(x, rope=(torch.ones(16, 16),) * 3)
     assert "qk_norm=True" in repr(mod)

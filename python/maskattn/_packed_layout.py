@@ -23,13 +23,15 @@ class PackedLayout:
     ``n``, int64 ``[T]``), ``cu_seqlens`` (int32 ``[B + 1]`` on the mask's device, built on first use).
     """
 
-    def __init__(self, valid: Tensor):
+    def __init__(self, valid: Tensor, lengths: Optional[Tensor] = None, host_lengths: Optional[List[int]] = None):
+        """``lengths`` (``valid.sum(1)``) and its host copy ``host_lengths`` when the caller has them."""
         if valid.dim() != 2 or valid.dtype != torch.bool:
             raise ValueError(f"PackedLayout: valid must be a bool [B, N] mask, got {valid.dtype} {tuple(valid.shape)}")
         self.valid = valid
         self.batch, self.seq_len = valid.shape
-        self._lengths_dev = valid.sum(1)
-        self.lengths: List[int] = self._lengths_dev.tolist()  # the one host sync: T sizes every tensor
+        self._lengths_dev = valid.sum(1) if lengths is None else lengths
+        # the one host sync: T sizes every tensor
+        self.lengths: List[int] = self._lengths_dev.tolist() if host_lengths is None else host_lengths
         self.total = sum(self.lengths)
         self.max_len = max(self.lengths, default=0)
         flat = valid.reshape(-1)

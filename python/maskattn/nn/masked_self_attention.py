@@ -235,6 +235,11 @@ class MaskedSelfAttention(nn.Module):
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MaskedSelfAttention: x must be [B, N, {self.dim}], got shape {tuple(x.shape)}")
+        if mask is not None and not isinstance(mask, Tensor) and (callable(mask) or isinstance(mask, (tuple, list))):
+            raise TypeError(
+                f"MaskedSelfAttention: mask must be a Tensor, got {type(mask).__name__}; the second positional "
+                "argument is the mask here, so pass a rotary embedding by keyword: attn(x, rope=rope)"
+            )
         check_rope(rope)
         B, N, C = x.shape
         layout = active_layout(x)

@@ -130,10 +130,11 @@ def packed_forward(
     In the packed route the attention reads the layout (segment boundaries, each token's position
     for the rope) from a per-thread record this function keeps while the blocks run; the blocks
     get ``x`` as ``[T, 1, C]`` and per-sample tensors as ``[T, ...]``, so ``x * (1 +
-    scale.unsqueeze(1))`` modulation broadcasts as in the padded batch. Packing reads the packed
-    size back (one host sync on CUDA; none on CPU); a batch without padding takes the plain loop,
-    with no mask at all. The packed route graph-breaks under ``torch.compile`` (the packed size is
-    data-dependent), which is why compiling picks the padded route.
+    scale.unsqueeze(1))`` modulation broadcasts as in the padded batch. Packing reads the sample
+    lengths back (one host sync on CUDA; none on CPU); a batch that turns out to have no padding
+    then takes the plain loop with no mask at all. ``mask=None`` and ``pack=False`` never sync. The
+    packed route graph-breaks under ``torch.compile`` (the packed size is data-dependent), which is
+    why compiling picks the padded route.
     """
     blocks = list(blocks)
     if not isinstance(x, Tensor) or x.dim() < 3:
@@ -158,10 +159,12 @@ def packed_forward(
             _ACTIVE.mask = previous
         return torch.where(valid.view(*valid.shape, *([1] * (out.dim() - 2))), out, out.new_zeros(()))
 
-    layout = PackedLayout(valid)
-    if not layout.padded:
-        return _run(blocks, x, args, kwargs)
     B, N = valid.shape
+    lengths = valid.sum(1)
+    host_lengths = lengths.tolist()  # the one host sync on CUDA: the packed size
+    if sum(host_lengths) == B * N:  # no padding: the plain loop, nothing packed
+        return _run(blocks, x, args, kwargs)
+    layout = PackedLayout(valid, lengths, host_lengths)
     expanded: List[Tuple[Tensor, Tensor]] = []
 
     def to_tokens(a):
