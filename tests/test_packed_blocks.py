@@ -260,6 +260,21 @@ def test_activation_checkpointing_inside_the_blocks(use_reentrant, run_per_sampl
         torch.testing.assert_close(t.grad, b, atol=1e-12, rtol=1e-12)
 
 
+def test_non_reentrant_checkpoint_with_per_sample_shortcut_fails_loudly():
+    # documented: the recomputation runs adaLN on T rows instead of B; the checkpoint notices
+    _, ours = stacks()
+    rope = VisionRotaryEmbeddingFast(C // HEADS // 2, pt_seq_len=GRID).double()
+    x, c, mask = inputs()
+    ck = PackedBlocks([CheckpointedBlock(b, use_reentrant=False) for b in ours], run_per_sample=True)
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        ck(x, mask, c, rope).sum().backward()
+    whole = torch.utils.checkpoint.checkpoint(ours, x, mask, c, rope, use_reentrant=False)
+    g = torch.randn_like(whole)
+    grads = grads_of(whole, [x, c, *ours.parameters()], g)
+    for a, b in zip(grads, grads_of(ours(x, mask, c, rope), [x, c, *ours.parameters()], g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 def test_slices_keep_settings_and_state_dict_keys():
     _, ours = stacks(depth=3)
     ours.pack, ours.run_per_sample = False, False

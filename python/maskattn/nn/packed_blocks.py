@@ -135,6 +135,12 @@ def packed_forward(
     then takes the plain loop with no mask at all. ``mask=None`` and ``pack=False`` never sync. The
     packed route graph-breaks under ``torch.compile`` (the packed size is data-dependent), which is
     why compiling picks the padded route.
+
+    Activation checkpointing: the layout stays active while the stack's backward runs (when ``x``
+    requires grad), so blocks checkpointed inside the stack recompute the same attention. With
+    ``torch.utils.checkpoint(use_reentrant=False)`` inside, pass ``run_per_sample=False``: the
+    recomputation runs without the per-sample shortcut, which that checkpoint refuses
+    (``CheckpointError``). Checkpointing the whole ``PackedBlocks`` call works in every mode.
     """
     blocks = list(blocks)
     if not isinstance(x, Tensor) or x.dim() < 3:
