@@ -66,6 +66,18 @@ def _msa():
     return mnn.MaskedSelfAttention(8, num_heads=2)
 
 
+def _jit_block():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mnn.MaskedSelfAttention(8, num_heads=2)
+
+        def forward(self, x):
+            return x + self.attn(x)
+
+    return Block()
+
+
 def _lsca():
     return mnn.LearnableScaleCrossAttention(4)
 
@@ -1145,6 +1157,55 @@ CASES = [
         r"dim \(6\) must be a positive multiple of num_heads",
     ),
     Case(
+        "nn.MaskedSelfAttention",
+        "value",
+        "unknown norm_layer name",
+        lambda: mnn.MaskedSelfAttention(8, num_heads=2, qk_norm=True, norm_layer="batchnorm"),
+        ValueError,
+        r"norm_layer must be 'rmsnorm', 'layernorm' or a callable",
+    ),
+    Case(
+        "nn.MaskedSelfAttention.forward",
+        "value",
+        "rope neither callable nor (cos, sin)",
+        lambda: _msa()(r(2, 3, 8), rope=1.0),
+        TypeError,
+        r"rope must be a callable .* or a \(cos, sin\) pair",
+    ),
+    # ---- packed block stacks
+    Case(
+        "nn.packed_forward",
+        "shape",
+        "mask [B, N+1]",
+        lambda: mnn.packed_forward([_jit_block()], r(2, 3, 8), m(2, 4)),
+        ValueError,
+        r"mask must be \[B, N\] = \[2, 3\]",
+    ),
+    Case(
+        "nn.packed_forward",
+        "value",
+        "blocks without MaskedSelfAttention",
+        lambda: mnn.packed_forward([torch.nn.Linear(8, 8)], r(2, 3, 8), m(2, 3)),
+        ValueError,
+        r"the blocks hold no maskattn.nn.MaskedSelfAttention",
+    ),
+    Case(
+        "nn.PackedBlocks.forward",
+        "rank",
+        "x 2-D",
+        lambda: mnn.PackedBlocks([_jit_block()])(r(3, 8), m(2, 3)),
+        ValueError,
+        r"x must be a \[B, N, C\] tensor",
+    ),
+    Case(
+        "nn.PackedBlocks.forward",
+        "device",
+        "mask on another device than x",
+        lambda: mnn.PackedBlocks([_jit_block()])(r(2, 3, 8), m(2, 3, device=OTHER)),
+        ValueError,
+        r"mask \(.*\) and x \(.*\) must be on the same device",
+    ),
+    Case(
         "nn.LearnableScaleCrossAttention.forward",
         "shape",
         "query with another dim",
@@ -1721,6 +1782,49 @@ CASES = [
         MASK_DTYPE,
         r"content_based: fallback must be a bool, integer or floating tensor, got complex64",
     ),
+    # ---- masked_attention
+    Case(
+        "masked_attention",
+        "shape",
+        "mask not broadcastable to the scores",
+        lambda: maskattn.masked_attention(r(2, 2, 5, 4), r(2, 2, 5, 4), r(2, 2, 5, 4), m(2, 2, 3, 5)),
+        ValueError,
+        r"mask of shape \(2, 2, 3, 5\) does not broadcast to the scores",
+    ),
+    Case(
+        "masked_attention",
+        "shape",
+        "k with another head dim",
+        lambda: maskattn.masked_attention(r(2, 2, 5, 4), r(2, 2, 5, 3), r(2, 2, 5, 4)),
+        ValueError,
+        r"q \[..., Lq, D\], k \[..., Lk, D\] and v \[..., Lk, Dv\] must share",
+    ),
+    Case(
+        "masked_attention",
+        "rank",
+        "q 1-D",
+        lambda: maskattn.masked_attention(r(4), r(2, 4), r(2, 4)),
+        ValueError,
+        r"q must be \[..., L, D\]",
+    ),
+    Case(
+        "masked_attention",
+        "dtype",
+        "complex mask",
+        lambda: maskattn.masked_attention(
+            r(2, 2, 5, 4), r(2, 2, 5, 4), r(2, 2, 5, 4), torch.ones(2, 5, dtype=torch.complex64)
+        ),
+        TypeError,
+        r"mask must be a real or bool tensor",
+    ),
+    Case(
+        "masked_attention",
+        "device",
+        "mask on another device than q",
+        lambda: maskattn.masked_attention(r(2, 2, 5, 4), r(2, 2, 5, 4), r(2, 2, 5, 4), m(2, 5, device=OTHER)),
+        ValueError,
+        r"mask \(.*\) and q \(.*\) must be on the same device",
+    ),
     # ---- losses
     Case(
         "losses.masked_mse_loss",
@@ -1752,7 +1856,7 @@ CASES = [
         "unknown reduction",
         lambda: losses.masked_mse_loss(r(2, 3, 4, 4), r(2, 3, 4, 4), m(2, 4, 4), reduction="max"),
         ValueError,
-        r"reduction must be 'mean', 'sum' or 'none'",
+        r"reduction must be 'mean', 'pixel_mean', 'sum' or 'none'",
     ),
     Case(
         "losses.masked_mse_loss",

@@ -205,17 +205,18 @@ def test_cuda_bf16_matches_cpu():
 
 
 def test_varlen_predicate_follows_flash_attention_limits(monkeypatch):
-    from maskattn.nn import masked_self_attention as msa
+    from maskattn import _attention
 
-    monkeypatch.setattr(msa, "_varlen_attn", object())  # whatever this torch has, the kernel "exists"
+    monkeypatch.setattr(_attention, "_varlen_attn", object())  # whatever this torch has, the kernel "exists"
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for hd in (8, 16, 64, 80, 128, 256):
-        assert msa._varlen_ok("cuda", bf16, hd) and msa._varlen_ok("cuda", f16, hd), hd
+        assert _attention.varlen_takes(cuda, bf16, hd) and _attention.varlen_takes(cuda, f16, hd), hd
     for hd in (1, 4, 12, 60, 100, 250, 264, 512):  # not a multiple of 8, or above 256
-        assert not msa._varlen_ok("cuda", bf16, hd), hd
-    assert not msa._varlen_ok("cuda", f32, 64) and not msa._varlen_ok("cpu", bf16, 64)
-    monkeypatch.setattr(msa, "_varlen_attn", None)  # a torch without varlen_attn
-    assert not msa._varlen_ok("cuda", bf16, 64)
+        assert not _attention.varlen_takes(cuda, bf16, hd), hd
+    assert not _attention.varlen_takes(cuda, f32, 64) and not _attention.varlen_takes(cpu, bf16, 64)
+    monkeypatch.setattr(_attention, "_varlen_attn", None)  # a torch without varlen_attn
+    assert not _attention.varlen_takes(cuda, bf16, 64)
 
 
 @pytest.mark.parametrize("head_dim, varlen", [(16, True), (12, False), (264, False)])
@@ -224,6 +225,7 @@ def test_packed_route_calls_varlen_only_for_supported_head_dims(monkeypatch, hea
     # FlashAttention's result with SDPA per sequence. Unsupported head dims must never reach it.
     from types import SimpleNamespace
 
+    from maskattn import _attention
     from maskattn.nn import masked_self_attention as msa
 
     calls = []
@@ -239,9 +241,11 @@ def test_packed_route_calls_varlen_only_for_supported_head_dims(monkeypatch, hea
         ]
         return torch.cat(outs, 0)
 
-    real_ok = msa._varlen_ok
-    monkeypatch.setattr(msa, "_varlen_attn", fake_varlen)
-    monkeypatch.setattr(msa, "_varlen_ok", lambda device_type, dtype, hd: real_ok("cuda", dtype, hd))
+    real_ok = _attention.varlen_takes
+    monkeypatch.setattr(_attention, "_varlen_attn", fake_varlen)
+    as_if_cuda = lambda device, dtype, hd: real_ok(torch.device("cuda"), dtype, hd)  # noqa: E731
+    monkeypatch.setattr(_attention, "varlen_takes", as_if_cuda)
+    monkeypatch.setattr(msa, "varlen_takes", as_if_cuda)
     torch.manual_seed(head_dim)
     mod = MaskedSelfAttention(2 * head_dim, 2).to(torch.bfloat16)
     mask = lengths_mask([5, 0, 9], 9)

@@ -11,6 +11,7 @@ from ._loader import build_info, cuda_available
 
 # isort: on
 from . import data, distributed, losses, masks, nn, optim, transforms
+from ._attention import masked_attention
 from ._chunked import (
     attention_pool_merge,
     attention_pool_partial,
@@ -54,6 +55,7 @@ __all__ = [
     "patch_mask",
     "patch_mask_to_image",
     "masked_softmax",
+    "masked_attention",
     "gated_masked_mean",
     "foreground_mask",
     "losses",

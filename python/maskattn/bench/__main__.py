@@ -22,7 +22,14 @@ from . import _harness as H
 
 # Suite modules in maskattn.bench, named after the op (or model) they benchmark; the package
 # docstring describes what a suite module defines.
-SUITES = ["masked_attention_pool", "masked_softmax", "scaled_cross_attention", "foreground_mask", "gated_masked_mean"]
+SUITES = [
+    "masked_attention_pool",
+    "masked_softmax",
+    "scaled_cross_attention",
+    "foreground_mask",
+    "gated_masked_mean",
+    "jit_block",
+]
 
 
 def _machine(device: torch.device) -> dict:
