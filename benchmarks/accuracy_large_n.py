@@ -59,14 +59,13 @@ def reference(logits, features, mask):
 
 
 def torch_layer(logits, features, mask):
-    """The MIL aggregator's pooling step in float32: masked_fill(-1e9), softmax over N, bmm."""
-    l = logits if logits.dim() == 3 else logits.unsqueeze(-1)
-    l = l.masked_fill(~mask[..., None], -1e9)
-    w = F.softmax(l, dim=1)
-    pooled = torch.bmm(w.transpose(1, 2), features)
+    """The MIL aggregator's pooling step in float32: masked_fill(-1e9), softmax over N, bmm (for
+    K = 1 on [B, N] logits, as the aggregator writes it)."""
     if logits.dim() == 2:
-        return pooled[:, 0], w[..., 0]
-    return pooled, w
+        w = F.softmax(logits.masked_fill(~mask, -1e9), dim=1)
+        return torch.bmm(w.unsqueeze(1), features)[:, 0], w
+    w = F.softmax(logits.masked_fill(~mask[..., None], -1e9), dim=1)
+    return torch.bmm(w.transpose(1, 2), features), w
 
 
 def pool_rows(N, D, K, packed):
