@@ -52,6 +52,13 @@ inline float hsum(const v8sf& v) {
 // is then redone with CAREFUL = true. Lanes that give 0 are moved into the normal range before
 // the arithmetic and selected away after it: a subnormal intermediate costs a ~100-cycle microcode
 // assist on x86, and masked (-inf) lanes are common.
+// 2^n for integral n in [-126, 127]: the float (n + 127) * 2^23 (exact) converted to int32 is the
+// bit pattern of 2^n. One float FMA and one conversion, which AVX (without AVX2) has at full
+// width, where shifting the integer exponent would take four half-width integer ops.
+__attribute__((always_inline)) inline v8sf pow2(v8sf n) {
+  return reinterpret_cast<v8sf>(__builtin_convertvector(n * splat(8388608.0f) + splat(1065353216.0f), v8si));
+}
+
 template <bool CAREFUL>
 __attribute__((always_inline)) inline v8sf exp_nonpos(v8sf x, v8sf xlo, v8si& tiny) {
   const v8si under = x < splat(-87.0f);
@@ -65,7 +72,6 @@ __attribute__((always_inline)) inline v8sf exp_nonpos(v8sf x, v8sf xlo, v8si& ti
   }
   const v8sf t = x * splat(1.44269504088896341f) + splat(12582912.0f);
   const v8sf n = t - splat(12582912.0f);
-  const v8si ni = reinterpret_cast<v8si>(t) - 0x4B400000;
   v8sf r = x - n * splat(0.693359375f);
   r = r + n * splat(2.12194440e-4f);
   r = r + xlo;  // NaN in lanes at -inf (-inf - -inf): selected away below, NaN costs no assist
@@ -77,13 +83,10 @@ __attribute__((always_inline)) inline v8sf exp_nonpos(v8sf x, v8sf xlo, v8si& ti
   p = p * r + splat(5.0000001201e-1f);
   const v8sf y = (p * r) * r + r + splat(1.0f);
   if constexpr (CAREFUL) {
-    const v8si shift = sub ? v8si{64, 64, 64, 64, 64, 64, 64, 64} : v8si{0, 0, 0, 0, 0, 0, 0, 0};
-    const v8sf s = reinterpret_cast<v8sf>((ni + shift + 127) << 23);
     const v8sf down = sub ? splat(5.42101086242752217e-20f) : splat(1.0f);  // 2^-64
-    return zero ? splat(0.0f) : (y * s) * down;
+    return zero ? splat(0.0f) : (y * pow2(sub ? n + splat(64.0f) : n)) * down;
   } else {
-    const v8sf s = reinterpret_cast<v8sf>((ni + 127) << 23);
-    return zero ? splat(0.0f) : y * s;
+    return zero ? splat(0.0f) : y * pow2(n);
   }
 }
 
