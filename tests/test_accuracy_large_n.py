@@ -66,10 +66,13 @@ def _pool_torch(logits, features, mask):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("layout", ["packed", "padded", "channels-first"])
 @pytest.mark.parametrize("N,K", [(1_000_000, None), (200_000, 4)])
-def test_pool_float32_error_at_large_n_within_torchs(device, packed, N, K):
+def test_pool_float32_error_at_large_n_within_torchs(device, layout, N, K):
+    packed = layout == "packed"
     logits, features, mask, lengths = _pool_case(N, K, D=4, seed=N + (K or 1))
+    if layout == "channels-first":  # [B, D, N] storage read through a transposed view
+        features = features.transpose(1, 2).contiguous().transpose(1, 2)
     rp, rw = _pool_reference(logits, features, mask)
     tp, tw = _pool_torch(logits.to(device), features.to(device), mask.to(device))
     if packed:

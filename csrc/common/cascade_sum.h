@@ -11,6 +11,7 @@
 // extra add per block, amortised.
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace maskattn {
@@ -70,33 +71,43 @@ class BlockedSum {
   Cascade<T> cascade_;
 };
 
-// Pairwise sum of a stream of arrays of n values (block sums of a pooled [K, D] output): each
-// add() is one more array, merged elementwise like Cascade. Storage grows to log2(#adds) arrays.
+// Pairwise sum of a stream of arrays of n values (block sums of a pooled [K, D] output), merged
+// elementwise like Cascade. The caller accumulates each block in place - block() hands out a
+// zeroed buffer, add_block() takes it into the cascade - and buffers move between levels by
+// pointer, so a block costs one fill plus, amortised, one merge: no copies. Storage grows to about
+// log2(#blocks) arrays.
 template <typename T>
 class ArrayCascade {
  public:
   explicit ArrayCascade(int64_t n) : n_(n) {}
-  void add(const T* blk) {
-    int top = 0;  // the level the carry ends in: the first free one
-    while ((count_ >> top) & 1) ++top;
-    if (static_cast<int64_t>(buf_.size()) < (top + 1) * n_) buf_.resize((top + 1) * n_);
-    const T* carry = blk;
-    for (int j = 0; j < top; ++j) {
-      T* l = buf_.data() + j * n_;
-      for (int64_t i = 0; i < n_; ++i) l[i] = l[i] + carry[i];
-      carry = l;
+  // A zeroed buffer of n values for the next block; pass it back through add_block().
+  T* block() {
+    if (free_.empty()) {
+      store_.emplace_back(new T[n_]);
+      free_.push_back(store_.back().get());
     }
-    T* dst = buf_.data() + top * n_;
-    if (carry != dst) std::copy(carry, carry + n_, dst);
+    T* b = free_.back();
+    free_.pop_back();
+    std::fill(b, b + n_, T(0));
+    return b;
+  }
+  void add_block(T* carry) {
+    int j = 0;
+    for (uint64_t c = count_; c & 1; c >>= 1, ++j) {
+      const T* l = level_[j];
+      for (int64_t i = 0; i < n_; ++i) carry[i] = l[i] + carry[i];
+      free_.push_back(level_[j]);
+    }
+    level_[j] = carry;
     ++count_;
   }
   bool empty() const { return count_ == 0; }
-  // out[i] = the elementwise sum of every array added (0 when none was).
+  // out[i] = the elementwise sum of every block added (0 when none was).
   void total(T* out) const {
     bool first = true;
     for (int j = 0; (count_ >> j) != 0; ++j) {
       if (!((count_ >> j) & 1)) continue;
-      const T* l = buf_.data() + j * n_;
+      const T* l = level_[j];
       if (first) {
         std::copy(l, l + n_, out);
       } else {
@@ -110,7 +121,9 @@ class ArrayCascade {
  private:
   int64_t n_;
   uint64_t count_ = 0;
-  std::vector<T> buf_;
+  T* level_[64] = {};
+  std::vector<T*> free_;
+  std::vector<std::unique_ptr<T[]>> store_;
 };
 
 // Pairwise sum of parts[0..n) (each an array of len values, parts[i] at base + i * stride) into

@@ -258,21 +258,20 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& featu
           // Pixels summed kSumBlock at a time, the blocks added pairwise (common/cascade_sum.h).
           const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
           at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
-            std::vector<acc_t> acc(csz), total(csz);
+            std::vector<acc_t> total(csz);
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
               if (c0 >= c1) continue;
               cpu::ArrayCascade<acc_t> cascade(c1 - c0);
-              acc_t* __restrict__ a = acc.data();
               for (int64_t p0 = 0; p0 < HW; p0 += cpu::kSumBlock) {
-                std::fill(acc.begin(), acc.end(), acc_t(0));
+                acc_t* __restrict__ a = cascade.block();
                 for (int64_t p = p0; p < std::min(HW, p0 + cpu::kSumBlock); ++p) {
                   const acc_t wp = w[b * HW + p];
                   if (wp == acc_t(0)) continue;
                   const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps + c0;
                   for (int64_t c = 0; c < c1 - c0; ++c) a[c] += wp * static_cast<acc_t>(row[c]);
                 }
-                cascade.add(a);
+                cascade.add_block(a);
               }
               cascade.total(total.data());
               for (int64_t c = c0; c < c1; ++c) out[b * C + c] = static_cast<scalar_t>(total[c - c0]);

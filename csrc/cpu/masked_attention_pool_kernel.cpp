@@ -152,11 +152,11 @@ void pool_chunk(const scalar_t* f, const acc_t* w, const Bag& bag, const Chunk& 
   std::fill(part, part + K * D, acc_t(0));
   if (L.fs_d == 1) {
     cpu::ArrayCascade<acc_t> cascade(K * D);
-    std::vector<acc_t> blk(K * D, acc_t(0));
+    acc_t* blk = cascade.block();
     int64_t live = 0;  // live rows in blk
     auto flush = [&] {
-      cascade.add(blk.data());
-      std::fill(blk.begin(), blk.end(), acc_t(0));
+      cascade.add_block(blk);
+      blk = cascade.block();
       live = 0;
     };
     if (K == 1) {
@@ -169,13 +169,13 @@ void pool_chunk(const scalar_t* f, const acc_t* w, const Bag& bag, const Chunk& 
         rows[n] = f + bag.f_off + r * L.fs_n;
         ws[n] = wr;
         if (++n == 8) {
-          cpu::axpy_rows_any(blk.data(), rows, ws, 8, D);
+          cpu::axpy_rows_any(blk, rows, ws, 8, D);
           n = 0;
           if ((live += 8) >= kPoolBlock) flush();
         }
       }
       if (n) {
-        cpu::axpy_rows_any(blk.data(), rows, ws, n, D);
+        cpu::axpy_rows_any(blk, rows, ws, n, D);
         live += n;
       }
     } else {
@@ -185,13 +185,13 @@ void pool_chunk(const scalar_t* f, const acc_t* w, const Bag& bag, const Chunk& 
         for (int64_t k = 0; k < K; ++k) {
           const acc_t wr = w[bag.w_off + r * K + k];
           if (wr == acc_t(0)) continue;
-          cpu::axpy_rows_any(blk.data() + k * D, &row, &wr, 1, D);
+          cpu::axpy_rows_any(blk + k * D, &row, &wr, 1, D);
           any = true;
         }
         if (any && ++live >= kPoolBlock) flush();
       }
     }
-    if (live) flush();
+    if (live) cascade.add_block(blk);
     if (!cascade.empty()) cascade.total(part);
     return;
   }
