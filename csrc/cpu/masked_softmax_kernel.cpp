@@ -2,9 +2,10 @@
 //
 // Each row is read once from memory into a small per-thread float buffer (masked positions become
 // -inf there), reduced and exponentiated in that L1-resident buffer, and written once: one read and
-// one write per element, against masked_fill + softmax's two of each plus a temporary. The exp is a
-// branch-free polynomial the compiler vectorises; x86-64 builds also carry an AVX+FMA clone of the
-// hot loops, picked at load time, because the package is built for baseline x86-64 (SSE2).
+// one write per element, against masked_fill + softmax's two of each plus a temporary. The exp and
+// its pairwise sum (common/cpu_vec) are a branch-free polynomial over vectors; x86-64 builds carry
+// an AVX+FMA clone of the hot loops, picked at load time, because the package is built for
+// baseline x86-64 (SSE2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -138,13 +139,13 @@ float row_exp_sum_careful(float* v, int64_t n, float mx) {
 
 // std::exp keeps subnormal results, so *tiny never asks for a second pass.
 double row_exp_sum(double* v, int64_t n, double mx, bool* tiny) {
-  double s = 0;
+  cpu::BlockedSum<double> s;
   for (int64_t i = 0; i < n; ++i) {
-    v[i] = std::exp(v[i] - mx);
-    s += v[i];
+    v[i] = cpu::exp_diff(v[i], mx);
+    s.add(v[i]);
   }
   *tiny = false;
-  return s;
+  return s.total();
 }
 double row_exp_sum_careful(double* v, int64_t n, double mx) {
   bool unused;
@@ -152,9 +153,9 @@ double row_exp_sum_careful(double* v, int64_t n, double mx) {
 }
 
 double row_dot(const double* a, const double* b, int64_t n) {
-  double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+  cpu::BlockedSum<double> s;
+  for (int64_t i = 0; i < n; ++i) s.add(a[i] * b[i]);
+  return s.total();
 }
 
 // Rare paths for non-finite scores, kept out of the hot loops: a row is "poisoned" when a valid
