@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cascade_sum.h"
 #include "common/checks.h"
 #include "gated_masked_mean.h"
 
@@ -33,35 +34,48 @@ namespace {
 
 constexpr int kLanes = 16;
 
-// sum_p w[p] * x[p] over the pixels with w[p] != 0: zero-weight padding is never multiplied, so
+template <typename acc_t>
+inline acc_t tree16(const acc_t* s) {
+  return (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) +
+         (((s[8] + s[9]) + (s[10] + s[11])) + ((s[12] + s[13]) + (s[14] + s[15])));
+}
+
+// sum_p w[p] * x[p] as 16 lanes over blocks of 16 * kSumBlock pixels, the blocks added pairwise
+// (common/cascade_sum.h): a 512x512 map is 2^18 pixels, 2^14 terms per lane. MASKED: only the
+// pixels with w[p] != 0 - zero-weight pixels (padding, zero gates) are never multiplied, so
 // inf/NaN stored there cannot reach the result.
+template <bool MASKED, typename scalar_t, typename acc_t>
+inline acc_t dot_blocked(const acc_t* __restrict__ w, const scalar_t* __restrict__ x, int64_t n) {
+  constexpr int64_t kBlock = kLanes * cpu::kSumBlock;
+  cpu::Cascade<acc_t> sum;
+  int64_t p = 0;
+  do {
+    const int64_t end = std::min(n, p + kBlock);
+    acc_t s[kLanes] = {};
+    for (; p + kLanes <= end; p += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const acc_t wj = w[p + j];
+        const acc_t t = wj * static_cast<acc_t>(x[p + j]);
+        s[j] += MASKED ? (wj != acc_t(0) ? t : acc_t(0)) : t;
+      }
+    }
+    for (int j = 0; p < end; ++p, ++j) {
+      const acc_t t = w[p] * static_cast<acc_t>(x[p]);
+      s[j] += MASKED ? (w[p] != acc_t(0) ? t : acc_t(0)) : t;
+    }
+    sum.add(tree16(s));
+  } while (p < n);
+  return sum.total();
+}
+
 template <typename scalar_t, typename acc_t>
 inline acc_t masked_dot_t(const acc_t* __restrict__ w, const scalar_t* __restrict__ x, int64_t n) {
-  acc_t s[kLanes] = {};
-  int64_t p = 0;
-  for (; p + kLanes <= n; p += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const acc_t wj = w[p + j];
-      s[j] += wj != acc_t(0) ? wj * static_cast<acc_t>(x[p + j]) : acc_t(0);
-    }
-  }
-  for (int j = 0; p < n; ++p, ++j) s[j] += w[p] != acc_t(0) ? w[p] * static_cast<acc_t>(x[p]) : acc_t(0);
-  acc_t t = 0;
-  for (int j = 0; j < kLanes; ++j) t += s[j];
-  return t;
+  return dot_blocked<true>(w, x, n);
 }
 
 template <typename scalar_t, typename acc_t>
 inline acc_t dot_t(const acc_t* __restrict__ a, const scalar_t* __restrict__ x, int64_t n) {
-  acc_t s[kLanes] = {};
-  int64_t p = 0;
-  for (; p + kLanes <= n; p += kLanes) {
-    for (int j = 0; j < kLanes; ++j) s[j] += a[p + j] * static_cast<acc_t>(x[p + j]);
-  }
-  for (int j = 0; p < n; ++p, ++j) s[j] += a[p] * static_cast<acc_t>(x[p]);
-  acc_t t = 0;
-  for (int j = 0; j < kLanes; ++j) t += s[j];
-  return t;
+  return dot_blocked<false>(a, x, n);
 }
 
 MASKATTN_CLONES_F32 float masked_dot_f32(const float* __restrict__ w, const float* __restrict__ x,
@@ -72,10 +86,15 @@ MASKATTN_CLONES_F32 float dot_f32(const float* __restrict__ a, const float* __re
   return dot_t<float, float>(a, x, n);
 }
 
-// out[p] = a * g[p] and acc[p] += a * x[p]: the backward's row operations.
+// out[p] = a * g[p] and acc[p] += a * x[p]: the backward's row operations. A zero gate (padding,
+// a gate that underflowed) gives exactly 0, selected rather than multiplied: a = grad_pooled /
+// #valid may be inf or NaN, and 0 * inf would reach the padding's gradient.
 template <typename scalar_t, typename acc_t>
 inline void scale_row_t(scalar_t* __restrict__ out, const scalar_t* __restrict__ g, acc_t a, int64_t n) {
-  for (int64_t p = 0; p < n; ++p) out[p] = static_cast<scalar_t>(a * static_cast<acc_t>(g[p]));
+  for (int64_t p = 0; p < n; ++p) {
+    const acc_t gp = static_cast<acc_t>(g[p]);
+    out[p] = static_cast<scalar_t>(gp != acc_t(0) ? a * gp : acc_t(0));
+  }
 }
 template <typename scalar_t, typename acc_t>
 inline void axpy_row_t(acc_t* __restrict__ acc, const scalar_t* __restrict__ x, acc_t a, int64_t n) {
@@ -227,30 +246,35 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& featu
               const scalar_t* __restrict__ row = f + b * L.bs + c * L.cs;
               const acc_t* __restrict__ wb = w + b * HW;
               // The plain dot vectorises, the select does not (3x slower at 7x7): take the select
-              // only for the rare plane whose plain dot is not finite, which may be padding holding
-              // inf/NaN (0 * inf) - padding must never reach the result. Without a mask there is no
-              // padding and the plain dot is what (features * gate).mean() computes.
+              // only for the rare plane whose plain dot is not finite, which may be a zero-weight
+              // pixel holding inf/NaN (0 * inf). Zero-weight pixels (padding, and valid pixels whose
+              // gate is 0) never reach the result, as on CUDA (docs/numerics.md, the zero-gate rule).
               acc_t v = dot<scalar_t, acc_t>(wb, row, HW);
-              if (mp != nullptr && !std::isfinite(v)) v = masked_dot<scalar_t, acc_t>(wb, row, HW);
+              if (!std::isfinite(v)) v = masked_dot<scalar_t, acc_t>(wb, row, HW);
               out[i] = static_cast<scalar_t>(v);
             }
           });
         } else {
+          // Pixels summed kSumBlock at a time, the blocks added pairwise (common/cascade_sum.h).
           const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
           at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
-            std::vector<acc_t> acc(csz);
+            std::vector<acc_t> total(csz);
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
               if (c0 >= c1) continue;
-              std::fill(acc.begin(), acc.end(), acc_t(0));
-              acc_t* __restrict__ a = acc.data();
-              for (int64_t p = 0; p < HW; ++p) {
-                const acc_t wp = w[b * HW + p];
-                if (wp == acc_t(0)) continue;
-                const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps + c0;
-                for (int64_t c = 0; c < c1 - c0; ++c) a[c] += wp * static_cast<acc_t>(row[c]);
+              cpu::ArrayCascade<acc_t> cascade(c1 - c0);
+              for (int64_t p0 = 0; p0 < HW; p0 += cpu::kSumBlock) {
+                acc_t* __restrict__ a = cascade.block();
+                for (int64_t p = p0; p < std::min(HW, p0 + cpu::kSumBlock); ++p) {
+                  const acc_t wp = w[b * HW + p];
+                  if (wp == acc_t(0)) continue;
+                  const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps + c0;
+                  for (int64_t c = 0; c < c1 - c0; ++c) a[c] += wp * static_cast<acc_t>(row[c]);
+                }
+                cascade.add_block(a);
               }
-              for (int64_t c = c0; c < c1; ++c) out[b * C + c] = static_cast<scalar_t>(a[c - c0]);
+              cascade.total(total.data());
+              for (int64_t c = c0; c < c1; ++c) out[b * C + c] = static_cast<scalar_t>(total[c - c0]);
             }
           });
         }
