@@ -444,3 +444,32 @@ def test_failure_during_the_rounds_drops_only_that_implementation():
     assert not rows["flaky"].ok and "MemoryError" in rows["flaky"].note
     assert rows["ours"].n == rows["eager"].n >= 5
     assert rows["ours"].vs_eager == pytest.approx(2.0)
+
+
+def test_jit_block_suite_cases_run_and_agree():
+    """The JiT training-step suite on a tiny configuration: every implementation runs a step, and
+    the suite itself refuses to time implementations whose losses disagree."""
+    from maskattn.bench import jit_block
+
+    args = types.SimpleNamespace(
+        device=torch.device("cpu"),
+        quick=True,
+        no_compile=True,
+        jit_size=32,
+        jit_batch=2,
+        jit_dtype=None,
+        jit_padding="0,0.5",
+    )
+    cases = list(jit_block.cases(args))
+    pads = [int(c.case.split(" pad=")[1].split("%")[0]) for c in cases]
+    assert pads[0] == 0 and 40 <= pads[1] <= 60  # sizes snap to the patch grid
+    for case in cases:
+        assert case.mode == "fwd+bwd"
+        assert [im.role for im in case.impls] == [BASELINE, REFERENCE, MASKATTN]
+        for im in case.impls:
+            grads = im.fn()
+            assert all(torch.isfinite(g).all() for g in grads)
+    # the padded fraction the case names is the one the masks have
+    m = jit_block.image_masks(4, 128, 8, 0.4, "cpu")
+    assert abs((1 - m.mean().item()) - 0.4) < 0.03
+    assert bool((jit_block.image_masks(2, 32, 8, 0.0, "cpu") == 1).all())

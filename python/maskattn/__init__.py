@@ -10,7 +10,15 @@ the functions here are thin, documented wrappers around them.
 from ._loader import build_info, cuda_available
 
 # isort: on
-from . import data, losses, masks, nn, optim, transforms
+from . import data, distributed, losses, masks, nn, optim, transforms
+from ._attention import masked_attention
+from ._chunked import (
+    attention_pool_merge,
+    attention_pool_partial,
+    attention_pool_partial_packed,
+    attention_pool_weights,
+    chunked_attention_pool,
+)
 from ._ops.foreground_mask import foreground_mask
 from ._ops.gated_masked_mean import gated_masked_mean
 from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
@@ -30,6 +38,12 @@ __all__ = [
     "cuda_available",
     "masked_attention_pool",
     "masked_attention_pool_packed",
+    "attention_pool_partial",
+    "attention_pool_partial_packed",
+    "attention_pool_merge",
+    "attention_pool_weights",
+    "chunked_attention_pool",
+    "distributed",
     "pack",
     "pad_sequences",
     "unpack",
@@ -41,6 +55,7 @@ __all__ = [
     "patch_mask",
     "patch_mask_to_image",
     "masked_softmax",
+    "masked_attention",
     "gated_masked_mean",
     "foreground_mask",
     "losses",

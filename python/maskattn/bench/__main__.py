@@ -29,6 +29,7 @@ SUITES = [
     "scaled_cross_attention",
     "foreground_mask",
     "gated_masked_mean",
+    "jit_block",
 ]
 
 

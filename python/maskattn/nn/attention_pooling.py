@@ -3,6 +3,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _validation as _v
 from .._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
@@ -21,6 +22,8 @@ def _capturing_cuda_graph(x: Tensor) -> bool:
 def _blocked(x: Tensor) -> bool:
     # CUDA: one large GEMM is faster and there is no first-touch cost; compiled: inductor plans memory.
     return not x.is_cuda and not torch.compiler.is_compiling()
+
+_NAME = "AttentionPooling"
 
 
 class AttentionPooling(nn.Module):
@@ -81,8 +84,8 @@ class AttentionPooling(nn.Module):
     never sees what padding holds, even inf / NaN), and no pass rewrites the whole ``[B, N, D]``
     tensor. Learning the number of valid rows is free on CPU and costs one host sync on CUDA.
     Where a sync is not allowed the module takes a sync-free path instead: under
-    ``torch.compile`` (so ``fullgraph=True`` and ``dynamic=True`` hold), while a CUDA graph is being
-    captured, or when the attribute ``pack_padding`` is ``False``; that path zeroes the padding rows
+    ``torch.compile`` (so ``fullgraph=True`` and ``dynamic=True`` hold), inside ``torch.func``
+    transforms (``vmap``, ``jacrev``, ...), while a CUDA graph is being captured, or when the attribute ``pack_padding`` is ``False``; that path zeroes the padding rows
     (one pass over ``[B, N, D]``) and scores all ``B * N`` rows. ``pack_padding = True`` forces the
     gather, ``None`` (default) chooses as above. A mask with no padding skips both. On CPU (eager)
     rows are gathered and scored in blocks of 8,192, which keeps the MLP's intermediates small.
@@ -99,15 +102,15 @@ class AttentionPooling(nn.Module):
         bias_last: bool = True,
     ):
         super().__init__()
-        if in_dim <= 0 or (hidden_dim is not None and hidden_dim <= 0) or branches <= 0:
-            raise ValueError(
-                f"AttentionPooling: in_dim, hidden_dim and branches must be positive, got "
-                f"{in_dim}, {hidden_dim}, {branches}"
-            )
+        in_dim = _v.as_int(in_dim, _NAME, "in_dim", min_value=1)
+        if hidden_dim is not None:
+            hidden_dim = _v.as_int(hidden_dim, _NAME, "hidden_dim", min_value=1)
+        branches = _v.as_int(branches, _NAME, "branches", min_value=1)
+        gated = _v.as_bool(gated, _NAME, "gated")
+        bias_last = _v.as_bool(bias_last, _NAME, "bias_last")
+        dropout = _v.as_probability(dropout, _NAME, "dropout")
         if act not in _ACTIVATIONS:
             raise ValueError(f"AttentionPooling: act must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"AttentionPooling: dropout must be in [0, 1), got {dropout}")
         if hidden_dim is None and (gated or dropout > 0):
             raise ValueError(
                 "AttentionPooling: hidden_dim=None (a linear scorer) has no hidden layer for gated=True or dropout"
@@ -159,6 +162,7 @@ class AttentionPooling(nn.Module):
     # ------------------------------------------------------------------ layouts
 
     def _check_features(self, features: Tensor, packed: bool) -> None:
+        _v.check_floating(features, _NAME, "features")
         d = self.in_dim
         ok = isinstance(features, Tensor) and features.shape[-1:] == (d,)
         ok = ok and (features.dim() == 2 if packed else features.dim() in (2, 3))
@@ -176,7 +180,12 @@ class AttentionPooling(nn.Module):
     def _use_packing(self, features: Tensor) -> bool:
         if self.pack_padding is not None:
             return bool(self.pack_padding)
-        return not torch.compiler.is_compiling() and not _capturing_cuda_graph(features)
+        # torch.func transforms (vmap, jacrev, ...) cannot batch nonzero's data-dependent shape.
+        return (
+            not torch.compiler.is_compiling()
+            and not _capturing_cuda_graph(features)
+            and not torch._C._are_functorch_transforms_active()
+        )
 
     def _pool_padded(self, features: Tensor, mask: Optional[Tensor]):
         B, N, D = features.shape
@@ -251,8 +260,10 @@ class AttentionPooling(nn.Module):
             pooled, weights = masked_attention_pool_packed(s, features, offsets, batch=batch, num_bags=num_bags)
         else:
             self._check_features(features, packed=False)
+            if mask is not None:
+                _v.check_mask(mask, _NAME, "mask")
             if features.dim() == 2:  # one bag [N, D], pooled as a batch of one
-                m = None if mask is None else (mask.unsqueeze(0) if isinstance(mask, Tensor) else mask)
+                m = None if mask is None else mask.unsqueeze(0)
                 pooled, weights, s = self._pool_padded(features.unsqueeze(0), m)
                 pooled, weights, s = pooled[0], weights[0], s[0]
             else:
