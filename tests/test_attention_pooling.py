@@ -289,6 +289,11 @@ def test_compile_fullgraph_dynamic_padded_and_packed(device):
         y = torch.randn(B * N, 12, dtype=torch.float64, device=device)
         for a, b in zip(compiled(y, offsets=offsets), mod(y, offsets=offsets)):
             torch.testing.assert_close(a, b, **F64)
+        batch = torch.randint(0, B, (B * N,), device=device)  # unsorted: sorted inside the graph
+        for a, b in zip(compiled(y, batch=batch, num_bags=B + 1), mod(y, batch=batch, num_bags=B + 1)):
+            torch.testing.assert_close(a, b, **F64)
+        for a, b in zip(compiled(y[:N]), mod(y[:N])):  # one bag
+            torch.testing.assert_close(a, b, **F64)
 
 
 def test_gradcheck_packing_route():
@@ -574,3 +579,126 @@ def test_row_blocks_change_nothing(monkeypatch, trainable):
     assert max(seen) == 4 and len(seen) > 8  # the blocks were used
     for a, b in zip(whole, blocked):
         torch.testing.assert_close(a, b, **F64)
+
+
+# ---------------------------------------------------------------- PyG's bag ids, sorted or not
+
+
+def _run_with_grads(mod, x, go, gw, **kw):
+    mod.zero_grad()
+    xx = x.clone().requires_grad_()
+    p, w, s = mod(xx, return_scores=True, **kw)
+    ((p * go).sum() + (w * gw).sum()).backward()
+    return [p, w, s, xx.grad] + [q.grad.clone() for q in mod.parameters()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_unsorted_batch_is_pooled_as_pyg_scatters_it(device, sync_free, monkeypatch):
+    """Interleaved bag ids give PyG's scatter-softmax result (rows of a bag in any order), with
+    weights and scores in the caller's row order; the sync-free route (torch.compile, CUDA graphs,
+    torch.func) sorts every time and agrees."""
+    if sync_free:
+        monkeypatch.setattr(AttentionPooling, "_may_sync", staticmethod(lambda x: False))
+    mod = _mod(device, gated=True, branches=2)
+    g = torch.Generator().manual_seed(5)
+    batch = torch.tensor([3, 0, 3, 1, 0, 0, 3, 1, 5, 0, 3, 3], device=device)  # bags 2 and 4 empty
+    x = torch.randn(batch.shape[0], 12, generator=g, dtype=torch.float64).to(device)
+    go = torch.randn(6, 2, 12, generator=g, dtype=torch.float64).to(device)
+    gw = torch.randn(batch.shape[0], 2, generator=g, dtype=torch.float64).to(device)
+    got = _run_with_grads(mod, x, go, gw, batch=batch)
+    p, w, s = got[:3]
+    for b in range(6):
+        rows = batch == b
+        ref = torch.softmax(mod._score_rows(x[rows]), 0)
+        torch.testing.assert_close(w[rows], ref, **F64)
+        torch.testing.assert_close(p[b], ref.T @ x[rows] if rows.any() else torch.zeros_like(p[b]), **F64)
+    torch.testing.assert_close(s, mod.scores(x), **F64)
+    # the same rows, reordered bag by bag by the caller, through offsets: same bags, same gradients
+    perm = torch.sort(batch, stable=True).indices
+    offsets = maskattn.offsets_from_batch(batch[perm], 6)
+    want = _run_with_grads(mod, x[perm], go, gw[perm], offsets=offsets)
+    inv = torch.argsort(perm)
+    want[1], want[2], want[3] = want[1][inv], want[2][inv], want[3][inv]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **F64)
+    # sorted ids take no permutation: the result is the offsets route's
+    ps, ws = mod(x[perm], batch=batch[perm])
+    torch.testing.assert_close(ps, want[0], **F64)
+    torch.testing.assert_close(ws, want[1][perm], **F64)
+
+
+def test_batch_errors_name_the_module():
+    mod = AttentionPooling(4, 8)
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"AttentionPooling: batch must hold one bag id per row of features"):
+        mod(x, batch=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"AttentionPooling: batch must be a 1-D integer tensor"):
+        mod(x, batch=torch.zeros(5))
+    with pytest.raises(
+        ValueError, match=r"AttentionPooling: batch holds bag ids in \[0, 3\], outside \[0, num_bags=2\)"
+    ):
+        mod(x, batch=torch.tensor([0, 3, 1, 0, 0]), num_bags=2)
+    with pytest.raises(ValueError, match=r"AttentionPooling: num_bags goes with batch="):
+        mod(x, offsets=torch.tensor([0, 5]), num_bags=1)
+    p, w = mod(x, batch=torch.tensor([1, 1, 0, 1, 0]), num_bags=4)  # trailing empty bags
+    assert p.shape == (4, 4) and (p[2:] == 0).all()
+
+
+# ---------------------------------------------------------------- chunked exact mode (huge bags)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("branches", [1, 3])
+def test_chunk_size_gives_the_unchunked_result_and_gradients(device, branches):
+    """chunk_size (constructor or forward) runs maskattn.chunked_attention_pool: the scoring network
+    chunk by chunk under checkpointing, merged exactly. Every layout, outputs, scores and gradients
+    (features and parameters) equal the unchunked module's."""
+    mod = _mod(device, gated=True, branches=branches, act="gelu")
+    bags = _bags(device, sizes=(7, 0, 12, 1, 9))
+    g = torch.Generator().manual_seed(4)
+    feats, mask = maskattn.pad_sequences(bags)
+    feats[~mask] = NAN  # padding content must stay out of the chunks as well
+    x = torch.cat(bags)
+    offsets = torch.tensor([0, 7, 7, 19, 20, 29], device=device)
+    batch = maskattn.batch_from_offsets(offsets, x.shape[0])
+    shuffle = torch.randperm(x.shape[0], generator=g).to(device)
+    kshape = (branches,) if branches > 1 else ()
+    layouts = [
+        ((feats, mask), {}),
+        ((x,), dict(offsets=offsets)),
+        ((x[shuffle],), dict(batch=batch[shuffle], num_bags=5)),
+        ((bags[2],), {}),
+        ((bags[2], torch.arange(12, device=device) % 3 != 0), {}),
+    ]
+    for (inp, *rest), kw in layouts:
+        lead = (5,) if inp.dim() == 2 and ("offsets" in kw or "batch" in kw) else inp.shape[:-2]
+        go = torch.randn(lead + kshape + (12,), generator=g, dtype=torch.float64).to(device)
+        gw = torch.randn(inp.shape[:-1] + kshape, generator=g, dtype=torch.float64).to(device)
+
+        def run(**extra):
+            mod.zero_grad()
+            xx = inp.clone().requires_grad_()
+            p, w, s = mod(xx, *rest, return_scores=True, **kw, **extra)
+            ((p * go).sum() + (w * gw).nan_to_num().sum() + s.nan_to_num().square().sum()).backward()
+            return [p, w, s, xx.grad.nan_to_num()] + [q.grad.clone() for q in mod.parameters()]
+
+        want = run()
+        calls = []
+        hook = mod.attention_v[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-2]))
+        for chunk in (1, 4, 100):
+            calls.clear()
+            got = run(chunk_size=chunk)
+            assert max(calls) <= chunk  # the network saw chunks only (forward and checkpointed replay)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+        hook.remove()
+    chunked = AttentionPooling(12, 8, gated=True, branches=branches, act="gelu", chunk_size=4).to(device).double()
+    chunked.load_state_dict(mod.state_dict())
+    assert "chunk_size=4" in repr(chunked)
+    for a, b in zip(chunked(feats, mask, return_scores=True), mod(feats, mask, return_scores=True, chunk_size=4)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="AttentionPooling: chunk_size must be positive, got 0"):
+        mod(x, offsets=offsets, chunk_size=0)
+    with pytest.raises(TypeError, match="AttentionPooling: chunk_size must be an int"):
+        AttentionPooling(12, chunk_size=2.0)

@@ -3,7 +3,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _segments
 from .. import _validation as _v
+from .._chunked import chunked_attention_pool
 from .._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
@@ -22,6 +24,7 @@ def _capturing_cuda_graph(x: Tensor) -> bool:
 def _blocked(x: Tensor) -> bool:
     # CUDA: one large GEMM is faster and there is no first-touch cost; compiled: inductor plans memory.
     return not x.is_cuda and not torch.compiler.is_compiling()
+
 
 _NAME = "AttentionPooling"
 
@@ -46,6 +49,11 @@ class AttentionPooling(nn.Module):
         act: the activation of the (first) hidden branch: ``"tanh"`` (ABMIL, CLAM), ``"relu"`` or
             ``"gelu"`` (torchmil's options).
         bias_last: bias on the last linear layer (torchmil's ``fc2`` has none).
+        chunk_size: pool with :func:`maskattn.chunked_attention_pool` (the scoring network on
+            ``chunk_size`` rows at a time under activation checkpointing, chunks merged exactly by
+            log-sum-exp) for huge bags; ``None`` (default) pools in one pass. ``forward`` takes the
+            same argument for one call. Result and gradients equal the unchunked ones to rounding;
+            padded rows are scored there (read in place chunk by chunk) but weigh 0 and report 0.
 
     Parameters, so that the usual checkpoints load unchanged:
 
@@ -72,7 +80,10 @@ class AttentionPooling(nn.Module):
 
     ``mask`` is a valid mask of any dtype (nonzero = instance, 0 = padding) or None (all valid).
     ``offsets`` int64 ``[B+1]`` and ``batch`` / ``num_bags`` are as in
-    :func:`maskattn.masked_attention_pool_packed`. For a single bag CLAM writes ``A`` ``[K, N]`` and
+    :func:`maskattn.masked_attention_pool_packed`, except that ``batch`` may be unsorted, as PyG's
+    scatter softmax takes it: interleaved ids are stably sorted (one ``[T, D]`` gather) and weights
+    and scores come back in the caller's row order. Checking costs one host sync on CUDA (shared
+    with reading ``num_bags``); where no sync is allowed the ids are always sorted. For a single bag CLAM writes ``A`` ``[K, N]`` and
     ``M = A @ h`` ``[K, D]``: ``weights.view(N, -1).T`` is CLAM's ``A``, ``pooled`` (``[K, D]``
     when ``K > 1``) its ``M``. ``return_scores=True`` adds the pre-softmax scores (heatmaps, top-k
     instance selection with :func:`maskattn.topk_per_bag`); they are computed anyway. Scores at
@@ -85,7 +96,8 @@ class AttentionPooling(nn.Module):
     tensor. Learning the number of valid rows is free on CPU and costs one host sync on CUDA.
     Where a sync is not allowed the module takes a sync-free path instead: under
     ``torch.compile`` (so ``fullgraph=True`` and ``dynamic=True`` hold), inside ``torch.func``
-    transforms (``vmap``, ``jacrev``, ...), while a CUDA graph is being captured, or when the attribute ``pack_padding`` is ``False``; that path zeroes the padding rows
+    transforms (``vmap``, ``jacrev``, ...), while a CUDA graph is being captured, or when the
+    attribute ``pack_padding`` is ``False``; that path zeroes the padding rows
     (one pass over ``[B, N, D]``) and scores all ``B * N`` rows. ``pack_padding = True`` forces the
     gather, ``None`` (default) chooses as above. A mask with no padding skips both. On CPU (eager)
     rows are gathered and scored in blocks of 8,192, which keeps the MLP's intermediates small.
@@ -100,6 +112,7 @@ class AttentionPooling(nn.Module):
         dropout: float = 0.0,
         act: str = "tanh",
         bias_last: bool = True,
+        chunk_size: Optional[int] = None,
     ):
         super().__init__()
         in_dim = _v.as_int(in_dim, _NAME, "in_dim", min_value=1)
@@ -133,6 +146,7 @@ class AttentionPooling(nn.Module):
                 *drop,
                 nn.Linear(hidden_dim, branches, bias=bias_last),
             )
+        self.chunk_size = self._check_chunk_size(chunk_size)
         # None = gather the valid rows of a padded batch wherever that needs no forbidden host sync
         # (see the class docstring); a plain attribute, like MaskedSelfAttention's.
         self.pack_padding: Optional[bool] = None
@@ -177,15 +191,93 @@ class AttentionPooling(nn.Module):
                 f"offsets or batch) or [N, {d}] (one bag), got shape {shape}"
             )
 
-    def _use_packing(self, features: Tensor) -> bool:
-        if self.pack_padding is not None:
-            return bool(self.pack_padding)
-        # torch.func transforms (vmap, jacrev, ...) cannot batch nonzero's data-dependent shape.
+    @staticmethod
+    def _check_chunk_size(chunk_size) -> Optional[int]:
+        return None if chunk_size is None else _v.as_int(chunk_size, _NAME, "chunk_size", min_value=1)
+
+    @staticmethod
+    def _may_sync(features: Tensor) -> bool:
+        """Whether data-dependent shapes and host reads are allowed here: not under torch.compile,
+        not while a CUDA graph is captured, not inside torch.func transforms (vmap cannot batch
+        nonzero's data-dependent shape)."""
         return (
             not torch.compiler.is_compiling()
             and not _capturing_cuda_graph(features)
             and not torch._C._are_functorch_transforms_active()
         )
+
+    def _use_packing(self, features: Tensor) -> bool:
+        if self.pack_padding is not None:
+            return bool(self.pack_padding)
+        return self._may_sync(features)
+
+    def _bag_order(self, features: Tensor, batch: Tensor, num_bags: Optional[int]):
+        """Offsets of PyG-style bag ids, and the stable permutation that makes the rows bag by bag
+        (``perm``, ``inverse``; both None when the ids are sorted already)."""
+        _segments._check_batch(_NAME, batch)
+        _segments._check_num_bags(_NAME, num_bags)
+        total = features.shape[0]
+        if batch.shape[0] != total:
+            raise ValueError(
+                f"AttentionPooling: batch must hold one bag id per row of features [T, D] = "
+                f"{tuple(features.shape)}, got shape {tuple(batch.shape)}"
+            )
+        _v.check_same_device(features, "features", batch, "batch", _NAME)
+        may_sync = self._may_sync(features)
+        if may_sync and total > 0:
+            # Sortedness and the number of bags in one read-back (one host sync on CUDA).
+            unsorted = (batch[1:] < batch[:-1]).any().to(torch.int64)
+            if num_bags is None:
+                top, unsorted = torch.stack([batch.max().to(torch.int64), unsorted]).tolist()
+                num_bags = top + 1
+            else:
+                unsorted = unsorted.item()
+        else:
+            # Sync-free: always the stable sort, which is the identity on sorted ids.
+            unsorted = True
+            if num_bags is None:
+                num_bags = _segments._infer_num_bags(batch)
+        if may_sync and not batch.is_cuda:
+            _segments._check_range(_NAME, batch, num_bags)
+        if not unsorted:
+            return _segments.offsets_from_batch(batch, num_bags, check=False), None, None
+        # Stable, so that the rows of a bag keep their order (PyG's scatter softmax sees them so).
+        sorted_batch, perm = torch.sort(batch, stable=True)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(total, device=perm.device, dtype=perm.dtype)
+        return _segments.offsets_from_batch(sorted_batch, num_bags, check=False), perm, inverse
+
+    def _pool_packed(self, features: Tensor, offsets, batch, num_bags, chunk_size):
+        if batch is not None and offsets is not None:
+            raise ValueError("AttentionPooling: pass offsets or batch, not both")
+        if batch is None and offsets is None:
+            raise ValueError("AttentionPooling: num_bags goes with batch= (the bag id of every row)")
+        if batch is None and num_bags is not None:
+            raise ValueError("AttentionPooling: num_bags goes with batch=; offsets already fix B")
+        perm = inverse = None
+        if batch is not None:
+            offsets, perm, inverse = self._bag_order(features, batch, num_bags)
+            if perm is not None:
+                features = features.index_select(0, perm)
+        if chunk_size is not None:
+            pooled, weights, s = chunked_attention_pool(
+                self.scores, features, chunk_size, offsets=offsets, return_scores=True
+            )
+        else:
+            s = self._squeeze(self._score_packed(features))
+            pooled, weights = masked_attention_pool_packed(s, features, offsets)
+        if perm is not None:
+            weights, s = weights.index_select(0, inverse), s.index_select(0, inverse)
+        return pooled, weights, s
+
+    def _pool_chunked(self, features: Tensor, mask: Optional[Tensor], chunk_size: int):
+        pooled, weights, s = chunked_attention_pool(self.scores, features, chunk_size, mask=mask, return_scores=True)
+        if mask is not None:
+            # The chunks score padded rows too (features are read in place, chunk by chunk); their
+            # weight is 0 and their scores are reported as 0, as on the unchunked route.
+            valid = _v.valid_mask(mask, _NAME)
+            s = torch.where(valid.unsqueeze(-1) if s.dim() > valid.dim() else valid, s, s.new_zeros(()))
+        return pooled, weights, s
 
     def _pool_padded(self, features: Tensor, mask: Optional[Tensor]):
         B, N, D = features.shape
@@ -248,7 +340,9 @@ class AttentionPooling(nn.Module):
         offsets: Optional[Tensor] = None,
         batch: Optional[Tensor] = None,
         num_bags: Optional[int] = None,
+        chunk_size: Optional[int] = None,
     ):
+        chunk_size = self.chunk_size if chunk_size is None else self._check_chunk_size(chunk_size)
         if offsets is not None or batch is not None or num_bags is not None:
             self._check_features(features, packed=True)
             if mask is not None:
@@ -256,13 +350,14 @@ class AttentionPooling(nn.Module):
                     "AttentionPooling: mask goes with padded [B, N, D] or single-bag [N, D] features; packed "
                     "features (offsets/batch) have no padding"
                 )
-            s = self._squeeze(self._score_packed(features))
-            pooled, weights = masked_attention_pool_packed(s, features, offsets, batch=batch, num_bags=num_bags)
+            pooled, weights, s = self._pool_packed(features, offsets, batch, num_bags, chunk_size)
         else:
             self._check_features(features, packed=False)
             if mask is not None:
                 _v.check_mask(mask, _NAME, "mask")
-            if features.dim() == 2:  # one bag [N, D], pooled as a batch of one
+            if chunk_size is not None:
+                pooled, weights, s = self._pool_chunked(features, mask, chunk_size)
+            elif features.dim() == 2:  # one bag [N, D], pooled as a batch of one
                 m = None if mask is None else mask.unsqueeze(0)
                 pooled, weights, s = self._pool_padded(features.unsqueeze(0), m)
                 pooled, weights, s = pooled[0], weights[0], s[0]
@@ -305,4 +400,6 @@ class AttentionPooling(nn.Module):
             s += f", act={self.act!r}"
         if not self.bias_last:
             s += ", bias_last=False"
+        if self.chunk_size is not None:
+            s += f", chunk_size={self.chunk_size}"
         return s
