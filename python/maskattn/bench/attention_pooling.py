@@ -77,6 +77,12 @@ def add_args(p):
         default=4.0,
         help="attention_pooling suite: skip the padded variant when its batches need more GB (4)",
     )
+    g.add_argument(
+        "--mil-max-pyg-gb",
+        type=float,
+        default=4.0,
+        help="attention_pooling suite: skip PyG's rows when its [T, F] temporaries need more GB (4)",
+    )
 
 
 def bag_sizes(n_bags: int, median: int, seed: int = 0):
@@ -240,11 +246,18 @@ def _pyg_cases(args, x, offsets, n_bags, L, H, median, T):
         for trainable in (False, True):
             torch.manual_seed(1)
             gate = make_gate().to(dev)
-            xx = x.detach().clone().requires_grad_(trainable)
+            xx = x.detach().requires_grad_(trainable)  # the same storage: no copy of [T, F]
             go = torch.randn(n_bags, L, device=dev)
             impls = []
-            if AttentionalAggregation is None:
-                impls.append(Impl("PyG AttentionalAggregation", None, BASELINE, note="torch_geometric not installed"))
+            # gate * x, its gradient and the product in the gate's gradient, plus x's gradient
+            pyg_gb = (3 + trainable) * T * L * x.element_size() / 1e9
+            if AttentionalAggregation is None or pyg_gb > getattr(args, "mil_max_pyg_gb", 4.0):
+                why = (
+                    "torch_geometric not installed"
+                    if AttentionalAggregation is None
+                    else f"PyG's [T, F] temporaries would take {pyg_gb:.1f} GB (--mil-max-pyg-gb)"
+                )
+                impls.append(Impl("PyG AttentionalAggregation", None, BASELINE, note=why))
                 impls.append(Impl(PACKED, None, MASKATTN, note="no PyG baseline here"))
             else:
                 aggr = AttentionalAggregation(gate).to(dev)
@@ -265,5 +278,5 @@ def _pyg_cases(args, x, offsets, n_bags, L, H, median, T):
             detail = f"{gate_name}, {'trainable' if trainable else 'frozen'} features"
             case = f"{n_bags} bags median {median} (T={T}) F={L}"
             yield Case(PYG_LAYER, case, "fwd+bwd", impls, detail=detail)
-            if AttentionalAggregation is None:
-                return  # one row says why, not eight
+            if AttentionalAggregation is None or pyg_gb > getattr(args, "mil_max_pyg_gb", 4.0):
+                return  # one row says why, not four
