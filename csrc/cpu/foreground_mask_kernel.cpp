@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/parallel.h"
 #include "foreground_mask.h"
 
 namespace maskattn {
@@ -371,7 +372,11 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images,
         // instead of holding back the whole batch. Each image's result does not depend on which
         // thread computes it, so the output stays deterministic.
         std::atomic<int64_t> next{0};
-        const int64_t workers = std::min<int64_t>(B, std::max<int64_t>(1, at::get_num_threads()));
+        // A batch of little work stays on the calling thread (common/parallel.h); each pixel goes
+        // through a few tens of operations across the stages.
+        const int64_t workers = B * H * W * 32 < kParallelGrainWork
+                                    ? int64_t(1)
+                                    : std::min<int64_t>(B, std::max<int64_t>(1, at::get_num_threads()));
         at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
           std::vector<uint8_t> bin(H * W), tmp(H * W);
           std::vector<float> ftmp(H * W);
@@ -409,7 +414,7 @@ void largest_component_cpu(uint8_t* masks, int64_t B, int64_t H, int64_t W, bool
   }
   TORCH_CHECK(H * W <= INT32_MAX, "foreground_mask: images of ", H, "x", W,
               " pixels are too large (at most 2^31 - 1 pixels per image)");  // int run labels, see above
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(H * W * 8), [&](int64_t b0, int64_t b1) {
     RunLabels L;
     std::vector<int64_t> area;
     for (int64_t b = b0; b < b1; ++b) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/cascade_sum.h"
+#include "common/parallel.h"
 #include "common/checks.h"
 #include "gated_masked_mean.h"
 
@@ -178,7 +179,7 @@ std::vector<acc_t> inverse_counts(const at::Tensor& mask, int64_t B, int64_t H, 
   }
   const bool* m = mask.const_data_ptr<bool>();
   const int64_t s0 = mask.stride(0), s1 = mask.stride(1), s2 = mask.stride(2);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(H * W), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t n = 0;
       for (int64_t y = 0; y < H; ++y) {
@@ -221,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& featu
         const int64_t m0 = mp ? in.mask.stride(0) : 0, m1 = mp ? in.mask.stride(1) : 0,
                       m2 = mp ? in.mask.stride(2) : 0;
         scalar_t* gp = gate.data_ptr<scalar_t>();
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        at::parallel_for(0, B, grain_for(HW), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             for (int64_t y = 0; y < H; ++y) {
               for (int64_t x = 0; x < W; ++x) {
@@ -240,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& featu
         const scalar_t* f = L.f.const_data_ptr<scalar_t>();
         scalar_t* out = pooled.data_ptr<scalar_t>();
         if (L.planar) {
-          at::parallel_for(0, B * C, 16, [&](int64_t i0, int64_t i1) {
+          at::parallel_for(0, B * C, grain_for(HW), [&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i) {
               const int64_t b = i / C, c = i % C;
               const scalar_t* __restrict__ row = f + b * L.bs + c * L.cs;
@@ -257,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& featu
         } else {
           // Pixels summed kSumBlock at a time, the blocks added pairwise (common/cascade_sum.h).
           const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
-          at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
+          at::parallel_for(0, B * nch, grain_for(csz * HW), [&](int64_t t0, int64_t t1) {
             std::vector<acc_t> total(csz);
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
@@ -315,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
         scalar_t* gf = need_f ? grad_features.data_ptr<scalar_t>() : nullptr;
         const bool fuse = need_f && need_l && L.planar;
         if (need_f && !fuse) {
-          at::parallel_for(0, B * C, 16, [&](int64_t i0, int64_t i1) {
+          at::parallel_for(0, B * C, grain_for(HW), [&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i) {
               const int64_t b = i / C;
               scale_row<scalar_t, acc_t>(gf + i * HW, gt + b * HW, gpp[i] * inv[b], HW);
@@ -329,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
         if (L.planar) {
           const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
           std::vector<acc_t> part(B * nch * HW, acc_t(0));
-          at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
+          at::parallel_for(0, B * nch, grain_for(csz * HW), [&](int64_t t0, int64_t t1) {
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
               acc_t* __restrict__ a = part.data() + t * HW;
@@ -341,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
             }
           });
           // Fixed-order reduction of the chunks: the result does not depend on the thread schedule.
-          at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          at::parallel_for(0, B, grain_for(nch * HW), [&](int64_t b0, int64_t b1) {
             for (int64_t b = b0; b < b1; ++b) {
               acc_t* __restrict__ d = dots.data() + b * HW;
               for (int64_t k = 0; k < nch; ++k) {
@@ -351,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
             }
           });
         } else {
-          at::parallel_for(0, B * HW, 16, [&](int64_t i0, int64_t i1) {
+          at::parallel_for(0, B * HW, grain_for(C), [&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i) {
               const int64_t b = i / HW, p = i % HW;
               const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps;
@@ -363,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
         // d/d logit = s (1 - s) * (dots / #valid + grad_gate); padding (gate 0) gets exactly 0.
         const acc_t* gg = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
         scalar_t* gl = grad_logits.data_ptr<scalar_t>();
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        at::parallel_for(0, B, grain_for(HW), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             for (int64_t p = 0; p < HW; ++p) {
               const int64_t i = b * HW + p;

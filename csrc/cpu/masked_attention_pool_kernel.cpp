@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/cascade_sum.h"
+#include "common/parallel.h"
 #include "common/checks.h"
 #include "common/cpu_alloc.h"
 #include "common/cpu_vec.h"
@@ -44,11 +45,16 @@ struct Chunk {
   int64_t bag, r0, r1;
 };
 
+int64_t total_rows(const std::vector<Bag>& bags) {
+  int64_t total = 0;
+  for (const auto& b : bags) total += b.len;
+  return total;
+}
+
 // Enough chunks to keep every thread busy even for B = 1, few enough that the per-chunk partial
 // sums (K*D floats each) stay negligible next to the features.
 std::vector<Chunk> make_chunks(const std::vector<Bag>& bags, std::vector<int64_t>& first_chunk) {
-  int64_t total = 0;
-  for (const auto& b : bags) total += b.len;
+  const int64_t total = total_rows(bags);
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rows = std::max<int64_t>(64, (total + 4 * nt - 1) / (4 * nt));
   std::vector<Chunk> chunks;
@@ -104,7 +110,8 @@ void bag_softmax(const scalar_t* logits, const bool* mask, const std::vector<Bag
                  acc_t* w) {
   const int64_t K = L.K;
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  at::parallel_for(0, static_cast<int64_t>(bags.size()), 1, [&](int64_t b0, int64_t b1) {
+  const int64_t nb = static_cast<int64_t>(bags.size());
+  at::parallel_for(0, nb, grain_for(total_rows(bags) * K, nb), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> buf;  // one branch's column when K > 1, so the exp runs on contiguous values
     for (int64_t b = b0; b < b1; ++b) {
       const Bag& bag = bags[b];
@@ -295,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor> pool_forward(const at::Tensor& logits, const 
         const auto chunks = make_chunks(bags, first);
         std::vector<acc_t> parts(chunks.size() * K * D);
         const scalar_t* f = features.const_data_ptr<scalar_t>();
-        at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+        const int64_t nc_all = static_cast<int64_t>(chunks.size());
+        at::parallel_for(0, nc_all, grain_for(total_rows(bags) * K * D, nc_all), [&](int64_t c0, int64_t c1) {
           for (int64_t c = c0; c < c1; ++c) {
             pool_chunk(f, w, bags[chunks[c].bag], chunks[c], L, parts.data() + c * K * D);
           }
@@ -303,15 +311,16 @@ std::tuple<at::Tensor, at::Tensor> pool_forward(const at::Tensor& logits, const 
         // Chunks are summed pairwise in a fixed order: results do not depend on the thread
         // schedule. A bag without rows has no chunk and keeps its zeros.
         scalar_t* out = pooled.data_ptr<scalar_t>();
-        at::parallel_for(0, B * K, 1, [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) {
-            const int64_t b = i / K, k = i % K, nc = first[b + 1] - first[b];
-            if (nc == 0) continue;
-            acc_t* p0 = parts.data() + (first[b] * K + k) * D;
-            cpu::pairwise_reduce_inplace(p0, nc, K * D, D);
-            for (int64_t d = 0; d < D; ++d) out[i * D + d] = static_cast<scalar_t>(p0[d]);
-          }
-        });
+        at::parallel_for(0, B * K, grain_for(nc_all * D, std::max<int64_t>(1, B)),
+                         [&](int64_t i0, int64_t i1) {
+                           for (int64_t i = i0; i < i1; ++i) {
+                             const int64_t b = i / K, k = i % K, nc = first[b + 1] - first[b];
+                             if (nc == 0) continue;
+                             acc_t* p0 = parts.data() + (first[b] * K + k) * D;
+                             cpu::pairwise_reduce_inplace(p0, nc, K * D, D);
+                             for (int64_t d = 0; d < D; ++d) out[i * D + d] = static_cast<scalar_t>(p0[d]);
+                           }
+                         });
       });
   if (!w_acc.is_same(weights)) weights.copy_(w_acc);
   return {pooled, weights};
@@ -352,91 +361,94 @@ std::tuple<at::Tensor, at::Tensor> pool_backward(const PoolGrads& g, const at::T
         std::vector<int64_t> first;
         const auto chunks = make_chunks(bags, first);
         const int64_t gf_row = D;  // grad_features is contiguous
-        at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-          std::vector<acc_t> col;
-          for (int64_t ci = c0; ci < c1; ++ci) {
-            const Chunk& c = chunks[ci];
-            const Bag& bag = bags[c.bag];
-            const acc_t* gpb = gpp + c.bag * K * D;
-            // grad_features rows are contiguous [rows, D]; the row index is the bag's row base.
-            const int64_t row_base = bag.w_off / K;
-            if (need_features) {
-              for (int64_t r = c.r0; r < c.r1; ++r) {
-                scalar_t* out = gf + (row_base + r) * gf_row;
-                const acc_t* wr = w + bag.w_off + r * K;
-                if (K == 1) {
-                  const acc_t a = wr[0];
-                  if (a == acc_t(0)) {
-                    std::fill(out, out + D, scalar_t(0));
-                  } else {
-                    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(a * gpb[d]);
+        const int64_t nc_all = static_cast<int64_t>(chunks.size());
+        at::parallel_for(
+            0, nc_all, grain_for(total_rows(bags) * K * (D + 1), nc_all), [&](int64_t c0, int64_t c1) {
+              std::vector<acc_t> col;
+              for (int64_t ci = c0; ci < c1; ++ci) {
+                const Chunk& c = chunks[ci];
+                const Bag& bag = bags[c.bag];
+                const acc_t* gpb = gpp + c.bag * K * D;
+                // grad_features rows are contiguous [rows, D]; the row index is the bag's row base.
+                const int64_t row_base = bag.w_off / K;
+                if (need_features) {
+                  for (int64_t r = c.r0; r < c.r1; ++r) {
+                    scalar_t* out = gf + (row_base + r) * gf_row;
+                    const acc_t* wr = w + bag.w_off + r * K;
+                    if (K == 1) {
+                      const acc_t a = wr[0];
+                      if (a == acc_t(0)) {
+                        std::fill(out, out + D, scalar_t(0));
+                      } else {
+                        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(a * gpb[d]);
+                      }
+                    } else {
+                      // Branches whose weight is 0 are selected away, not multiplied: 0 * inf in
+                      // grad_pooled would otherwise reach the row (padding: every branch is 0).
+                      for (int64_t d = 0; d < D; ++d) {
+                        acc_t s = 0;
+                        for (int64_t k = 0; k < K; ++k)
+                          s += wr[k] != acc_t(0) ? wr[k] * gpb[k * D + d] : acc_t(0);
+                        out[d] = static_cast<scalar_t>(s);
+                      }
+                    }
+                  }
+                }
+                if (!need_logits) continue;
+                acc_t* gs = gsum.data() + bag.w_off;
+                if (L.fs_d == 1 && K == 1) {
+                  // live rows (weight != 0) four at a time; padding rows are never read
+                  const scalar_t* rows[4];
+                  int64_t idx[4];
+                  acc_t out[4];
+                  int n = 0;
+                  for (int64_t r = c.r0; r < c.r1; ++r) {
+                    gs[r] = acc_t(0);
+                    if (w[bag.w_off + r] == acc_t(0)) continue;
+                    rows[n] = f + bag.f_off + r * L.fs_n;
+                    idx[n] = r;
+                    if (++n == 4) {
+                      cpu::dot_rows_any(gpb, rows, 4, D, out);
+                      for (int j = 0; j < 4; ++j) gs[idx[j]] = out[j];
+                      n = 0;
+                    }
+                  }
+                  cpu::dot_rows_any(gpb, rows, n, D, out);
+                  for (int j = 0; j < n; ++j) gs[idx[j]] = out[j];
+                } else if (L.fs_d == 1) {
+                  for (int64_t r = c.r0; r < c.r1; ++r) {
+                    const scalar_t* row = f + bag.f_off + r * L.fs_n;
+                    for (int64_t k = 0; k < K; ++k) {
+                      const int64_t i = r * K + k;
+                      gs[i] = w[bag.w_off + i] != acc_t(0) ? cpu::dot_any(gpb + k * D, row, D) : acc_t(0);
+                    }
                   }
                 } else {
-                  // Branches whose weight is 0 are selected away, not multiplied: 0 * inf in
-                  // grad_pooled would otherwise reach the row (padding: every branch is 0).
+                  // Rows contiguous: accumulate the dot products column by column, vectorised over rows.
+                  const int64_t n = c.r1 - c.r0;
+                  col.assign(n * K, acc_t(0));
                   for (int64_t d = 0; d < D; ++d) {
-                    acc_t s = 0;
-                    for (int64_t k = 0; k < K; ++k)
-                      s += wr[k] != acc_t(0) ? wr[k] * gpb[k * D + d] : acc_t(0);
-                    out[d] = static_cast<scalar_t>(s);
+                    const scalar_t* fc = f + bag.f_off + d * L.fs_d + c.r0;
+                    for (int64_t k = 0; k < K; ++k) {
+                      const acc_t gd = gpb[k * D + d];
+                      acc_t* ck = col.data() + k * n;
+                      for (int64_t r = 0; r < n; ++r) ck[r] += gd * static_cast<acc_t>(fc[r]);
+                    }
+                  }
+                  for (int64_t r = 0; r < n; ++r) {
+                    for (int64_t k = 0; k < K; ++k) {
+                      const int64_t i = (c.r0 + r) * K + k;
+                      gs[i] = w[bag.w_off + i] != acc_t(0) ? col[k * n + r] : acc_t(0);
+                    }
                   }
                 }
               }
-            }
-            if (!need_logits) continue;
-            acc_t* gs = gsum.data() + bag.w_off;
-            if (L.fs_d == 1 && K == 1) {
-              // live rows (weight != 0) four at a time; padding rows are never read
-              const scalar_t* rows[4];
-              int64_t idx[4];
-              acc_t out[4];
-              int n = 0;
-              for (int64_t r = c.r0; r < c.r1; ++r) {
-                gs[r] = acc_t(0);
-                if (w[bag.w_off + r] == acc_t(0)) continue;
-                rows[n] = f + bag.f_off + r * L.fs_n;
-                idx[n] = r;
-                if (++n == 4) {
-                  cpu::dot_rows_any(gpb, rows, 4, D, out);
-                  for (int j = 0; j < 4; ++j) gs[idx[j]] = out[j];
-                  n = 0;
-                }
-              }
-              cpu::dot_rows_any(gpb, rows, n, D, out);
-              for (int j = 0; j < n; ++j) gs[idx[j]] = out[j];
-            } else if (L.fs_d == 1) {
-              for (int64_t r = c.r0; r < c.r1; ++r) {
-                const scalar_t* row = f + bag.f_off + r * L.fs_n;
-                for (int64_t k = 0; k < K; ++k) {
-                  const int64_t i = r * K + k;
-                  gs[i] = w[bag.w_off + i] != acc_t(0) ? cpu::dot_any(gpb + k * D, row, D) : acc_t(0);
-                }
-              }
-            } else {
-              // Rows contiguous: accumulate the dot products column by column, vectorised over rows.
-              const int64_t n = c.r1 - c.r0;
-              col.assign(n * K, acc_t(0));
-              for (int64_t d = 0; d < D; ++d) {
-                const scalar_t* fc = f + bag.f_off + d * L.fs_d + c.r0;
-                for (int64_t k = 0; k < K; ++k) {
-                  const acc_t gd = gpb[k * D + d];
-                  acc_t* ck = col.data() + k * n;
-                  for (int64_t r = 0; r < n; ++r) ck[r] += gd * static_cast<acc_t>(fc[r]);
-                }
-              }
-              for (int64_t r = 0; r < n; ++r) {
-                for (int64_t k = 0; k < K; ++k) {
-                  const int64_t i = (c.r0 + r) * K + k;
-                  gs[i] = w[bag.w_off + i] != acc_t(0) ? col[k * n + r] : acc_t(0);
-                }
-              }
-            }
-          }
-        });
+            });
         if (!need_logits) return;
         // Softmax backward per bag and branch: dl = w * (g - sum(w * g)).
         scalar_t* gl = grad_logits.data_ptr<scalar_t>();
-        at::parallel_for(0, static_cast<int64_t>(bags.size()), 1, [&](int64_t b0, int64_t b1) {
+        const int64_t nb = static_cast<int64_t>(bags.size());
+        at::parallel_for(0, nb, grain_for(total_rows(bags) * K, nb), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             const Bag& bag = bags[b];
             for (int64_t k = 0; k < K; ++k) {
