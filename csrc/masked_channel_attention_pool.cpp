@@ -100,7 +100,8 @@ ChannelPoolInputs check_channel_pool_packed_inputs(const at::Tensor& logits, con
 
 ChannelPoolGrads check_channel_pool_grads(const at::Tensor& grad_pooled,
                                           const std::optional<at::Tensor>& grad_weights,
-                                          const at::Tensor& weights, const at::Tensor& features,
+                                          const at::Tensor& pooled, const at::Tensor& weights,
+                                          const at::Tensor& features,
                                           const std::optional<at::Tensor>& offsets) {
   const bool packed = offsets.has_value();
   const char* op =
@@ -120,13 +121,21 @@ ChannelPoolGrads check_channel_pool_grads(const at::Tensor& grad_pooled,
     B = g.offsets.size(0) - 1;
   }
   const int64_t D = features.size(-1);
-  check_grad_like(op, grad_pooled, "grad_pooled", {B, D}, features.scalar_type(), features, "pooled [B, D]");
+  const std::vector<int64_t> pooled_shape{B, D};
+  TORCH_CHECK(pooled.sizes() == at::IntArrayRef(pooled_shape), op, ": pooled has shape ", shape_str(pooled),
+              ", expected [B, D] = ", at::IntArrayRef(pooled_shape),
+              packed ? " (B = offsets.size(0) - 1)" : "");
+  TORCH_CHECK(pooled.scalar_type() == features.scalar_type(), op, ": pooled (", pooled.scalar_type(),
+              ") and features (", features.scalar_type(), ") must have the same dtype");
+  check_same_device(pooled, arg(op, "pooled").c_str(), features, "features");
+  check_grad_like(op, grad_pooled, "grad_pooled", pooled_shape, pooled.scalar_type(), features, "pooled");
   if (grad_weights.has_value() && grad_weights->defined()) {
     check_grad_like(op, *grad_weights, "grad_weights", weights.sizes(), weights.scalar_type(), features,
                     "weights");
     g.grad_weights = *grad_weights;
   }
   g.grad_pooled = grad_pooled;
+  g.pooled = pooled;
   g.weights = weights;
   g.features = features;
   return g;
@@ -138,13 +147,13 @@ TORCH_LIBRARY_FRAGMENT(maskattn, m) {
   m.def(
       "masked_channel_attention_pool(Tensor logits, Tensor features, Tensor? mask=None) -> (Tensor, Tensor)");
   m.def(
-      "_masked_channel_attention_pool_backward(Tensor grad_pooled, Tensor? grad_weights, Tensor weights, "
-      "Tensor features, bool[2] output_mask) -> (Tensor, Tensor)");
+      "_masked_channel_attention_pool_backward(Tensor grad_pooled, Tensor? grad_weights, Tensor pooled, "
+      "Tensor weights, Tensor features, bool[2] output_mask) -> (Tensor, Tensor)");
   m.def(
       "masked_channel_attention_pool_packed(Tensor logits, Tensor features, Tensor offsets) -> (Tensor, "
       "Tensor)");
   m.def(
       "_masked_channel_attention_pool_packed_backward(Tensor grad_pooled, Tensor? grad_weights, Tensor "
-      "weights, "
-      "Tensor features, Tensor offsets, bool[2] output_mask) -> (Tensor, Tensor)");
+      "pooled, "
+      "Tensor weights, Tensor features, Tensor offsets, bool[2] output_mask) -> (Tensor, Tensor)");
 }

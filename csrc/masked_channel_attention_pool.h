@@ -23,11 +23,13 @@ ChannelPoolInputs check_channel_pool_inputs(const at::Tensor& logits, const at::
 ChannelPoolInputs check_channel_pool_packed_inputs(const at::Tensor& logits, const at::Tensor& features,
                                                    const at::Tensor& offsets);
 
-// Checked arguments of a backward op: grad_pooled [B,D]; grad_weights like weights, or undefined;
-// weights and features [B,N,D] (padded) or [T,D] (packed, with offsets [B+1]).
+// Checked arguments of a backward op: grad_pooled and pooled [B,D] (pooled as the forward returned
+// it: the backward needs sum_n w f, and reading it saves a pass over the features); grad_weights like
+// weights, or undefined; weights and features [B,N,D] (padded) or [T,D] (packed, with offsets [B+1]).
 struct ChannelPoolGrads {
   at::Tensor grad_pooled;
   at::Tensor grad_weights;
+  at::Tensor pooled;
   at::Tensor weights;
   at::Tensor features;
   at::Tensor offsets;  // contiguous, or undefined (padded)
@@ -35,7 +37,8 @@ struct ChannelPoolGrads {
 
 ChannelPoolGrads check_channel_pool_grads(const at::Tensor& grad_pooled,
                                           const std::optional<at::Tensor>& grad_weights,
-                                          const at::Tensor& weights, const at::Tensor& features,
+                                          const at::Tensor& pooled, const at::Tensor& weights,
+                                          const at::Tensor& features,
                                           const std::optional<at::Tensor>& offsets);
 
 }  // namespace maskattn

@@ -203,12 +203,12 @@ def test_opcheck(device):
     bwd = torch.ops.maskattn._masked_channel_attention_pool_backward.default
     for gw in (None, torch.randn_like(w)):
         for om in ([True, True], [True, False], [False, True]):
-            torch.library.opcheck(bwd, (torch.randn_like(p), gw, w, f.detach(), om))
+            torch.library.opcheck(bwd, (torch.randn_like(p), gw, p, w, f.detach(), om))
     pp, wp = packed(lp.detach(), fp.detach(), offs)
     bwdp = torch.ops.maskattn._masked_channel_attention_pool_packed_backward.default
     for gw in (None, torch.randn_like(wp)):
         for om in ([True, True], [True, False], [False, True]):
-            torch.library.opcheck(bwdp, (torch.randn_like(pp), gw, wp, fp.detach(), offs, om))
+            torch.library.opcheck(bwdp, (torch.randn_like(pp), gw, pp, wp, fp.detach(), offs, om))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -344,15 +344,15 @@ def test_backward_accepts_any_strides(device):
     p, w = pool(logits, feats, mask)
     gp, gw = torch.randn_like(p), torch.randn_like(w)
     bwd = torch.ops.maskattn._masked_channel_attention_pool_backward
-    want = bwd(gp, gw, w, feats, [True, True])
     got = bwd(
         gp[:1].expand(2, 6),
         gw.transpose(1, 2).contiguous().transpose(1, 2),
+        p.t().contiguous().t(),
         w.permute(1, 0, 2).contiguous().permute(1, 0, 2),
         feats.transpose(1, 2).contiguous().transpose(1, 2),
         [True, True],
     )
-    want = bwd(gp[:1].expand(2, 6).contiguous(), gw, w, feats, [True, True])
+    want = bwd(gp[:1].expand(2, 6).contiguous(), gw, p, w, feats, [True, True])
     for a, b in zip(got, want):
         assert a.is_contiguous()
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
@@ -496,20 +496,22 @@ def test_keeps_subnormal_weights(device):
 
 def test_frozen_features_compute_no_feature_gradient():
     logits, feats, mask = make(2, 16, 8)
-    _, w = pool(logits, feats, mask)
+    p, w = pool(logits, feats, mask)
     gp = torch.randn(2, 8)
     bwd = torch.ops.maskattn._masked_channel_attention_pool_backward
-    gl, gf = bwd(gp, None, w, feats, [True, False])
+    gl, gf = bwd(gp, None, p, w, feats, [True, False])
     assert gf.numel() == 0 and gl.shape == logits.shape
-    gl2, gf2 = bwd(gp, None, w, feats, [True, True])
+    gl2, gf2 = bwd(gp, None, p, w, feats, [True, True])
     torch.testing.assert_close(gl, gl2, atol=0, rtol=0)
-    gl3, gf3 = bwd(gp, None, w, feats, [False, True])
+    gl3, gf3 = bwd(gp, None, p, w, feats, [False, True])
     assert gl3.numel() == 0
     torch.testing.assert_close(gf3, gf2, atol=0, rtol=0)
     l = logits.clone().requires_grad_()
     p, w = pool(l, feats, mask)
     saved = p.grad_fn.saved_tensors
-    assert len(saved) == 2 and saved[1].data_ptr() == feats.data_ptr()  # the weights and the features
+    # a copy of pooled, the weights and the features (not copied)
+    assert len(saved) == 3 and saved[2].data_ptr() == feats.data_ptr()
+    assert saved[0].data_ptr() != p.data_ptr() and torch.equal(saved[0], p)
     p.sum().backward()
     assert feats.grad is None and l.grad is not None
 

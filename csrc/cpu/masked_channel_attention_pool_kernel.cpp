@@ -371,24 +371,22 @@ void channel_pool_forward(const FwdArgs<scalar_t>& A, const std::vector<Bag>& ba
 
 // ---- backward ----
 //   grad_features[n, d] = w g[d];  grad_logits[n, d] = w (g[d] (f - P[d]) + gw - Q[d])
-// with P[d] = sum_n w f (the pooled value, recomputed from the weights given) and Q[d] = sum_n w gw.
-// Rows of weight 0 (padding, -inf logits, underflow) are selected away: their gradients are exactly
-// 0 and their features are never used.
+// with P = pooled (sum_n w f, as the forward returned it) and Q[d] = sum_n w gw, summed only when
+// the weights have a gradient of their own. Without one, the backward is a single pass: weights and
+// features read once, each gradient written once. Entries of weight 0 (padding, -inf logits,
+// underflow) are selected away: their gradients are exactly 0 and their features are never used.
 
 template <typename scalar_t>
 struct BwdArgs {
   Operand<scalar_t> weights, features, grad_weights;  // grad_weights.p null: none
   const at::opmath_type<scalar_t>* gp;                // [B, D] contiguous
+  const at::opmath_type<scalar_t>* pooled;            // [B, D] contiguous
   int64_t D;
 };
 
 template <typename acc_t>
-void sums_row(const acc_t* w, const acc_t* f, const acc_t* gw, int64_t n, acc_t* p, acc_t* q) {
-  for (int64_t d = 0; d < n; ++d) {
-    const bool live = w[d] != acc_t(0);
-    p[d] += live ? w[d] * f[d] : acc_t(0);
-    if (gw) q[d] += live ? w[d] * gw[d] : acc_t(0);
-  }
+void wsum_row(const acc_t* w, const acc_t* gw, int64_t n, acc_t* q) {
+  for (int64_t d = 0; d < n; ++d) q[d] += w[d] != acc_t(0) ? w[d] * gw[d] : acc_t(0);
 }
 
 template <typename acc_t, typename out_t>
@@ -397,10 +395,14 @@ void grads_row(const acc_t* w, const acc_t* f, const acc_t* gw, const acc_t* g, 
   if (gf) {
     for (int64_t d = 0; d < n; ++d) gf[d] = static_cast<out_t>(w[d] != acc_t(0) ? w[d] * g[d] : acc_t(0));
   }
-  if (gl) {
+  if (gl && gw) {
     for (int64_t d = 0; d < n; ++d) {
-      const acc_t t = g[d] * (f[d] - P[d]) + (gw ? gw[d] - Q[d] : acc_t(0));
+      const acc_t t = g[d] * (f[d] - P[d]) + (gw[d] - Q[d]);
       gl[d] = static_cast<out_t>(w[d] != acc_t(0) ? w[d] * t : acc_t(0));
+    }
+  } else if (gl) {
+    for (int64_t d = 0; d < n; ++d) {
+      gl[d] = static_cast<out_t>(w[d] != acc_t(0) ? w[d] * (g[d] * (f[d] - P[d])) : acc_t(0));
     }
   }
 }
@@ -412,35 +414,32 @@ void channel_pool_backward(const BwdArgs<scalar_t>& A, const std::vector<Bag>& b
   const int64_t D = A.D;
   const Plan plan = make_plan(bags, D);
   const int64_t W = plan.width, nitems = static_cast<int64_t>(plan.items.size());
-  const bool has_gw = A.grad_weights.p != nullptr;
+  const bool need_q = gl != nullptr && A.grad_weights.p != nullptr;
 
-  // 1) P and Q per item ([P | Q], W each): blocks of kBlockRows rows summed pairwise; then a
-  // bag's chunks, pairwise in a fixed order, into its first item
-  std::vector<acc_t> parts(gl ? nitems * 2 * W : 0);
-  if (gl) {
+  // 1) Q per item: blocks of kBlockRows rows summed pairwise; then a bag's chunks, pairwise in a
+  // fixed order, into its first item
+  std::vector<acc_t> parts(need_q ? nitems * W : 0);
+  if (need_q) {
     at::parallel_for(0, nitems, plan.grain, [&](int64_t i0, int64_t i1) {
-      std::vector<acc_t> wb(W), fb(W), gb(W);
+      std::vector<acc_t> wb(W), gb(W);
       for (int64_t i = i0; i < i1; ++i) {
         const Item& it = plan.items[i];
         const Bag& bag = bags[it.bag];
         const int64_t nd = it.d1 - it.d0;
-        auto sum_rows = [&](int64_t r0, int64_t r1, acc_t* pq) {
+        auto sum_rows = [&](int64_t r0, int64_t r1, acc_t* q) {
           for (int64_t r = r0; r < r1; ++r) {
             const acc_t* w = A.weights.row(bag.l_off + r * A.weights.s_n, it.d0, nd, wb.data());
-            const acc_t* f = A.features.row(bag.f_off + r * A.features.s_n, it.d0, nd, fb.data());
-            const acc_t* gw =
-                has_gw ? A.grad_weights.row(bag.x_off + r * A.grad_weights.s_n, it.d0, nd, gb.data())
-                       : nullptr;
-            sums_row(w, f, gw, nd, pq, pq + W);
+            const acc_t* gw = A.grad_weights.row(bag.x_off + r * A.grad_weights.s_n, it.d0, nd, gb.data());
+            wsum_row(w, gw, nd, q);
           }
         };
-        acc_t* out = parts.data() + i * 2 * W;
+        acc_t* out = parts.data() + i * W;
         if (it.r1 - it.r0 <= kBlockRows) {
-          std::fill(out, out + 2 * W, acc_t(0));
+          std::fill(out, out + W, acc_t(0));
           sum_rows(it.r0, it.r1, out);
           continue;
         }
-        cpu::ArrayCascade<acc_t> cascade(2 * W);
+        cpu::ArrayCascade<acc_t> cascade(W);
         for (int64_t r0 = it.r0; r0 < it.r1; r0 += kBlockRows) {
           acc_t* blk = cascade.block();
           sum_rows(r0, std::min(it.r1, r0 + kBlockRows), blk);
@@ -453,7 +452,7 @@ void channel_pool_backward(const BwdArgs<scalar_t>& A, const std::vector<Bag>& b
     at::parallel_for(0, G, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, W)), [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t n = plan.first[g + 1] - plan.first[g];
-        if (n > 1) cpu::pairwise_reduce_inplace(parts.data() + plan.first[g] * 2 * W, n, 2 * W, 2 * W);
+        if (n > 1) cpu::pairwise_reduce_inplace(parts.data() + plan.first[g] * W, n, W, W);
       }
     });
   }
@@ -466,16 +465,14 @@ void channel_pool_backward(const BwdArgs<scalar_t>& A, const std::vector<Bag>& b
       const Bag& bag = bags[it.bag];
       const int64_t nd = it.d1 - it.d0;
       const acc_t* g = A.gp + it.bag * D + it.d0;
-      const int64_t grp = it.bag * plan.ntiles + it.d0 / W;
-      const acc_t* P = gl ? parts.data() + plan.first[grp] * 2 * W : nullptr;
-      const acc_t* Q = P ? P + W : nullptr;
+      const acc_t* P = A.pooled + it.bag * D + it.d0;
+      const acc_t* Q = need_q ? parts.data() + plan.first[it.bag * plan.ntiles + it.d0 / W] * W : nullptr;
       for (int64_t r = it.r0; r < it.r1; ++r) {
         const int64_t row = bag.row0 + r;
         const acc_t* w = A.weights.row(bag.l_off + r * A.weights.s_n, it.d0, nd, wb.data());
         const acc_t* f = gl ? A.features.row(bag.f_off + r * A.features.s_n, it.d0, nd, fb.data()) : nullptr;
-        const acc_t* gw = gl && has_gw
-                              ? A.grad_weights.row(bag.x_off + r * A.grad_weights.s_n, it.d0, nd, gb.data())
-                              : nullptr;
+        const acc_t* gw =
+            need_q ? A.grad_weights.row(bag.x_off + r * A.grad_weights.s_n, it.d0, nd, gb.data()) : nullptr;
         grads_row(w, f, gw, g, P, Q, nd, gl ? gl + row * D + it.d0 : nullptr,
                   gf ? gf + row * D + it.d0 : nullptr);
       }
@@ -544,13 +541,16 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const ChannelPoolGrads& g, const
   if ((!output_mask[0] && !output_mask[1]) || w.numel() == 0) return {gl, gf};
   const auto acc_type = at::toOpMathType(f.scalar_type());
   const at::Tensor gp = g.grad_pooled.to(acc_type).contiguous();
+  const at::Tensor pooled = g.pooled.to(acc_type).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, f.scalar_type(), "masked_channel_attention_pool_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
         BwdArgs<scalar_t> a;
         a.weights = operand<scalar_t>(w);
         a.features = operand<scalar_t>(f);
         if (g.grad_weights.defined()) a.grad_weights = operand<scalar_t>(g.grad_weights);
-        a.gp = gp.const_data_ptr<at::opmath_type<scalar_t>>();
+        a.gp = gp.const_data_ptr<acc_t>();
+        a.pooled = pooled.const_data_ptr<acc_t>();
         a.D = f.size(-1);
         channel_pool_backward<scalar_t>(a, bags, output_mask[0] ? gl.data_ptr<scalar_t>() : nullptr,
                                         output_mask[1] ? gf.data_ptr<scalar_t>() : nullptr);
@@ -573,17 +573,19 @@ std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_packed_cpu(cons
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_backward_cpu(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
-    const at::Tensor& features, std::array<bool, 2> output_mask) {
+    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& pooled,
+    const at::Tensor& weights, const at::Tensor& features, std::array<bool, 2> output_mask) {
   const ChannelPoolGrads g =
-      check_channel_pool_grads(grad_pooled, grad_weights, weights, features, std::nullopt);
+      check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, std::nullopt);
   return backward_cpu(g, padded_bags(g.weights, g.features, g.grad_weights), output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_packed_backward_cpu(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
-    const at::Tensor& features, const at::Tensor& offsets, std::array<bool, 2> output_mask) {
-  const ChannelPoolGrads g = check_channel_pool_grads(grad_pooled, grad_weights, weights, features, offsets);
+    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& pooled,
+    const at::Tensor& weights, const at::Tensor& features, const at::Tensor& offsets,
+    std::array<bool, 2> output_mask) {
+  const ChannelPoolGrads g =
+      check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, offsets);
   return backward_cpu(g, packed_bags(g.weights, g.features, g.grad_weights, g.offsets), output_mask);
 }
 

@@ -107,8 +107,9 @@ def _(logits, features, offsets):
     return features.new_empty((offsets.shape[0] - 1, features.shape[1])), logits.new_empty(logits.shape)
 
 
-def _backward_fake(op, grad_pooled, weights, features, output_mask):
+def _backward_fake(op, grad_pooled, pooled, weights, features, output_mask):
     _checks.same_device(weights, f"{op}: weights", features, "features")
+    _checks.same_device(pooled, f"{op}: pooled", features, "features")
     _checks.same_device(grad_pooled, f"{op}: grad_pooled", features, "features")
     gl = weights.new_empty(weights.shape) if output_mask[0] else weights.new_empty((0,))
     gf = features.new_empty(features.shape) if output_mask[1] else features.new_empty((0,))
@@ -116,42 +117,54 @@ def _backward_fake(op, grad_pooled, weights, features, output_mask):
 
 
 @torch.library.register_fake("maskattn::_masked_channel_attention_pool_backward")
-def _(grad_pooled, grad_weights, weights, features, output_mask):
-    return _backward_fake("_masked_channel_attention_pool_backward", grad_pooled, weights, features, output_mask)
+def _(grad_pooled, grad_weights, pooled, weights, features, output_mask):
+    return _backward_fake(
+        "_masked_channel_attention_pool_backward", grad_pooled, pooled, weights, features, output_mask
+    )
 
 
 @torch.library.register_fake("maskattn::_masked_channel_attention_pool_packed_backward")
-def _(grad_pooled, grad_weights, weights, features, offsets, output_mask):
-    return _backward_fake("_masked_channel_attention_pool_packed_backward", grad_pooled, weights, features, output_mask)
+def _(grad_pooled, grad_weights, pooled, weights, features, offsets, output_mask):
+    return _backward_fake(
+        "_masked_channel_attention_pool_packed_backward", grad_pooled, pooled, weights, features, output_mask
+    )
 
 
-# ---- autograd: only the weights (an output) and the features (an input) are saved ----
-# The backward recomputes sum_n w f (= pooled) from them rather than saving pooled, so that pooled
-# stays free for in-place updates (pooled += bias) as the other ops' outputs are.
+# ---- autograd: the weights (an output), the features (an input) and a copy of pooled are saved ----
+# The backward needs sum_n w f, which is pooled: reading it makes the backward one pass over the
+# weights and features instead of two. A copy ([B, D], small beside the [rows, D] tensors) is saved
+# rather than the output itself, so that pooled stays free for in-place updates (pooled += bias) as
+# the other ops' outputs are.
+
+
+def _saved_pooled(output):
+    return output[0].detach().clone()
 
 
 def _setup_padded(ctx, inputs, output):
-    ctx.save_for_backward(output[1], inputs[1])
+    ctx.save_for_backward(_saved_pooled(output), output[1], inputs[1])
     ctx.save_for_forward(output[1], inputs[1])
     ctx.output_mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
 
 
 def _backward_padded(ctx, grad_pooled, grad_weights):
-    weights, features = ctx.saved_tensors
-    gl, gf = _ops._masked_channel_attention_pool_backward(grad_pooled, grad_weights, weights, features, ctx.output_mask)
+    pooled, weights, features = ctx.saved_tensors
+    gl, gf = _ops._masked_channel_attention_pool_backward(
+        grad_pooled, grad_weights, pooled, weights, features, ctx.output_mask
+    )
     return (gl if ctx.output_mask[0] else None), (gf if ctx.output_mask[1] else None), None
 
 
 def _setup_packed(ctx, inputs, output):
-    ctx.save_for_backward(output[1], inputs[1], inputs[2])
+    ctx.save_for_backward(_saved_pooled(output), output[1], inputs[1], inputs[2])
     ctx.save_for_forward(output[1], inputs[1], inputs[2])
     ctx.output_mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
 
 
 def _backward_packed(ctx, grad_pooled, grad_weights):
-    weights, features, offsets = ctx.saved_tensors
+    pooled, weights, features, offsets = ctx.saved_tensors
     gl, gf = _ops._masked_channel_attention_pool_packed_backward(
-        grad_pooled, grad_weights, weights, features, offsets, ctx.output_mask
+        grad_pooled, grad_weights, pooled, weights, features, offsets, ctx.output_mask
     )
     return (gl if ctx.output_mask[0] else None), (gf if ctx.output_mask[1] else None), None
 
@@ -247,25 +260,26 @@ def _grad_outputs(grads, output_mask, V):
     return outs, tuple(0 if m else None for m in output_mask)
 
 
-def _vmap_backward_padded(info, in_dims, grad_pooled, grad_weights, weights, features, output_mask):
+def _vmap_backward_padded(info, in_dims, grad_pooled, grad_weights, pooled, weights, features, output_mask):
     V = info.batch_size
     grads = _ops._masked_channel_attention_pool_backward(
-        *(_autograd.fold(t, d, V) for t, d in zip((grad_pooled, grad_weights, weights, features), in_dims)),
+        *(_autograd.fold(t, d, V) for t, d in zip((grad_pooled, grad_weights, pooled, weights, features), in_dims)),
         output_mask,
     )
     return _grad_outputs(grads, output_mask, V)
 
 
-def _vmap_backward_packed(info, in_dims, grad_pooled, grad_weights, weights, features, offsets, output_mask):
+def _vmap_backward_packed(info, in_dims, grad_pooled, grad_weights, pooled, weights, features, offsets, output_mask):
     V = info.batch_size
-    f = _autograd.batched(features, in_dims[3], V)
+    f = _autograd.batched(features, in_dims[4], V)
     rows = f.shape[1]
     grads = _ops._masked_channel_attention_pool_packed_backward(
         _autograd.fold(grad_pooled, in_dims[0], V),
         _autograd.fold(grad_weights, in_dims[1], V),
-        _autograd.fold(weights, in_dims[2], V),
+        _autograd.fold(pooled, in_dims[2], V),
+        _autograd.fold(weights, in_dims[3], V),
         f.reshape((V * rows,) + tuple(f.shape[2:])),
-        _concat_offsets(offsets, in_dims[4], rows, V),
+        _concat_offsets(offsets, in_dims[5], rows, V),
         output_mask,
     )
     return _grad_outputs(grads, output_mask, V)
