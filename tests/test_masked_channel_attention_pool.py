@@ -569,3 +569,35 @@ def test_matches_torch_geometric_attentional_aggregation(device):
     gb = torch.autograd.grad(ours, [x2, *gate_nn.parameters()], g)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_ops_check_their_arguments(device):
+    logits, feats, mask = make(2, 5, 3, torch.float32, device)
+    p, w = pool(logits, feats, mask)
+    gp = torch.randn_like(p)
+    bwd = torch.ops.maskattn._masked_channel_attention_pool_backward
+    name = "_masked_channel_attention_pool_backward"
+    with pytest.raises(RuntimeError, match=rf"{name}: pooled has shape \[3, 2\], expected \[B, D\] = \[2, 3\]"):
+        bwd(gp, None, p.t(), w, feats, [True, True])
+    with pytest.raises(
+        RuntimeError, match=rf"{name}: pooled \(Double\) and features \(Float\) must have the same dtype"
+    ):
+        bwd(gp, None, p.double(), w, feats, [True, True])
+    with pytest.raises(RuntimeError, match=rf"{name}: grad_pooled has shape \[2, 4\], expected \[2, 3\]"):
+        bwd(torch.randn(2, 4, device=device), None, p, w, feats, [True, True])
+    with pytest.raises(RuntimeError, match=rf"{name}: grad_weights has shape \[2, 5, 2\], expected \[2, 5, 3\]"):
+        bwd(gp, w[..., :2], p, w, feats, [True, True])
+    with pytest.raises(RuntimeError, match=rf"{name}: weights \[2, 4, 3\] must have the shape of features"):
+        bwd(gp, None, p, w[:, :4], feats, [True, True])
+    lp, fp, offs = make_packed([3, 0, 5], 3, torch.float32, device)
+    pp, wp = packed(lp, fp, offs)
+    bwdp = torch.ops.maskattn._masked_channel_attention_pool_packed_backward
+    name = "_masked_channel_attention_pool_packed_backward"
+    with pytest.raises(
+        RuntimeError, match=rf"{name}: pooled has shape \[2, 3\], expected \[B, D\] = \[3, 3\] \(B = off"
+    ):
+        bwdp(torch.randn_like(pp), None, pp[:2], wp, fp, offs, [True, True])
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=rf"{name}: offsets\[-1\] = 7 must equal T"):
+            bwdp(torch.randn_like(pp), None, pp, wp, fp, torch.tensor([0, 3, 3, 7]), [True, True])
