@@ -601,3 +601,23 @@ def test_backward_ops_check_their_arguments(device):
     if device == "cpu":
         with pytest.raises(RuntimeError, match=rf"{name}: offsets\[-1\] = 7 must equal T"):
             bwdp(torch.randn_like(pp), None, pp, wp, fp, torch.tensor([0, 3, 3, 7]), [True, True])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_weight_entries_get_zero_gradient_for_nonfinite_grad_pooled(device, dtype):
+    logits, feats, mask = make(2, 9, 4, dtype, device)
+    logits[0, 1, 2] = -INF  # a valid entry of weight 0
+    feats[0, 1, 2] = NAN
+    p, w = pool(logits, feats, mask)
+    gp = torch.randn_like(p)
+    gp[0, 2] = INF
+    gp[1, 0] = NAN
+    gw = torch.randn_like(w)
+    for bwd_args in ((gp, None), (gp, gw)):
+        gl, gf = torch.ops.maskattn._masked_channel_attention_pool_backward(*bwd_args, p, w, feats, [True, True])
+        zero = w == 0
+        assert zero[~mask].all() and zero[0, 1, 2]
+        assert (gl[zero] == 0).all() and (gf[zero] == 0).all()
+        # and entries of weight > 0 in the non-finite channels are non-finite, as the chain rule gives
+        assert not gf[0, mask[0], 2][w[0, mask[0], 2] > 0].isfinite().any()
