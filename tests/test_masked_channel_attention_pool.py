@@ -621,3 +621,66 @@ def test_zero_weight_entries_get_zero_gradient_for_nonfinite_grad_pooled(device,
         assert (gl[zero] == 0).all() and (gf[zero] == 0).all()
         # and entries of weight > 0 in the non-finite channels are non-finite, as the chain rule gives
         assert not gf[0, mask[0], 2][w[0, mask[0], 2] > 0].isfinite().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_bag_split_whose_max_lets_a_nonfinite_feature_in(device):
+    # A long bag: the first half at logit 0, the second at -100 (CUDA splits it across blocks, the
+    # CPU into blocks of rows; a slice of the second half has max -100). The entry at -110 weighs
+    # e^-10 against that slice's max but exactly 0 against the bag's: its inf / NaN feature must not
+    # reach pooled, in either layout.
+    N, D = 1 << 17, 4
+    logits = torch.zeros(1, N, D)
+    feats = torch.rand(1, N, D)
+    logits[0, N // 2 :] = -100.0
+    bad = 3 * N // 4 + 5
+    logits[0, bad] = -110.0
+    feats[0, bad, 0] = INF
+    feats[0, bad, 1] = NAN
+    clean = feats.clone()
+    clean[0, bad] = 0.5
+    pr, _ = reference_channel_pool(logits, clean)
+    logits, feats = logits.to(device), feats.to(device)
+    p, w = pool(logits, feats)
+    assert (w[0, bad] == 0).all() and torch.isfinite(p).all()
+    close(p, pr, 1e-6, "pooled")
+    p2, w2 = packed(logits[0], feats[0], torch.tensor([0, N], device=device))
+    assert (w2[bad] == 0).all() and torch.isfinite(p2).all()
+    close(p2, pr, 1e-6, "packed pooled")
+
+
+def test_unused_output_gets_no_materialised_gradient():
+    # A loss on pooled only must not hand the backward a zeros [B, N, D] grad_weights (an
+    # allocation and a second pass over the weights); a loss on the weights only still works.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append((str(func), args))
+            return func(*args, **(kwargs or {}))
+
+    logits, feats, mask = make(2, 7, 3, torch.float64)
+    for fn, ref in ((pool, reference_channel_pool), (None, None)):
+        l, f = logits.clone().requires_grad_(), feats.clone().requires_grad_()
+        if fn is None:  # packed
+            offs = torch.tensor([0, 3, 14])
+            p, w = packed(l.view(14, 3), f.view(14, 3), offs)
+            pr, wr = reference_channel_pool_packed(l.view(14, 3), f.view(14, 3), offs)
+        else:
+            p, w = fn(l, f, mask)
+            pr, wr = ref(l, f, mask)
+        with Calls() as calls:
+            got = torch.autograd.grad(p.sum(), (l, f), retain_graph=True)
+        (args,) = [a for name, a in calls.seen if "_masked_channel_attention_pool" in name and "backward" in name]
+        assert args[1] is None and not any(name.startswith("aten.zeros") for name, _ in calls.seen)
+        for a, b in zip(got, torch.autograd.grad(pr.sum(), (l, f), retain_graph=True)):
+            torch.testing.assert_close(a, b)
+        gw = torch.linspace(-1, 1, w.numel(), dtype=w.dtype).view(w.shape)
+        got = torch.autograd.grad(w, (l, f), gw, allow_unused=True)
+        want = torch.autograd.grad(wr, (l, f), gw, allow_unused=True, materialize_grads=True)
+        torch.testing.assert_close(got[0], want[0])
+        assert got[1] is None or (got[1] == 0).all()

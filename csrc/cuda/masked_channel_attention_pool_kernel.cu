@@ -104,7 +104,7 @@ __device__ __forceinline__ void merge_state(acc_t& m, acc_t& s, acc_t& a, acc_t 
 // packed bag longer than the host expected is still covered without its length on the host.
 // part: [3][nsplit][B][D] (max, sum, acc) of each split.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, 2)
     channel_partial_kernel(Rows<const scalar_t> logits, Rows<const scalar_t> features, Bags g, int64_t chunk,
                            int64_t dtiles, int64_t nbags, acc_t* __restrict__ part) {
   extern __shared__ unsigned char smem_raw[];
@@ -117,6 +117,8 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t nchunks = ceil_div(r1 - r0, chunk);
   const int64_t d0 = (dtile * blockDim.x + threadIdx.x) * VEC;
   const bool active = d0 < g.D;
+  // Rows in flight per thread: fewer for 8-wide packs, whose state already takes 40 registers.
+  constexpr int kUnroll = VEC >= 8 ? 2 : UNROLL;
 
   // A thread's share of a long bag is thousands of rows: the sums take kFold iterations in the
   // inner registers, then go to the outer ones (cuda_utils.cuh), so the error does not grow with N.
@@ -130,11 +132,11 @@ __global__ void __launch_bounds__(THREADS)
     int fold = 0;
     for (int64_t c = s; c < nchunks; c += nsplit) {
       const int64_t c0 = r0 + c * chunk, c1 = min(r1, c0 + chunk);
-      for (int64_t rb = c0 + threadIdx.y; rb < c1; rb += static_cast<int64_t>(blockDim.y) * UNROLL) {
-        cuda::Pack<scalar_t, VEC> lx[UNROLL], fx[UNROLL];
-        bool ok[UNROLL];
+      for (int64_t rb = c0 + threadIdx.y; rb < c1; rb += static_cast<int64_t>(blockDim.y) * kUnroll) {
+        cuda::Pack<scalar_t, VEC> lx[kUnroll], fx[kUnroll];
+        bool ok[kUnroll];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
           const int64_t r = rb + static_cast<int64_t>(u) * blockDim.y;
           ok[u] = r < c1 && g.valid(b, r);
           // Padding rows are never loaded: their content, NaN included, cannot reach a sum.
@@ -144,7 +146,7 @@ __global__ void __launch_bounds__(THREADS)
           }
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
           if (!ok[u]) continue;
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
@@ -342,7 +344,7 @@ __global__ void zero_uncovered_rows_kernel(const int64_t* __restrict__ offsets, 
 
 // Q per split: [nsplit][B][D], over the split's rows like channel_partial_kernel.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, 2)
     channel_wsum_kernel(Rows<const scalar_t> weights, Rows<const scalar_t> grad_weights, Bags g,
                         int64_t chunk, int64_t dtiles, int64_t nbags, acc_t* __restrict__ part) {
   extern __shared__ unsigned char smem_raw[];
@@ -586,7 +588,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const ChannelPoolInputs& in, int
   const int64_t D = features.size(-1);
   auto weights = at::empty(logits.sizes(), logits.options());
   auto pooled = at::empty({nbags, D}, features.options());
-  if (nbags == 0 || D == 0) return {pooled, weights};
+  if (nbags == 0 || D == 0) {
+    if (packed) weights.zero_();  // rows no bag covers (only unchecked offsets leave any)
+    return {pooled, weights};
+  }
   if (logits.numel() == 0) {  // no rows: every bag is empty
     pooled.zero_();
     return {pooled, weights};

@@ -137,34 +137,49 @@ def _(grad_pooled, grad_weights, pooled, weights, features, offsets, output_mask
 # the other ops' outputs are.
 
 
-def _saved_pooled(output):
-    return output[0].detach().clone()
+# An output the loss does not use gets no gradient (None), not a materialised zeros tensor: for the
+# weights that would be a [rows, D] tensor allocated and zeroed, and a second pass over the weights
+# in the backward to sum it (grad_weights is then None, the common case when only pooled is used).
+
+
+def _setup(ctx, output, *saved):
+    ctx.save_for_backward(output[0].detach().clone(), output[1], *saved)
+    ctx.save_for_forward(output[1], *saved)
+    ctx.output_mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    ctx.set_materialize_grads(False)
 
 
 def _setup_padded(ctx, inputs, output):
-    ctx.save_for_backward(_saved_pooled(output), output[1], inputs[1])
-    ctx.save_for_forward(output[1], inputs[1])
-    ctx.output_mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    _setup(ctx, output, inputs[1])
 
 
 def _backward_padded(ctx, grad_pooled, grad_weights):
     pooled, weights, features = ctx.saved_tensors
     gl, gf = _ops._masked_channel_attention_pool_backward(
-        grad_pooled, grad_weights, pooled, weights, features, ctx.output_mask
+        torch.zeros_like(pooled) if grad_pooled is None else grad_pooled,
+        grad_weights,
+        pooled,
+        weights,
+        features,
+        ctx.output_mask,
     )
     return (gl if ctx.output_mask[0] else None), (gf if ctx.output_mask[1] else None), None
 
 
 def _setup_packed(ctx, inputs, output):
-    ctx.save_for_backward(_saved_pooled(output), output[1], inputs[1], inputs[2])
-    ctx.save_for_forward(output[1], inputs[1], inputs[2])
-    ctx.output_mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    _setup(ctx, output, inputs[1], inputs[2])
 
 
 def _backward_packed(ctx, grad_pooled, grad_weights):
     pooled, weights, features, offsets = ctx.saved_tensors
     gl, gf = _ops._masked_channel_attention_pool_packed_backward(
-        grad_pooled, grad_weights, pooled, weights, features, offsets, ctx.output_mask
+        torch.zeros_like(pooled) if grad_pooled is None else grad_pooled,
+        grad_weights,
+        pooled,
+        weights,
+        features,
+        offsets,
+        ctx.output_mask,
     )
     return (gl if ctx.output_mask[0] else None), (gf if ctx.output_mask[1] else None), None
 

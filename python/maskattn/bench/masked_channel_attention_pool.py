@@ -113,11 +113,11 @@ def cases(args):
         if compiled is not None:
             impls.append(Impl(compiled_name, lambda: compiled(gate, x, batch, B), COMPILED))
         impls.append(Impl(OURS, lambda: ours_pool(gate, x, ptr), MASKATTN))
-        # read gate and x once, write one [T, D] (the weights): the least the forward must move
-        out = torch.empty_like(x)
-        impls.append(Impl("floor: read gate + x, write [T, D]", lambda: torch.add(gate, x, out=out), FLOOR))
+        # read gate and x once, write one new [T, D] (the weights, a tensor of their own): the least
+        # the forward must do
+        impls.append(Impl("floor: read gate + x, write a new [T, D]", lambda: torch.add(gate, x), FLOOR))
         yield Case(LAYER, case, "fwd", impls, bytes_moved=3 * tbytes)
-        impls = out = None
+        impls = None
 
         # forward + backward: x from a trainable layer (both gradients), then frozen node features
         for detail, x_grad in (("trainable x", True), ("frozen x", False)):
