@@ -79,9 +79,14 @@ def _(logits, features, offsets):
         lambda: f"masked_attention_pool_packed: features must be [T, D], got {tuple(features.shape)}",
     )
     torch._check(
+        logits.dim() in (1, 2),
+        lambda: f"masked_attention_pool_packed: logits must be [T] or [T, K], got {tuple(logits.shape)}",
+    )
+    torch._check(
         logits.dtype == features.dtype,
         lambda: "masked_attention_pool_packed: logits and features must have the same dtype",
     )
+    _checks.offsets("masked_attention_pool_packed", offsets, features)
     batch = offsets.shape[0] - 1
     pooled = features.new_empty(_pooled_shape(logits, features, batch, logits.dim() == 2))
     weights = logits.new_empty(logits.shape)
