@@ -51,9 +51,15 @@ if [ "${SANITIZE:-0}" = "1" ]; then
   fi
 fi
 
-echo "== benchmarks"
-args=(--device cuda)
-[ "$quick" = "--quick" ] && args+=(--quick --min-time 0.05)
-python -m maskattn.bench "${args[@]}" 2>&1 | tee "$out/bench.log" | tail -80
+echo "== benchmarks (progress in $out/bench_progress.log, full report in $out/bench.log)"
+args=(--device cuda --json "$out/bench.json" --markdown "$out/bench.md")
+[ "$quick" = "--quick" ] && args+=(--quick)
+python -c "import matplotlib" 2>/dev/null && args+=(--plot "$out/bench_speedup.png")
+python -m maskattn.bench "${args[@]}" > "$out/bench.log" 2> "$out/bench_progress.log"
+bench_rc=$?
+[ "$bench_rc" -ne 0 ] && tail -30 "$out/bench_progress.log"
+# The short table: the report's closing block (the summary, one verdict per layer replaced).
+sed -n '/^Summary: /,$p' "$out/bench.log"
+echo "bench rc=$bench_rc"
 echo "tests rc=$test_rc"
 for row in ${san_rows[@]+"${san_rows[@]}"}; do echo "sanitize $row"; done

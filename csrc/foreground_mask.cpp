@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "common/checks.h"
 
@@ -51,15 +52,24 @@ std::vector<float> gaussian_weights(double sigma) {
   return out;
 }
 
-void grey_weights(int64_t C, float* w) {
+void grey_weights(int64_t C, double* w) {
   if (C == 3 || C == 4) {
-    w[0] = 0.299f;
-    w[1] = 0.587f;
-    w[2] = 0.114f;
-    if (C == 4) w[3] = 0.f;  // alpha does not count as intensity
-    return;
+    w[0] = 0.299;
+    w[1] = 0.587;
+    w[2] = 0.114;
+    if (C == 4) w[3] = 0.0;  // alpha does not count as intensity
   }
-  for (int64_t c = 0; c < C; ++c) w[c] = 1.f / static_cast<float>(C);
+}
+
+double foreground_cut(double threshold, double full_scale) {
+  auto fg = [&](double g) { return g / full_scale > threshold; };
+  const double inf = std::numeric_limits<double>::infinity();
+  double g = threshold * full_scale;
+  if (g != g) g = 0.0;  // cannot happen for a finite threshold; keeps the loops finite regardless
+  // Monotone predicate: walk to its first true value (inf / full_scale > threshold always holds).
+  while (!fg(g)) g = std::nextafter(g, inf);
+  while (g > -inf && fg(std::nextafter(g, -inf))) g = std::nextafter(g, -inf);
+  return g;
 }
 
 }  // namespace maskattn

@@ -151,6 +151,12 @@ double effective_max_scale(const at::Tensor& lsl, double max_scale) {
   return max_scale > largest ? std::numeric_limits<double>::infinity() : max_scale;
 }
 
+// A freshly computed result in the given shape, as a tensor of its own rather than a view: an op
+// output that is a view cannot be modified in place under autograd (out += x).
+at::Tensor in_shape(const at::Tensor& t, at::IntArrayRef sizes) {
+  return t.sizes() == sizes ? t : at::_unsafe_view(t.contiguous(), sizes);
+}
+
 // min(exp(lsl), max_scale) as a device tensor, computed exactly as the eager composition does.
 at::Tensor clamped_scale(const at::Tensor& lsl, double max_scale) {
   return lsl.exp().clamp_max(max_scale);
@@ -189,8 +195,8 @@ std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const 
       }
     }
   }
-  if (a.q2d) return {out.view({a.B, a.Dv}), attn.view({a.B, a.Lk})};
-  return {out.view({a.B, a.Lq, a.Dv}), attn.view({a.B, a.Lq, a.Lk})};
+  if (a.q2d) return {in_shape(out, {a.B, a.Dv}), in_shape(attn, {a.B, a.Lk})};
+  return {in_shape(out, {a.B, a.Lq, a.Dv}), in_shape(attn, {a.B, a.Lq, a.Lk})};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
@@ -252,11 +258,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
   const at::Tensor Aw = gemm_in(A, kern), goutw = gemm_in(gout, kern);
   if (need_v) {
     if (a.v.size(0) == 1) {
-      dv = at::mm(Aw.t(), goutw).to(dt).reshape(value.sizes());
+      dv = in_shape(at::mm(Aw.t(), goutw).to(dt), value.sizes());
     } else {
-      dv = at::bmm(Aw.view({B, Lq, Lk}).transpose(1, 2), goutw.view({B, Lq, Dv}))
-               .to(dt)
-               .reshape(value.sizes());
+      dv = in_shape(at::bmm(Aw.view({B, Lq, Lk}).transpose(1, 2), goutw.view({B, Lq, Dv})).to(dt),
+                    value.sizes());
     }
   }
   if (!(need_q || need_k || need_s)) return {dq, dk, dv, ds};
@@ -274,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
   if (!gemm_path) {
     at::Tensor dq_rows = need_q ? at::empty({R, D}, a.q.options()) : at::Tensor();
     kern.fused_backward(a, knrm, gout, gattn, A, max_scale, normalize, dq_rows, wqk, p);
-    if (need_q) dq = dq_rows.view(query.sizes());
+    if (need_q) dq = in_shape(dq_rows, query.sizes());
   } else {
     const at::Tensor S = raw_dots(qw, kw);
     const at::Tensor vw = gemm_in(a.v, kern);
@@ -288,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
       const at::Tensor w = wqk_in().view({B, Lq, Lk});
       at::Tensor g = kw.size(0) == 1 ? at::matmul(w, kw[0]) : at::bmm(w, kw);
       if (normalize) g = minus_product(g, a.q, rowcoef.view({B, Lq, 1}), acc);
-      dq = g.to(dt).reshape(query.sizes());
+      dq = in_shape(g.to(dt), query.sizes());
     }
   }
   if (need_k) {
@@ -310,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
           at::where(kn >= kXattnNormEps, kinv * kinv * c * colsum, at::zeros_like(colsum));
       g = minus_product(g, kk, coef.unsqueeze(-1), acc);
     }
-    dk = g.to(dt).reshape(key.sizes());
+    dk = in_shape(g.to(dt), key.sizes());
   }
   if (need_s) {
     // d scale / d lsl = exp(lsl), and torch.clamp passes the gradient only where exp(lsl) <= max.

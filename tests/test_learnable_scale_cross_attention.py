@@ -156,5 +156,5 @@ def test_module_errors():
     with pytest.raises(ValueError, match="init_scale"):
         LearnableScaleCrossAttention(8, init_scale=0.0)
     m = LearnableScaleCrossAttention(8)
-    with pytest.raises(ValueError, match="query must have 8 features"):
+    with pytest.raises(ValueError, match=r"query must be \[B, Lq, 8\] or \[B, 8\]"):
         m(torch.randn(3, 7), torch.randn(5, 7))

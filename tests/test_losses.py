@@ -35,6 +35,21 @@ def test_reductions():
     torch.testing.assert_close(masked_mse_loss(pred, target, mask, "sum"), none.sum())
 
 
+@pytest.mark.parametrize("mask_form", ["bhw", "b1hw", "bool"])
+def test_pixel_mean_is_the_hand_written_scale(mask_form):
+    pred, target, mask = data(3)
+    pred.requires_grad_()
+    m = {"bhw": mask, "b1hw": mask.unsqueeze(1), "bool": mask.bool()}[mask_form]
+    loss = masked_mse_loss(pred, target, m, reduction="pixel_mean")
+    ref = jit_masked_loss(pred, target, mask.double())  # sum over C x pixels / (pixels + 1e-8)
+    torch.testing.assert_close(loss, ref, atol=0, rtol=1e-10)  # the "+ 1e-8" moves ~1e-10
+    torch.testing.assert_close(loss, masked_mse_loss(pred, target, mask) * pred.shape[1])
+    (g,) = torch.autograd.grad(loss, pred)
+    (g_ref,) = torch.autograd.grad(ref, pred)
+    torch.testing.assert_close(g, g_ref, atol=0, rtol=1e-10)
+    assert masked_mse_loss(pred, target, torch.zeros_like(mask), reduction="pixel_mean") == 0
+
+
 def test_padding_cannot_leak_and_grads():
     pred, target, mask = data(2)
     pred = pred.clone()

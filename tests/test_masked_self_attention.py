@@ -199,3 +199,84 @@ def test_cuda_bf16_matches_cpu():
         yc = out[0] if nw else out
         torch.testing.assert_close(yc.float().cpu(), y, atol=3e-2, rtol=3e-2)
     assert mc._use_packed(x.cuda().bfloat16(), mask.cuda(), False)
+
+
+# ---------------------------------------------------------------- FlashAttention varlen routing
+
+
+def test_varlen_predicate_follows_flash_attention_limits(monkeypatch):
+    from maskattn import _attention
+
+    monkeypatch.setattr(_attention, "_varlen_attn", object())  # whatever this torch has, the kernel "exists"
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for hd in (8, 16, 64, 80, 128, 256):
+        assert _attention.varlen_takes(cuda, bf16, hd) and _attention.varlen_takes(cuda, f16, hd), hd
+    for hd in (1, 4, 12, 60, 100, 250, 264, 512):  # not a multiple of 8, or above 256
+        assert not _attention.varlen_takes(cuda, bf16, hd), hd
+    assert not _attention.varlen_takes(cuda, f32, 64) and not _attention.varlen_takes(cpu, bf16, 64)
+    monkeypatch.setattr(_attention, "_varlen_attn", None)  # a torch without varlen_attn
+    assert not _attention.varlen_takes(cuda, bf16, 64)
+
+
+@pytest.mark.parametrize("head_dim, varlen", [(16, True), (12, False), (264, False)])
+def test_packed_route_calls_varlen_only_for_supported_head_dims(monkeypatch, head_dim, varlen):
+    # CPU stands in for CUDA: the routing sees "cuda", and varlen_attn is a recorder that computes
+    # FlashAttention's result with SDPA per sequence. Unsupported head dims must never reach it.
+    from types import SimpleNamespace
+
+    from maskattn import _attention
+    from maskattn.nn import masked_self_attention as msa
+
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        calls.append(q.shape)
+        cu = cu_q.tolist()
+        outs = [
+            torch.nn.functional.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=scale
+            ).transpose(0, 1)
+            for a, b in zip(cu, cu[1:])
+        ]
+        return torch.cat(outs, 0)
+
+    real_ok = _attention.varlen_takes
+    monkeypatch.setattr(_attention, "_varlen_attn", fake_varlen)
+    as_if_cuda = lambda device, dtype, hd: real_ok(torch.device("cuda"), dtype, hd)  # noqa: E731
+    monkeypatch.setattr(_attention, "varlen_takes", as_if_cuda)
+    monkeypatch.setattr(msa, "varlen_takes", as_if_cuda)
+    torch.manual_seed(head_dim)
+    mod = MaskedSelfAttention(2 * head_dim, 2).to(torch.bfloat16)
+    mask = lengths_mask([5, 0, 9], 9)
+    x = torch.randn(3, 9, 2 * head_dim, dtype=torch.bfloat16)
+    cuda_like = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert mod._use_packed(cuda_like, mask, False) == varlen  # automatic routing
+    mod.pack_padding = False
+    ref = mod(x, mask=mask)
+    mod.pack_padding = True  # forced packing: varlen only where it is supported, else SDPA per sequence
+    got = mod(x, mask=mask)
+    assert bool(calls) == varlen
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert (got[~mask] == 0).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("head_dim", [12, 264])
+def test_cuda_bf16_unsupported_head_dims_take_sdpa(head_dim):
+    torch.manual_seed(head_dim)
+    mod = MaskedSelfAttention(2 * head_dim, 2)
+    mask = lengths_mask([40, 0, 17, 64], 64)
+    x = torch.randn(4, 64, 2 * head_dim)
+    ref = mod.double()(x.double(), mask=mask).float()
+    mc = mod.cuda().bfloat16()
+    xc, mcuda = x.cuda().bfloat16(), mask.cuda()
+    assert not mc._use_packed(xc, mcuda, False)
+    outs = []
+    for pack in (None, False, True):  # automatic, SDPA, forced packing (SDPA per sequence)
+        mc.pack_padding = pack
+        y = mc(xc, mask=mcuda)
+        assert torch.isfinite(y).all() and (y[~mcuda] == 0).all()
+        torch.testing.assert_close(y.float().cpu(), ref, atol=3e-2, rtol=3e-2)
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1])  # the automatic route is the SDPA route

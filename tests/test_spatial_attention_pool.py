@@ -83,8 +83,9 @@ def test_module_masked_feature_and_image_resolution():
     pooled, att = m(x, img)
     torch.testing.assert_close(pooled, reference_gated_masked_mean(x, m.gate_logits(x), expect)[0])
     assert torch.equal(m.feature_mask(img.bool(), x), expect)
-    soft = maskattn.masks.adaptive(224, 224).expand(2, 224, 224)  # soft values: area mean of the values
-    frac = torch.nn.functional.avg_pool2d(soft[:, None], 32)[:, 0]
+    # soft values count as valid wherever they are nonzero: the pixels are counted, not averaged
+    soft = maskattn.masks.adaptive(224, 224).expand(2, 224, 224)
+    frac = torch.nn.functional.avg_pool2d((soft != 0).double()[:, None], 32)[:, 0]
     assert torch.equal(m.feature_mask(soft, x), frac > 0.5)
     with pytest.raises(ValueError, match="mask"):
         m(x, torch.ones(2, 3, 3))
@@ -104,3 +105,50 @@ def test_module_compile_fullgraph():
     torch.testing.assert_close(a, a0)
     g = torch.autograd.grad(p.sum(), x)[0]
     torch.testing.assert_close(g, torch.autograd.grad(p0.sum(), x)[0])
+
+
+# ---------------------------------------------------------------- image-resolution masks: the rule
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.29, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32, torch.bfloat16])
+def test_image_resolution_mask_is_patch_mask_when_the_sizes_divide(threshold, dtype):
+    # 10 x 10 cells: 0.29 * 100 = 28.999999999999996 in binary; patch_mask and the module both
+    # read it as "more than 29 of 100 pixels" (a cell with exactly 29 valid pixels is invalid).
+    g = torch.Generator().manual_seed(3)
+    valid = torch.rand(3, 50, 70, generator=g) < torch.rand(3, 1, 1, generator=g)
+    valid[0, :10, :10] = (torch.arange(100) < 29).view(10, 10)  # exactly 29 of 100
+    mask = valid.to(dtype) * (0.4 if dtype.is_floating_point else 1)
+    m = SpatialAttentionPool(2, hidden=2, mask_threshold=threshold)
+    got = m.feature_mask(mask, torch.zeros(3, 2, 5, 7))
+    assert got.dtype == torch.bool and got.shape == (3, 5, 7)
+    assert torch.equal(got.flatten(1), maskattn.patch_mask(valid, 10, threshold))
+    if threshold == 0.29:
+        assert not got[0, 0, 0]
+
+
+@pytest.mark.parametrize("sizes", [(13, 17, 4, 5), (30, 50, 7, 9), (8, 8, 8, 3), (61, 100, 6, 9)])
+def test_image_resolution_mask_uneven_sizes_use_adaptive_pooling_cells(sizes):
+    # Cells are adaptive_avg_pool2d's regions (overlapping by a pixel where the sizes do not divide);
+    # the valid fraction of each is that of the nonzero pixels, in float64 for the reference.
+    Hm, Wm, H, W = sizes
+    g = torch.Generator().manual_seed(Hm)
+    for threshold in (0.0, 0.3, 0.5, 0.9):
+        valid = torch.rand(2, Hm, Wm, generator=g) < 0.5
+        m = SpatialAttentionPool(2, hidden=2, mask_threshold=threshold)
+        ref = torch.nn.functional.adaptive_avg_pool2d(valid.double()[:, None], (H, W))[:, 0] > threshold
+        soft = torch.where(valid, torch.rand(2, Hm, Wm, generator=g) - 0.5, torch.zeros(()))  # signed values
+        soft[valid & (soft == 0)] = 1
+        assert torch.equal(m.feature_mask(valid, torch.zeros(2, 2, H, W)), ref)
+        assert torch.equal(m.feature_mask(soft, torch.zeros(2, 2, H, W)), ref)
+
+
+def test_soft_mask_below_the_threshold_is_still_valid():
+    # 0.4 everywhere is valid everywhere (averaging the values would make every cell invalid).
+    m = SpatialAttentionPool(3, hidden=2)
+    x = torch.randn(2, 3, 4, 4)
+    assert m.feature_mask(torch.full((2, 32, 32), 0.4), x).all()
+    assert m.feature_mask(torch.full((2, 32, 32), -1.0), x).all()
+    assert not m.feature_mask(torch.full((2, 32, 32), -0.0), x).any()
+    pooled, att = m(x, torch.full((2, 32, 32), 0.4))
+    torch.testing.assert_close(pooled, m(x)[0])

@@ -1,6 +1,10 @@
 #include "common/cpu_vec.h"
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
+
+#include "common/cascade_sum.h"
 
 // The 32-byte vector helpers below are always inlined into both clones; the ABI note GCC emits
 // for returning them from a non-AVX function concerns calls that never happen.
@@ -17,6 +21,7 @@ namespace cpu {
 namespace {
 // Eight floats; the compiler maps it to one AVX register or two SSE registers.
 typedef float v8sf __attribute__((vector_size(32)));
+typedef int32_t v8si __attribute__((vector_size(32)));
 
 inline v8sf load8(const float* p) {
   v8sf v;
@@ -26,7 +31,122 @@ inline v8sf load8(const float* p) {
 inline void store8(float* p, v8sf v) {
   std::memcpy(p, &v, sizeof(v));
 }
+inline v8sf splat(float a) {
+  return v8sf{a, a, a, a, a, a, a, a};
+}
+inline float hsum(const v8sf& v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// e^(x + xlo) for x <= 0 (the row max is subtracted first) and |xlo| <= ulp(x) / 2: Cephes' expf
+// polynomial after rounding x*log2(e) with the 1.5*2^23 trick, so every step is plain float/int
+// arithmetic. xlo, the rounding error of the subtraction that gave x, joins the reduced argument;
+// without it a score 20 below the max carries up to 1e-6 of relative error into its weight before
+// the exp is even taken. At -inf the result is exactly 0; NaN stays NaN.
+//
+// Results below float32's normal range (x < -87) are kept as subnormals, as expf gives them
+// (docs/numerics.md); only below -104, under half the smallest subnormal, is the result 0. That
+// costs a third more time per element (the power of two applied in two steps, 2^(n+64) * 2^-64,
+// the second rounding once into the subnormal range), and such lanes are rare - a score 87 below
+// its row's max - so the fast variant (CAREFUL = false) gives 0 there and raises `tiny`; the row
+// is then redone with CAREFUL = true. Lanes that give 0 are moved into the normal range before
+// the arithmetic and selected away after it: a subnormal intermediate costs a ~100-cycle microcode
+// assist on x86, and masked (-inf) lanes are common.
+// 2^n for integral n in [-126, 127]: the float (n + 127) * 2^23 (exact) converted to int32 is the
+// bit pattern of 2^n. One float FMA and one conversion, which AVX (without AVX2) has at full
+// width, where shifting the integer exponent would take four half-width integer ops.
+__attribute__((always_inline)) inline v8sf pow2(v8sf n) {
+  return reinterpret_cast<v8sf>(__builtin_convertvector(n * splat(8388608.0f) + splat(1065353216.0f), v8si));
+}
+
+template <bool CAREFUL>
+__attribute__((always_inline)) inline v8sf exp_nonpos(v8sf x, v8sf xlo, v8si& tiny) {
+  const v8si under = x < splat(-87.0f);
+  const v8si sub = under & (x >= splat(-104.0f));
+  const v8si zero = CAREFUL ? under & ~sub : under;
+  tiny |= sub;
+  if constexpr (CAREFUL) {
+    x = zero ? splat(0.0f) : x;
+  } else {
+    x = x > splat(-87.0f) ? x : splat(-87.0f);  // a max, cheaper than a blend; NaN goes on in xlo
+  }
+  const v8sf t = x * splat(1.44269504088896341f) + splat(12582912.0f);
+  const v8sf n = t - splat(12582912.0f);
+  v8sf r = x - n * splat(0.693359375f);
+  r = r + n * splat(2.12194440e-4f);
+  r = r + xlo;  // NaN in lanes at -inf (-inf - -inf): selected away below, NaN costs no assist
+  v8sf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  const v8sf y = (p * r) * r + r + splat(1.0f);
+  if constexpr (CAREFUL) {
+    const v8sf down = sub ? splat(5.42101086242752217e-20f) : splat(1.0f);  // 2^-64
+    return zero ? splat(0.0f) : (y * pow2(sub ? n + splat(64.0f) : n)) * down;
+  } else {
+    return zero ? splat(0.0f) : y * pow2(n);
+  }
+}
+
+// e^(v - m) with the subtraction's rounding error recovered exactly (Knuth's TwoSum; additions
+// only, so FMA contraction cannot disturb it).
+template <bool CAREFUL>
+__attribute__((always_inline)) inline v8sf exp_diff(v8sf v, v8sf m, v8si& tiny) {
+  const v8sf d = v - m;
+  const v8sf vv = d + m;
+  const v8sf lo = (v - vv) - (m + (d - vv));
+  return exp_nonpos<CAREFUL>(d, lo, tiny);
+}
+
+// v[i] = e^(v[i] - mx) in place; returns the sum. Eight lanes summed over blocks of kSumBlock
+// elements, the blocks added pairwise (common/cascade_sum.h): a single running vector over a row
+// of 10^6 scores would lose ~1e-5 of the denominator. The tail goes through one padded vector.
+// Sets *tiny when CAREFUL is false and some e^(v - mx) was subnormal (and written as 0): the
+// caller then reloads the row and calls the CAREFUL variant, which differs only in those lanes.
+template <bool CAREFUL>
+__attribute__((always_inline)) inline float row_exp_sum_t(float* __restrict__ v, int64_t n, float mx,
+                                                          bool* tiny) {
+  Cascade<v8sf> sum;
+  const v8sf m = splat(mx);
+  v8si sub = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  while (i + 8 <= n) {
+    v8sf acc = splat(0.0f);
+    const int64_t end = std::min(n, i + kSumBlock);
+    for (; i + 8 <= end; i += 8) {
+      const v8sf e = exp_diff<CAREFUL>(load8(v + i), m, sub);
+      store8(v + i, e);
+      acc += e;
+    }
+    sum.add(acc);
+  }
+  if (i < n) {
+    v8sf x = splat(-std::numeric_limits<float>::infinity());
+    for (int64_t k = 0; i + k < n; ++k) x[k] = v[i + k];
+    const v8sf e = exp_diff<CAREFUL>(x, m, sub);
+    for (int64_t k = 0; i + k < n; ++k) v[i + k] = e[k];
+    sum.add(e);
+  }
+  bool any = false;
+  for (int k = 0; k < 8; ++k) any = any || sub[k] != 0;
+  *tiny = !CAREFUL && any;
+  return hsum(sum.total());
+}
+
 }  // namespace
+
+MASKATTN_CLONES
+float exp_sum_f32(float* v, int64_t n, float mx, bool* tiny) {
+  return row_exp_sum_t<false>(v, n, mx, tiny);
+}
+
+MASKATTN_CLONES
+float exp_sum_careful_f32(float* v, int64_t n, float mx) {
+  bool unused;
+  return row_exp_sum_t<true>(v, n, mx, &unused);
+}
 
 MASKATTN_CLONES
 float dot_f32(const float* a, const float* b, int64_t n) {

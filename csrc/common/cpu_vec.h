@@ -1,6 +1,7 @@
 #pragma once
 // Hot float32 loops of the CPU kernels, compiled twice (AVX+FMA and baseline SSE2) and picked at
 // load time by the CPU's features, so one wheel is fast on current CPUs and still runs on old ones.
+#include <cmath>
 #include <cstdint>
 
 namespace maskattn {
@@ -17,6 +18,30 @@ void dot_rows_f32(const float* a, const float* const* rows, int nrows, int64_t n
 // acc[d] += sum_{j < nrows} w[j] * rows[j][d], nrows <= 8: acc is loaded and stored once per
 // group of rows instead of once per row.
 void axpy_rows_f32(float* acc, const float* const* rows, const float* w, int nrows, int64_t n);
+
+// e^(v - m) for v <= m (a softmax numerator) with the rounding error of v - m recovered exactly
+// (Knuth's TwoSum: additions only, so FMA contraction cannot disturb it) and applied to the
+// result: a logit 20 below the max would otherwise carry up to 1e-6 of relative error (float32)
+// into its weight before the exp is even taken. e^-inf is exactly 0; subnormal results are kept.
+template <typename T>
+inline T exp_diff(T v, T m) {
+  const T d = v - m;
+  const T e = std::exp(d);
+  if (e == T(0)) return e;
+  const T vv = d + m;
+  const T lo = (v - vv) - (m + (d - vv));
+  return e + e * lo;
+}
+
+// Softmax numerators of a row: v[i] = e^(v[i] - mx) in place (v <= mx; -inf gives 0), returning
+// their sum. The exp is a vectorised polynomial that, like exp_diff, takes the rounding error of
+// v - mx into account (within ~2 ulp of e^(v - mx) at any distance from the max); the sum runs over
+// blocks of cpu::kSumBlock, the blocks added pairwise. The fast variant writes 0 where the result
+// would be subnormal (a value more than 87 below mx) and sets *tiny; the caller then refills v and
+// calls exp_sum_careful_f32, which keeps those subnormals (docs/numerics.md). A NaN in v (or a
+// NaN / +inf mx) gives a NaN sum.
+float exp_sum_f32(float* v, int64_t n, float mx, bool* tiny);
+float exp_sum_careful_f32(float* v, int64_t n, float mx);
 
 // Generic versions for the other dtypes: eight independent partial sums, which compilers turn
 // into vector code without being allowed to reassociate.

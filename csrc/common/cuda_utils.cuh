@@ -59,16 +59,35 @@ __device__ __forceinline__ T block_reduce(T v, T* scratch) {
   return IS_MAX ? warp_max(v) : warp_sum(v);
 }
 
-template <typename T>
-__device__ __forceinline__ T fast_exp(T x);
-template <>
-__device__ __forceinline__ float fast_exp<float>(float x) {
-  return __expf(x);
+// e^x with the library exp (expf: within 2 ulp over the whole range, subnormal results kept),
+// not __expf: the intrinsic flushes subnormal results to 0 (it is ex2.approx.ftz) and its error
+// grows with |x| (2 + 1.16 |x| ulp, ~25 ulp at x = -20). The kernels are memory-bound; expf is a
+// handful of FMAs around the same ex2 instruction.
+__device__ __forceinline__ float dev_exp(float x) {
+  return ::expf(x);
 }
-template <>
-__device__ __forceinline__ double fast_exp<double>(double x) {
+__device__ __forceinline__ double dev_exp(double x) {
   return ::exp(x);
 }
+
+// e^(v - m) for v <= m (a softmax numerator), with the rounding error of v - m recovered exactly
+// (Knuth's TwoSum: additions only, which nvcc never contracts or reorders) and applied to the
+// result, as the CPU kernels do: a logit 20 below the max would otherwise carry up to 1e-6 of
+// relative error (float32) into its weight before the exp is even taken. e^-inf is exactly 0 and
+// NaN stays NaN.
+template <typename T>
+__device__ __forceinline__ T exp_diff(T v, T m) {
+  const T d = v - m;
+  const T e = dev_exp(d);
+  const T vv = d + m;
+  const T lo = (v - vv) - (m + (d - vv));
+  return e == T(0) ? e : e + e * lo;
+}
+
+// Running sum of a long per-thread stream (a thread's share of a 10^6-row bag): `inner` takes
+// kFold values, then is added to `outer`. The rounding error grows with kFold + n / kFold instead
+// of n; the block-level tree reductions that follow are pairwise already.
+constexpr int kFold = 16;
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/parallel.h"
 #include "foreground_mask.h"
 
 namespace maskattn {
@@ -283,27 +284,54 @@ void gaussian_smooth(const uint8_t* __restrict__ img, float* __restrict__ out, f
   }
 }
 
-// Binary foreground of one image: grey level (channel mix) > threshold. Reads any strides.
+// Binary foreground of one image: grey level >= cut (foreground_mask.h: float64, each product and
+// sum rounded on its own, in channel order - the rule CUDA follows bit for bit). Reads any strides.
+// GCC contracts a * b + c into an FMA wherever the target has one (the "fma" clones, aarch64),
+// also across statements, so contraction is switched off for this function alone; Clang takes
+// the standard pragma inside the body.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
 template <typename scalar_t>
 void threshold_image(const scalar_t* base, int64_t C, int64_t H, int64_t W, int64_t sc, int64_t sh,
-                     int64_t sw, const float* cw, float thr, uint8_t* out, float* acc) {
+                     int64_t sw, const double* cw, double cut, uint8_t* out, double* acc) {
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+  const bool luma = C == 3 || C == 4;
   for (int64_t y = 0; y < H; ++y) {
     uint8_t* o = out + y * W;
     if (C == 1) {
       const scalar_t* p = base + y * sh;
-      for (int64_t x = 0; x < W; ++x) o[x] = static_cast<float>(p[x * sw]) > thr;
+      for (int64_t x = 0; x < W; ++x) o[x] = static_cast<double>(p[x * sw]) >= cut;
       continue;
     }
-    std::fill(acc, acc + W, 0.f);
     for (int64_t c = 0; c < C; ++c) {
-      const float wc = cw[c];
-      if (wc == 0.f) continue;
+      if (luma && cw[c] == 0.0) continue;  // alpha
       const scalar_t* p = base + c * sc + y * sh;
-      for (int64_t x = 0; x < W; ++x) acc[x] += wc * static_cast<float>(p[x * sw]);
+      const double wc = luma ? cw[c] : 1.0;
+      if (c == 0) {
+        for (int64_t x = 0; x < W; ++x)
+          acc[x] = luma ? wc * static_cast<double>(p[x * sw]) : static_cast<double>(p[x * sw]);
+      } else {
+        for (int64_t x = 0; x < W; ++x) {
+          const double t = luma ? wc * static_cast<double>(p[x * sw]) : static_cast<double>(p[x * sw]);
+          acc[x] = acc[x] + t;
+        }
+      }
     }
-    for (int64_t x = 0; x < W; ++x) o[x] = acc[x] > thr;
+    if (luma) {
+      for (int64_t x = 0; x < W; ++x) o[x] = acc[x] >= cut;
+    } else {
+      const double n = static_cast<double>(C);
+      for (int64_t x = 0; x < W; ++x) o[x] = acc[x] / n >= cut;
+    }
   }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images, double threshold,
                                                        int64_t open_radius, int64_t close_radius,
@@ -324,8 +352,8 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images,
     return {mask, coverage};
   }
   const bool is_u8 = im.scalar_type() == at::kByte;
-  const float thr = static_cast<float>(threshold * (is_u8 ? 255.0 : 1.0));
-  std::vector<float> cw(C);
+  const double cut = foreground_cut(threshold, is_u8 ? 255.0 : 1.0);
+  std::vector<double> cw(C);
   grey_weights(C, cw.data());
   const std::vector<float> gw = gaussian_weights(sigma);
   const int gr = static_cast<int>(gw.size() / 2);
@@ -344,16 +372,21 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images,
         // instead of holding back the whole batch. Each image's result does not depend on which
         // thread computes it, so the output stays deterministic.
         std::atomic<int64_t> next{0};
-        const int64_t workers = std::min<int64_t>(B, std::max<int64_t>(1, at::get_num_threads()));
+        // A batch of little work stays on the calling thread (common/parallel.h); each pixel goes
+        // through a few tens of operations across the stages.
+        const int64_t workers = B * H * W * 32 < kParallelGrainWork
+                                    ? int64_t(1)
+                                    : std::min<int64_t>(B, std::max<int64_t>(1, at::get_num_threads()));
         at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
           std::vector<uint8_t> bin(H * W), tmp(H * W);
-          std::vector<float> ftmp(H * W), acc(W);
+          std::vector<float> ftmp(H * W);
+          std::vector<double> acc(W);
           std::vector<uint8_t> uniform(H);
           std::vector<int64_t> area;
           RunLabels L;
           for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
             threshold_image(ip + b * im.stride(0), C, H, W, im.stride(1), im.stride(2), im.stride(3),
-                            cw.data(), thr, bin.data(), acc.data());
+                            cw.data(), cut, bin.data(), acc.data());
             morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi,
                                 static_cast<int>(open_radius));  // opening: erode,
             morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi,
@@ -381,7 +414,7 @@ void largest_component_cpu(uint8_t* masks, int64_t B, int64_t H, int64_t W, bool
   }
   TORCH_CHECK(H * W <= INT32_MAX, "foreground_mask: images of ", H, "x", W,
               " pixels are too large (at most 2^31 - 1 pixels per image)");  // int run labels, see above
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(H * W * 8), [&](int64_t b0, int64_t b1) {
     RunLabels L;
     std::vector<int64_t> area;
     for (int64_t b = b0; b < b1; ++b) {

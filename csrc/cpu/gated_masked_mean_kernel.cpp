@@ -15,6 +15,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cascade_sum.h"
+#include "common/parallel.h"
 #include "common/checks.h"
 #include "gated_masked_mean.h"
 
@@ -33,35 +35,48 @@ namespace {
 
 constexpr int kLanes = 16;
 
-// sum_p w[p] * x[p] over the pixels with w[p] != 0: zero-weight padding is never multiplied, so
+template <typename acc_t>
+inline acc_t tree16(const acc_t* s) {
+  return (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) +
+         (((s[8] + s[9]) + (s[10] + s[11])) + ((s[12] + s[13]) + (s[14] + s[15])));
+}
+
+// sum_p w[p] * x[p] as 16 lanes over blocks of 16 * kSumBlock pixels, the blocks added pairwise
+// (common/cascade_sum.h): a 512x512 map is 2^18 pixels, 2^14 terms per lane. MASKED: only the
+// pixels with w[p] != 0 - zero-weight pixels (padding, zero gates) are never multiplied, so
 // inf/NaN stored there cannot reach the result.
+template <bool MASKED, typename scalar_t, typename acc_t>
+inline acc_t dot_blocked(const acc_t* __restrict__ w, const scalar_t* __restrict__ x, int64_t n) {
+  constexpr int64_t kBlock = kLanes * cpu::kSumBlock;
+  cpu::Cascade<acc_t> sum;
+  int64_t p = 0;
+  do {
+    const int64_t end = std::min(n, p + kBlock);
+    acc_t s[kLanes] = {};
+    for (; p + kLanes <= end; p += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const acc_t wj = w[p + j];
+        const acc_t t = wj * static_cast<acc_t>(x[p + j]);
+        s[j] += MASKED ? (wj != acc_t(0) ? t : acc_t(0)) : t;
+      }
+    }
+    for (int j = 0; p < end; ++p, ++j) {
+      const acc_t t = w[p] * static_cast<acc_t>(x[p]);
+      s[j] += MASKED ? (w[p] != acc_t(0) ? t : acc_t(0)) : t;
+    }
+    sum.add(tree16(s));
+  } while (p < n);
+  return sum.total();
+}
+
 template <typename scalar_t, typename acc_t>
 inline acc_t masked_dot_t(const acc_t* __restrict__ w, const scalar_t* __restrict__ x, int64_t n) {
-  acc_t s[kLanes] = {};
-  int64_t p = 0;
-  for (; p + kLanes <= n; p += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const acc_t wj = w[p + j];
-      s[j] += wj != acc_t(0) ? wj * static_cast<acc_t>(x[p + j]) : acc_t(0);
-    }
-  }
-  for (int j = 0; p < n; ++p, ++j) s[j] += w[p] != acc_t(0) ? w[p] * static_cast<acc_t>(x[p]) : acc_t(0);
-  acc_t t = 0;
-  for (int j = 0; j < kLanes; ++j) t += s[j];
-  return t;
+  return dot_blocked<true>(w, x, n);
 }
 
 template <typename scalar_t, typename acc_t>
 inline acc_t dot_t(const acc_t* __restrict__ a, const scalar_t* __restrict__ x, int64_t n) {
-  acc_t s[kLanes] = {};
-  int64_t p = 0;
-  for (; p + kLanes <= n; p += kLanes) {
-    for (int j = 0; j < kLanes; ++j) s[j] += a[p + j] * static_cast<acc_t>(x[p + j]);
-  }
-  for (int j = 0; p < n; ++p, ++j) s[j] += a[p] * static_cast<acc_t>(x[p]);
-  acc_t t = 0;
-  for (int j = 0; j < kLanes; ++j) t += s[j];
-  return t;
+  return dot_blocked<false>(a, x, n);
 }
 
 MASKATTN_CLONES_F32 float masked_dot_f32(const float* __restrict__ w, const float* __restrict__ x,
@@ -72,10 +87,15 @@ MASKATTN_CLONES_F32 float dot_f32(const float* __restrict__ a, const float* __re
   return dot_t<float, float>(a, x, n);
 }
 
-// out[p] = a * g[p] and acc[p] += a * x[p]: the backward's row operations.
+// out[p] = a * g[p] and acc[p] += a * x[p]: the backward's row operations. A zero gate (padding,
+// a gate that underflowed) gives exactly 0, selected rather than multiplied: a = grad_pooled /
+// #valid may be inf or NaN, and 0 * inf would reach the padding's gradient.
 template <typename scalar_t, typename acc_t>
 inline void scale_row_t(scalar_t* __restrict__ out, const scalar_t* __restrict__ g, acc_t a, int64_t n) {
-  for (int64_t p = 0; p < n; ++p) out[p] = static_cast<scalar_t>(a * static_cast<acc_t>(g[p]));
+  for (int64_t p = 0; p < n; ++p) {
+    const acc_t gp = static_cast<acc_t>(g[p]);
+    out[p] = static_cast<scalar_t>(gp != acc_t(0) ? a * gp : acc_t(0));
+  }
 }
 template <typename scalar_t, typename acc_t>
 inline void axpy_row_t(acc_t* __restrict__ acc, const scalar_t* __restrict__ x, acc_t a, int64_t n) {
@@ -159,7 +179,7 @@ std::vector<acc_t> inverse_counts(const at::Tensor& mask, int64_t B, int64_t H, 
   }
   const bool* m = mask.const_data_ptr<bool>();
   const int64_t s0 = mask.stride(0), s1 = mask.stride(1), s2 = mask.stride(2);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(H * W), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t n = 0;
       for (int64_t y = 0; y < H; ++y) {
@@ -202,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& featu
         const int64_t m0 = mp ? in.mask.stride(0) : 0, m1 = mp ? in.mask.stride(1) : 0,
                       m2 = mp ? in.mask.stride(2) : 0;
         scalar_t* gp = gate.data_ptr<scalar_t>();
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        at::parallel_for(0, B, grain_for(HW), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             for (int64_t y = 0; y < H; ++y) {
               for (int64_t x = 0; x < W; ++x) {
@@ -221,41 +241,49 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& featu
         const scalar_t* f = L.f.const_data_ptr<scalar_t>();
         scalar_t* out = pooled.data_ptr<scalar_t>();
         if (L.planar) {
-          at::parallel_for(0, B * C, 16, [&](int64_t i0, int64_t i1) {
+          at::parallel_for(0, B * C, grain_for(HW), [&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i) {
               const int64_t b = i / C, c = i % C;
               const scalar_t* __restrict__ row = f + b * L.bs + c * L.cs;
               const acc_t* __restrict__ wb = w + b * HW;
               // The plain dot vectorises, the select does not (3x slower at 7x7): take the select
-              // only for the rare plane whose plain dot is not finite, which may be padding holding
-              // inf/NaN (0 * inf) - padding must never reach the result. Without a mask there is no
-              // padding and the plain dot is what (features * gate).mean() computes.
+              // only for the rare plane whose plain dot is not finite, which may be a zero-weight
+              // pixel holding inf/NaN (0 * inf). Zero-weight pixels (padding, and valid pixels whose
+              // gate is 0) never reach the result, as on CUDA (docs/numerics.md, the zero-gate rule).
               acc_t v = dot<scalar_t, acc_t>(wb, row, HW);
-              if (mp != nullptr && !std::isfinite(v)) v = masked_dot<scalar_t, acc_t>(wb, row, HW);
+              if (!std::isfinite(v)) v = masked_dot<scalar_t, acc_t>(wb, row, HW);
               out[i] = static_cast<scalar_t>(v);
             }
           });
         } else {
+          // Pixels summed kSumBlock at a time, the blocks added pairwise (common/cascade_sum.h).
           const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
-          at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
-            std::vector<acc_t> acc(csz);
+          at::parallel_for(0, B * nch, grain_for(csz * HW), [&](int64_t t0, int64_t t1) {
+            std::vector<acc_t> total(csz);
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
               if (c0 >= c1) continue;
-              std::fill(acc.begin(), acc.end(), acc_t(0));
-              acc_t* __restrict__ a = acc.data();
-              for (int64_t p = 0; p < HW; ++p) {
-                const acc_t wp = w[b * HW + p];
-                if (wp == acc_t(0)) continue;
-                const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps + c0;
-                for (int64_t c = 0; c < c1 - c0; ++c) a[c] += wp * static_cast<acc_t>(row[c]);
+              cpu::ArrayCascade<acc_t> cascade(c1 - c0);
+              for (int64_t p0 = 0; p0 < HW; p0 += cpu::kSumBlock) {
+                acc_t* __restrict__ a = cascade.block();
+                for (int64_t p = p0; p < std::min(HW, p0 + cpu::kSumBlock); ++p) {
+                  const acc_t wp = w[b * HW + p];
+                  if (wp == acc_t(0)) continue;
+                  const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps + c0;
+                  for (int64_t c = 0; c < c1 - c0; ++c) a[c] += wp * static_cast<acc_t>(row[c]);
+                }
+                cascade.add_block(a);
               }
-              for (int64_t c = c0; c < c1; ++c) out[b * C + c] = static_cast<scalar_t>(a[c - c0]);
+              cascade.total(total.data());
+              for (int64_t c = c0; c < c1; ++c) out[b * C + c] = static_cast<scalar_t>(total[c - c0]);
             }
           });
         }
       });
-  return {pooled, gate_logits.dim() == 4 ? gate.unsqueeze(1) : gate};
+  // [B, 1, H, W] in place, not through a view: an op output that is a view cannot be modified in
+  // place under autograd.
+  if (gate_logits.dim() == 4) gate.unsqueeze_(1);
+  return {pooled, gate};
 }
 
 std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
@@ -288,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
         scalar_t* gf = need_f ? grad_features.data_ptr<scalar_t>() : nullptr;
         const bool fuse = need_f && need_l && L.planar;
         if (need_f && !fuse) {
-          at::parallel_for(0, B * C, 16, [&](int64_t i0, int64_t i1) {
+          at::parallel_for(0, B * C, grain_for(HW), [&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i) {
               const int64_t b = i / C;
               scale_row<scalar_t, acc_t>(gf + i * HW, gt + b * HW, gpp[i] * inv[b], HW);
@@ -302,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
         if (L.planar) {
           const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
           std::vector<acc_t> part(B * nch * HW, acc_t(0));
-          at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
+          at::parallel_for(0, B * nch, grain_for(csz * HW), [&](int64_t t0, int64_t t1) {
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
               acc_t* __restrict__ a = part.data() + t * HW;
@@ -314,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
             }
           });
           // Fixed-order reduction of the chunks: the result does not depend on the thread schedule.
-          at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          at::parallel_for(0, B, grain_for(nch * HW), [&](int64_t b0, int64_t b1) {
             for (int64_t b = b0; b < b1; ++b) {
               acc_t* __restrict__ d = dots.data() + b * HW;
               for (int64_t k = 0; k < nch; ++k) {
@@ -324,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
             }
           });
         } else {
-          at::parallel_for(0, B * HW, 16, [&](int64_t i0, int64_t i1) {
+          at::parallel_for(0, B * HW, grain_for(C), [&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i) {
               const int64_t b = i / HW, p = i % HW;
               const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps;
@@ -336,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
         // d/d logit = s (1 - s) * (dots / #valid + grad_gate); padding (gate 0) gets exactly 0.
         const acc_t* gg = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
         scalar_t* gl = grad_logits.data_ptr<scalar_t>();
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        at::parallel_for(0, B, grain_for(HW), [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             for (int64_t p = 0; p < HW; ++p) {
               const int64_t i = b * HW + p;
@@ -347,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
           }
         });
       });
-  if (need_l && gate.dim() == 4) grad_logits = grad_logits.unsqueeze(1);
+  if (need_l && gate.dim() == 4) grad_logits.unsqueeze_(1);
   return {grad_features, grad_logits};
 }
 

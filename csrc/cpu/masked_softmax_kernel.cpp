@@ -2,9 +2,10 @@
 //
 // Each row is read once from memory into a small per-thread float buffer (masked positions become
 // -inf there), reduced and exponentiated in that L1-resident buffer, and written once: one read and
-// one write per element, against masked_fill + softmax's two of each plus a temporary. The exp is a
-// branch-free polynomial the compiler vectorises; x86-64 builds also carry an AVX+FMA clone of the
-// hot loops, picked at load time, because the package is built for baseline x86-64 (SSE2).
+// one write per element, against masked_fill + softmax's two of each plus a temporary. The exp and
+// its pairwise sum (common/cpu_vec) are a branch-free polynomial over vectors; x86-64 builds carry
+// an AVX+FMA clone of the hot loops, picked at load time, because the package is built for
+// baseline x86-64 (SSE2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,7 +19,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cascade_sum.h"
 #include "common/checks.h"
+#include "common/cpu_vec.h"
 #include "masked_softmax.h"
 
 // The 8-float vector type below changes the calling convention between the clones; every
@@ -56,28 +59,6 @@ __attribute__((always_inline)) inline void store8(float* p, f8 v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
-// e^x for x <= 0 (the row max is subtracted first): Cephes' expf polynomial after rounding
-// x*log2(e) with the 1.5*2^23 trick, so every step is plain float/int arithmetic. Below -87 (where
-// e^x is subnormal anyway) and at -inf it returns exactly 0; NaN stays NaN.
-__attribute__((always_inline)) inline f8 exp_nonpos(f8 x) {
-  const i8 under = x < splat(-87.0f);
-  x = under ? splat(-87.0f) : x;
-  const f8 t = x * splat(1.44269504088896341f) + splat(12582912.0f);
-  const f8 n = t - splat(12582912.0f);
-  const i8 ni = reinterpret_cast<i8>(t) - 0x4B400000;
-  f8 r = x - n * splat(0.693359375f);
-  r = r + n * splat(2.12194440e-4f);
-  f8 p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  const f8 y = (p * r) * r + r + splat(1.0f);
-  const f8 s = reinterpret_cast<f8>((ni + 127) << 23);
-  return under ? splat(0.0f) : y * s;
-}
-
 __attribute__((always_inline)) inline float hsum(const f8& v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -93,26 +74,6 @@ MASKATTN_HOT float row_max(const float* __restrict__ v, int64_t n) {
   for (int k = 0; k < 8; ++k) m = acc[k] > m ? acc[k] : m;
   for (; i < n; ++i) m = m > v[i] ? m : v[i];
   return m;
-}
-
-// v[i] = e^(v[i] - mx) in place; returns the sum. The tail goes through one padded vector.
-MASKATTN_HOT float row_exp_sum(float* __restrict__ v, int64_t n, float mx) {
-  f8 acc = splat(0.0f);
-  const f8 m = splat(mx);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const f8 e = exp_nonpos(load8(v + i) - m);
-    store8(v + i, e);
-    acc += e;
-  }
-  if (i < n) {
-    f8 x = splat(kNegInf);
-    for (int64_t k = 0; i + k < n; ++k) x[k] = v[i + k] - mx;
-    const f8 e = exp_nonpos(x);
-    for (int64_t k = 0; i + k < n; ++k) v[i + k] = e[k];
-    acc += e;
-  }
-  return hsum(acc);
 }
 
 typedef uint8_t u8x8 __attribute__((vector_size(8)));
@@ -147,11 +108,17 @@ MASKATTN_HOT void store_row_f32(const float* __restrict__ v, float inv, float* _
   for (; i < n; ++i) y[i] = v[i] * inv;
 }
 
+// <a, b> with the blocked pairwise summation of cpu::exp_sum_f32.
 MASKATTN_HOT float row_dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-  f8 acc = splat(0.0f);
+  cpu::Cascade<f8> sum;
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
-  float s = hsum(acc);
+  while (i + 8 <= n) {
+    f8 acc = splat(0.0f);
+    const int64_t end = std::min(n, i + cpu::kSumBlock);
+    for (; i + 8 <= end; i += 8) acc += load8(a + i) * load8(b + i);
+    sum.add(acc);
+  }
+  float s = hsum(sum.total());
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -163,19 +130,32 @@ double row_max(const double* v, int64_t n) {
   return m;
 }
 
-double row_exp_sum(double* v, int64_t n, double mx) {
-  double s = 0;
+float row_exp_sum(float* v, int64_t n, float mx, bool* tiny) {
+  return cpu::exp_sum_f32(v, n, mx, tiny);
+}
+float row_exp_sum_careful(float* v, int64_t n, float mx) {
+  return cpu::exp_sum_careful_f32(v, n, mx);
+}
+
+// std::exp keeps subnormal results, so *tiny never asks for a second pass.
+double row_exp_sum(double* v, int64_t n, double mx, bool* tiny) {
+  cpu::BlockedSum<double> s;
   for (int64_t i = 0; i < n; ++i) {
-    v[i] = std::exp(v[i] - mx);
-    s += v[i];
+    v[i] = cpu::exp_diff(v[i], mx);
+    s.add(v[i]);
   }
-  return s;
+  *tiny = false;
+  return s.total();
+}
+double row_exp_sum_careful(double* v, int64_t n, double mx) {
+  bool unused;
+  return row_exp_sum(v, n, mx, &unused);
 }
 
 double row_dot(const double* a, const double* b, int64_t n) {
-  double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+  cpu::BlockedSum<double> s;
+  for (int64_t i = 0; i < n; ++i) s.add(a[i] * b[i]);
+  return s.total();
 }
 
 // Rare paths for non-finite scores, kept out of the hot loops: a row is "poisoned" when a valid
@@ -219,43 +199,43 @@ void softmax_forward(const SoftmaxArgs& a, const at::Tensor& out_moved, double s
       const scalar_t* xr = x + off[0];
       const uint8_t* mr = m + off[1];
       scalar_t* yr = y + off[2];
-      acc_t mx;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (xs == 1 && ms == 1 && ys == 1) {
-          // The common case (key mask, dim = -1) in SIMD from end to end.
-          mx = load_row_f32(xr, mr, scale, v, N);
-          if (mx == ninf && !has_nan(v, N)) {
-            std::fill(yr, yr + N, 0.0f);  // no valid position: zeros, never NaN
+      // v = the scaled row with -inf at masked positions; returns its max.
+      auto load = [&]() -> acc_t {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (xs == 1 && ms == 1) return load_row_f32(xr, mr, scale, v, N);  // key mask, dim = -1
+        }
+        if (xs == 1 && ms == 1) {
+          for (int64_t i = 0; i < N; ++i) v[i] = mr[i] ? scale * static_cast<acc_t>(xr[i]) : ninf;
+        } else if (xs == 1 && ms == 0) {
+          // Mask broadcast along the row (a query mask): the whole row is in or out.
+          if (mr[0]) {
+            for (int64_t i = 0; i < N; ++i) v[i] = scale * static_cast<acc_t>(xr[i]);
           } else {
-            const float sum = row_exp_sum(v, N, mx);
-            if (sum != sum) {
-              poisoned_row(mr, 1, yr, 1, N);
-            } else {
-              store_row_f32(v, 1.0f / sum, yr, N);
-            }
+            std::fill(v, v + N, ninf);
           }
-          continue;
-        }
-      }
-      if (xs == 1 && ms == 1) {
-        for (int64_t i = 0; i < N; ++i) v[i] = mr[i] ? scale * static_cast<acc_t>(xr[i]) : ninf;
-      } else if (xs == 1 && ms == 0) {
-        // Mask broadcast along the row (a query mask): the whole row is in or out.
-        if (mr[0]) {
-          for (int64_t i = 0; i < N; ++i) v[i] = scale * static_cast<acc_t>(xr[i]);
         } else {
-          std::fill(v, v + N, ninf);
+          for (int64_t i = 0; i < N; ++i) v[i] = mr[i * ms] ? scale * static_cast<acc_t>(xr[i * xs]) : ninf;
         }
-      } else {
-        for (int64_t i = 0; i < N; ++i) v[i] = mr[i * ms] ? scale * static_cast<acc_t>(xr[i * xs]) : ninf;
-      }
-      mx = row_max(v, N);
+        return row_max(v, N);
+      };
+      const acc_t mx = load();
       if (mx == ninf && !has_nan(v, N)) {
         // No valid position (or only -inf scores): zeros, never NaN.
         for (int64_t i = 0; i < N; ++i) yr[i * ys] = scalar_t(0);
         continue;
       }
-      const acc_t sum = row_exp_sum(v, N, mx);
+      bool tiny = false;
+      acc_t sum = row_exp_sum(v, N, mx, &tiny);
+      if (tiny) {  // some weight is subnormal: the (slower) exact pass over a fresh copy of the row
+        load();
+        sum = row_exp_sum_careful(v, N, mx);
+      }
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (ys == 1 && sum == sum) {
+          store_row_f32(v, 1.0f / sum, yr, N);
+          continue;
+        }
+      }
       if (sum != sum) {
         poisoned_row(mr, ms, yr, ys, N);
         continue;

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cascade_sum.h"
 #include "common/checks.h"
 #include "common/cpu_vec.h"
 #include "scaled_cross_attention.h"
@@ -105,13 +106,14 @@ inline void softmax_row(acc_t* l, int64_t Lk) {
     std::fill(l, l + Lk, acc_t(0));
     return;
   }
-  acc_t sum = 0;
+  // blocks added pairwise (common/cascade_sum.h): rows of many keys stay accurate
+  cpu::BlockedSum<acc_t> sum;
   for (int64_t j = 0; j < Lk; ++j) {
-    const acc_t e = l[j] == ninf ? acc_t(0) : std::exp(l[j] - m);
+    const acc_t e = l[j] == ninf ? acc_t(0) : cpu::exp_diff(l[j], m);
     l[j] = e;
-    sum += e;
+    sum.add(e);
   }
-  const acc_t inv = acc_t(1) / sum;
+  const acc_t inv = acc_t(1) / sum.total();
   for (int64_t j = 0; j < Lk; ++j) l[j] *= inv;
 }
 
@@ -246,27 +248,28 @@ void softmax_forward_cpu(const XattnArgs& a, const at::Tensor& S, const at::Tens
 template <typename acc_t>
 inline acc_t softmax_backward_row(const acc_t* cos, const acc_t* dA, const acc_t* w, int64_t Lk, acc_t c,
                                   acc_t qinv, const acc_t* kinv, acc_t* wqk, acc_t* p) {
-  acc_t s = 0;
+  cpu::BlockedSum<acc_t> ws;
   int64_t jm = -1;
   for (int64_t j = 0; j < Lk; ++j) {
     if (w[j] == acc_t(0)) continue;
-    s += w[j] * dA[j];
+    ws.add(w[j] * dA[j]);
     if (jm < 0 || w[j] > w[jm]) jm = j;
   }
-  acc_t dsum = 0;
+  const acc_t s = ws.total();
+  cpu::BlockedSum<acc_t> dsum;
   for (int64_t j = 0; j < Lk; ++j) {
     p[j] = w[j] != acc_t(0) ? w[j] * (dA[j] - s) : acc_t(0);  // p holds dlogit for now
-    dsum += p[j];
+    dsum.add(p[j]);
   }
-  if (jm >= 0) p[jm] -= dsum;
-  acc_t psum = 0;
+  if (jm >= 0) p[jm] -= dsum.total();
+  cpu::BlockedSum<acc_t> psum;
   for (int64_t j = 0; j < Lk; ++j) {
     const acc_t ds = p[j];
     p[j] = ds * cos[j];
-    psum += p[j];
+    psum.add(p[j]);
     wqk[j] = c * ds * qinv * kinv[j];
   }
-  return psum;
+  return psum.total();
 }
 
 void fused_backward_cpu(const XattnArgs& a, const at::Tensor& knrm, const at::Tensor& gout,

@@ -30,33 +30,37 @@ struct Taps {
 };
 
 struct Channels {
-  float w[4];  // grey weights for C <= 4; larger C uses the mean
+  double w[4];  // luma weights for C = 3, 4; other C use the mean
 };
 
 int64_t grid_for(int64_t n) {
   return std::min<int64_t>(std::max<int64_t>(1, (n + kThreads - 1) / kThreads), 1 << 20);
 }
 
+// Grey level >= cut, by the rule of foreground_mask.h (float64, each product and sum rounded on
+// its own, in channel order): the _rn intrinsics are never contracted into an FMA, so the binary
+// mask is bit-identical to the CPU's.
 template <typename scalar_t>
 __global__ void threshold_kernel(const scalar_t* __restrict__ im, int64_t s0, int64_t s1, int64_t s2,
-                                 int64_t s3, int64_t C, int64_t H, int64_t W, Channels cw, float thr,
+                                 int64_t s3, int64_t C, int64_t H, int64_t W, Channels cw, double cut,
                                  int64_t total, uint8_t* __restrict__ out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t x = i % W, y = (i / W) % H, b = i / (H * W);
     const scalar_t* p = im + b * s0 + y * s2 + x * s3;
-    float g;
+    double g;
     if (C == 1) {
-      g = static_cast<float>(p[0]);
-    } else if (C <= 4) {
-      g = 0.f;
-      for (int64_t c = 0; c < C; ++c) g += cw.w[c] * static_cast<float>(p[c * s1]);
+      g = static_cast<double>(p[0]);
+    } else if (C == 3 || C == 4) {
+      g = __dmul_rn(cw.w[0], static_cast<double>(p[0]));
+      g = __dadd_rn(g, __dmul_rn(cw.w[1], static_cast<double>(p[s1])));
+      g = __dadd_rn(g, __dmul_rn(cw.w[2], static_cast<double>(p[2 * s1])));  // alpha (c = 3) ignored
     } else {
-      g = 0.f;
-      const float inv = 1.f / static_cast<float>(C);
-      for (int64_t c = 0; c < C; ++c) g += inv * static_cast<float>(p[c * s1]);
+      g = static_cast<double>(p[0]);
+      for (int64_t c = 1; c < C; ++c) g = __dadd_rn(g, static_cast<double>(p[c * s1]));
+      g = __ddiv_rn(g, static_cast<double>(C));
     }
-    out[i] = g > thr;
+    out[i] = g >= cut;
   }
 }
 
@@ -139,14 +143,14 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cuda(const at::Tensor& images
   at::Tensor bin = at::empty({B, H, W}, im.options().dtype(at::kByte));
   at::Tensor tmp = at::empty_like(bin);
   Channels cw{};
-  if (C <= 4) grey_weights(C, cw.w);
-  const float thr = static_cast<float>(threshold * (im.scalar_type() == at::kByte ? 255.0 : 1.0));
+  if (C == 3 || C == 4) grey_weights(C, cw.w);
+  const double cut = foreground_cut(threshold, im.scalar_type() == at::kByte ? 255.0 : 1.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND3(
       at::kByte, at::kHalf, at::kBFloat16, im.scalar_type(), "foreground_mask_cuda", [&] {
         threshold_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
             im.const_data_ptr<scalar_t>(), im.stride(0), im.stride(1), im.stride(2), im.stride(3), C, H, W,
-            cw, thr, total, bin.data_ptr<uint8_t>());
+            cw, cut, total, bin.data_ptr<uint8_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   morph<false>(bin, tmp, H, W, static_cast<int>(open_radius), stream);  // opening

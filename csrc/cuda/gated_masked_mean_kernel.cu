@@ -16,6 +16,7 @@
 #include <algorithm>
 
 #include "common/checks.h"
+#include "common/cuda_utils.cuh"
 #include "gated_masked_mean.h"
 
 namespace maskattn {
@@ -78,12 +79,20 @@ __global__ void pool_planar_kernel(const scalar_t* __restrict__ f, int64_t bs, i
   const int64_t b = warp / C, c = warp % C;
   const scalar_t* row = f + b * bs + c * cs;
   const acc_t* wb = w + b * HW;
-  acc_t s = 0;
+  // A lane's share of a large map (2^13 pixels of a 512x512 plane) is summed kFold at a time.
+  acc_t s = 0, s_out = 0;
+  int fold = 0;
   for (int64_t p = lane; p < HW; p += 32) {
     const acc_t wp = wb[p];
-    if (wp != acc_t(0)) s += wp * static_cast<acc_t>(row[p]);  // padding (weight 0) is never read
+    // zero-weight pixels (padding, zero gates) are never read (docs/numerics.md, the zero-gate rule)
+    if (wp != acc_t(0)) s += wp * static_cast<acc_t>(row[p]);
+    if (++fold == cuda::kFold) {
+      fold = 0;
+      s_out += s;
+      s = 0;
+    }
   }
-  s = warp_sum(s);
+  s = warp_sum(s + s_out);
   if (lane == 0) out[warp] = static_cast<scalar_t>(s);
 }
 
@@ -98,12 +107,25 @@ __global__ void pool_strided_kernel(const scalar_t* __restrict__ f, int64_t bs, 
   if (c >= C) return;
   const scalar_t* base = f + b * bs + c * cs;
   const acc_t* wb = w + b * HW;
-  acc_t s = 0;
+  // A thread walks all H * W pixels: three levels of kFold (cuda_utils.cuh), so the error grows
+  // with 2 * kFold + H * W / kFold^2 rather than with H * W.
+  acc_t s = 0, s_mid = 0, s_out = 0;
+  int fold = 0, fold_mid = 0;
   for (int64_t p = 0; p < HW; ++p) {
     const acc_t wp = wb[p];
     if (wp != acc_t(0)) s += wp * static_cast<acc_t>(base[p * ps]);
+    if (++fold == cuda::kFold) {
+      fold = 0;
+      s_mid += s;
+      s = 0;
+      if (++fold_mid == cuda::kFold) {
+        fold_mid = 0;
+        s_out += s_mid;
+        s_mid = 0;
+      }
+    }
   }
-  out[b * C + c] = static_cast<scalar_t>(s);
+  out[b * C + c] = static_cast<scalar_t>(s + (s_mid + s_out));
 }
 
 template <typename acc_t>
@@ -122,7 +144,10 @@ __global__ void grad_features_kernel(const acc_t* __restrict__ gp, const scalar_
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t p = i % HW, bc = i / HW, b = bc / C;
-    gf[i] = static_cast<scalar_t>(gp[bc] * inv[b] * static_cast<acc_t>(gate[b * HW + p]));
+    // a zero gate (padding, an underflowed gate) gives exactly 0, selected rather than multiplied:
+    // grad_pooled may be inf or NaN
+    const acc_t gt = static_cast<acc_t>(gate[b * HW + p]);
+    gf[i] = static_cast<scalar_t>(gt != acc_t(0) ? gp[bc] * inv[b] * gt : acc_t(0));
   }
 }
 
@@ -214,7 +239,12 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& feat
   const int64_t HW = H * W;
   at::Tensor gate = at::empty({B, H, W}, gate_logits.options());
   at::Tensor pooled = at::empty({B, C}, features.options());
-  auto ret = [&] { return std::make_tuple(pooled, gate_logits.dim() == 4 ? gate.unsqueeze(1) : gate); };
+  // [B, 1, H, W] in place, not through a view: an op output that is a view cannot be modified in
+  // place under autograd.
+  auto ret = [&] {
+    if (gate_logits.dim() == 4) gate.unsqueeze_(1);
+    return std::make_tuple(pooled, gate);
+  };
   if (B == 0) return ret();
   if (HW == 0) {
     pooled.zero_();
@@ -266,7 +296,8 @@ std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cuda(
       need_f ? at::empty({B, C, H, W}, features.options()) : at::empty({0}, features.options());
   at::Tensor grad_logits = need_l ? at::empty({B, H, W}, gate.options()) : at::empty({0}, gate.options());
   auto ret = [&] {
-    return std::make_tuple(grad_features, need_l && gate.dim() == 4 ? grad_logits.unsqueeze(1) : grad_logits);
+    if (need_l && gate.dim() == 4) grad_logits.unsqueeze_(1);
+    return std::make_tuple(grad_features, grad_logits);
   };
   if ((!need_f && !need_l) || B == 0 || HW == 0) return ret();
   const auto acc_type = at::toOpMathType(features.scalar_type());

@@ -108,17 +108,24 @@ __global__ void __launch_bounds__(THREADS)
   }
   __syncthreads();
 
-  // 2) sum of exp(l - max) * f over the rows, UNROLL rows in flight per thread
+  // 2) sum of exp(l - max) * f over the rows, UNROLL rows in flight per thread. A thread's share
+  //    of a long bag is thousands of rows: it sums kFold iterations in `acc`, then adds them to
+  //    `acc_out` (cuda_utils.cuh), so the error does not grow with the bag's length.
   const int64_t d0 = (dtile * blockDim.x + threadIdx.x) * VEC;
   const bool active = d0 < g.D;
-  acc_t acc[KB][VEC];
-  acc_t esum[KB];
+  acc_t acc[KB][VEC], acc_out[KB][VEC];
+  acc_t esum[KB], esum_out[KB];
 #pragma unroll
   for (int kk = 0; kk < KB; ++kk) {
     esum[kk] = 0;
+    esum_out[kk] = 0;
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[kk][v] = 0;
+    for (int v = 0; v < VEC; ++v) {
+      acc[kk][v] = 0;
+      acc_out[kk][v] = 0;
+    }
   }
+  int fold = 0;
   for (int64_t c = s; c < nchunks; c += nsplit) {
     const int64_t c0 = r0 + c * chunk, c1 = min(r1, c0 + chunk);
     for (int64_t rb = c0 + threadIdx.y; rb < c1; rb += static_cast<int64_t>(blockDim.y) * UNROLL) {
@@ -133,7 +140,7 @@ __global__ void __launch_bounds__(THREADS)
           e[u][kk] = 0;
           if (kk < kc && r < c1 && s_max[kk] != NEG_INF && g.valid(b, r)) {
             e[u][kk] =
-                cuda::fast_exp<acc_t>(static_cast<acc_t>(lb[r * g.ls_n + (k0 + kk) * g.ls_k]) - s_max[kk]);
+                cuda::exp_diff<acc_t>(static_cast<acc_t>(lb[r * g.ls_n + (k0 + kk) * g.ls_k]), s_max[kk]);
             any = any || e[u][kk] != acc_t(0);
           }
         }
@@ -149,12 +156,35 @@ __global__ void __launch_bounds__(THREADS)
       for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
         for (int kk = 0; kk < KB; ++kk) {
+          // A row is loaded when any branch weighs it; a branch whose weight is 0 selects it away
+          // rather than multiplying (0 * NaN), so each branch skips its own zero-weight rows.
+          const bool live = e[u][kk] != acc_t(0);
           esum[kk] += e[u][kk];
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) acc[kk][v] += e[u][kk] * static_cast<acc_t>(x[u].v[v]);
+          for (int v = 0; v < VEC; ++v)
+            acc[kk][v] += live ? e[u][kk] * static_cast<acc_t>(x[u].v[v]) : acc_t(0);
+        }
+      }
+      if (++fold == cuda::kFold) {
+        fold = 0;
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          esum_out[kk] += esum[kk];
+          esum[kk] = 0;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            acc_out[kk][v] += acc[kk][v];
+            acc[kk][v] = 0;
+          }
         }
       }
     }
+  }
+#pragma unroll
+  for (int kk = 0; kk < KB; ++kk) {
+    esum[kk] += esum_out[kk];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[kk][v] += acc_out[kk][v];
   }
 
   // 3) reduce over threadIdx.y and write this split's partial state
@@ -206,7 +236,7 @@ __global__ void __launch_bounds__(COMBINE_X* COMBINE_Y)
   if (M != NEG_INF) {
     for (int s = tid; s < nsplit; s += COMBINE_X * COMBINE_Y) {
       const acc_t m = part_m[s * nbk + bk];
-      if (m != NEG_INF) S += part_s[s * nbk + bk] * cuda::fast_exp<acc_t>(m - M);
+      if (m != NEG_INF) S += part_s[s * nbk + bk] * cuda::exp_diff<acc_t>(m, M);
     }
   }
   S = cuda::block_reduce<acc_t, false>(S, scratch);
@@ -218,13 +248,22 @@ __global__ void __launch_bounds__(COMBINE_X* COMBINE_Y)
     stats[2 * bk + 1] = inv;
   }
   const int64_t d = db * COMBINE_X + threadIdx.x;
-  acc_t t = 0;
+  acc_t t = 0, t_out = 0;
   if (!empty && d < D) {
+    int fold = 0;
     for (int s = threadIdx.y; s < nsplit; s += COMBINE_Y) {
       const acc_t m = part_m[s * nbk + bk];
-      if (m != NEG_INF) t += part_acc[(s * nbk + bk) * D + d] * cuda::fast_exp<acc_t>(m - M);
+      // a split whose scale underflows to 0 is skipped, not multiplied (0 * inf)
+      const acc_t sc = m != NEG_INF ? cuda::exp_diff<acc_t>(m, M) : acc_t(0);
+      if (sc != acc_t(0)) t += part_acc[(s * nbk + bk) * D + d] * sc;
+      if (++fold == cuda::kFold) {
+        fold = 0;
+        t_out += t;
+        t = 0;
+      }
     }
   }
+  t += t_out;
   red[threadIdx.y][threadIdx.x] = t;
   __syncthreads();
   if (threadIdx.y == 0 && d < D) {
@@ -250,7 +289,7 @@ __global__ void pool_weights_kernel(const scalar_t* __restrict__ logits, BagGeom
       const acc_t M = stats[2 * (b * g.K + k)], inv = stats[2 * (b * g.K + k) + 1];
       acc_t w = 0;
       if (valid && M != NEG_INF)
-        w = cuda::fast_exp<acc_t>(static_cast<acc_t>(lb[r * g.ls_n + k * g.ls_k]) - M) * inv;
+        w = cuda::exp_diff<acc_t>(static_cast<acc_t>(lb[r * g.ls_n + k * g.ls_k]), M) * inv;
       weights[g.flat_row(b, r) * g.K + k] = static_cast<scalar_t>(w);
     }
   }
@@ -313,8 +352,13 @@ __global__ void __launch_bounds__(THREADS)
         cuda::Pack<scalar_t, VEC> y;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
+          // zero-weight branches (all of them for padding) are selected away, not multiplied:
+          // grad_pooled may hold inf/NaN, and 0 * inf must not reach the row's gradient
           acc_t t = 0;
-          for (int64_t k = 0; k < g.K; ++k) t += static_cast<acc_t>(w[k]) * gp[k * g.D + d + v];
+          for (int k = 0; k < g.K; ++k) {
+            const acc_t wk = static_cast<acc_t>(w[k]);
+            t += wk != acc_t(0) ? wk * gp[k * g.D + d + v] : acc_t(0);
+          }
           y.v[v] = static_cast<scalar_t>(t);
         }
         cuda::store_pack<scalar_t, VEC>(out + d, y);
@@ -334,13 +378,19 @@ __global__ void pool_backward_softmax_kernel(BagGeom g, const scalar_t* __restri
   const int64_t k = blockIdx.x % g.K;
   int64_t r0, r1;
   g.range(b, r0, r1);
-  acc_t c = 0;
+  acc_t c = 0, c_out = 0;
+  int fold = 0;
   for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
     const int64_t i = g.flat_row(b, r) * g.K + k;
     const acc_t w = static_cast<acc_t>(weights[i]);
     if (w != acc_t(0)) c += w * (gsum[i] + (grad_weights ? static_cast<acc_t>(grad_weights[i]) : acc_t(0)));
+    if (++fold == cuda::kFold) {
+      fold = 0;
+      c_out += c;
+      c = 0;
+    }
   }
-  c = cuda::block_reduce<acc_t, false>(c, scratch);
+  c = cuda::block_reduce<acc_t, false>(c + c_out, scratch);
   for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
     const int64_t i = g.flat_row(b, r) * g.K + k;
     const acc_t w = static_cast<acc_t>(weights[i]);
@@ -507,7 +557,9 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const PoolGrads& pg, const
   at::Tensor grad_features =
       need_features ? at::empty(features.sizes(), features.options()) : at::empty({0}, features.options());
   if ((!need_logits && !need_features) || rows_total == 0) return {grad_logits, grad_features};
-  if (K == 0 || nbags == 0 || D == 0) {
+  // With D == 0 there are no features, but the logits still get the weights' own gradient:
+  // only the rows kernel (which would add <grad_pooled, row> = 0) is skipped.
+  if (K == 0 || nbags == 0) {
     if (need_logits) grad_logits.zero_();
     if (need_features) grad_features.zero_();
     return {grad_logits, grad_features};
@@ -528,17 +580,20 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const PoolGrads& pg, const
         const int64_t blocks = std::min<int64_t>(ceil_div(rows_total, THREADS / 32), 32LL * sms);
         acc_t* gs = need_logits ? gsum.data_ptr<acc_t>() : nullptr;
         scalar_t* gf = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
-        if (vec > 1) {
+        if (D == 0) {
+          // gsum stays 0; grad_features is empty
+        } else if (vec > 1) {
           constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
           pool_backward_rows_kernel<scalar_t, acc_t, V><<<blocks, THREADS, 0, stream>>>(
               features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
               gp.const_data_ptr<acc_t>(), gs, gf);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
         } else {
           pool_backward_rows_kernel<scalar_t, acc_t, 1><<<blocks, THREADS, 0, stream>>>(
               features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
               gp.const_data_ptr<acc_t>(), gs, gf);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (need_logits) {
           // Rows no bag covers (only with bad packed offsets) keep a zero gradient.
           if (offsets.defined()) grad_logits.zero_();
@@ -559,7 +614,12 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cuda(const at::Tensor& 
   PoolInputs in = check_pool_inputs(logits, features, mask);
   const at::Tensor f = unit_stride_d(in.features);
   auto [pooled, weights] = pool_forward_cuda(in.logits, f, in.mask, at::Tensor(), f.size(0), f.size(1));
-  if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
+  // Squeezed in place, not through a view: an op output that is a view cannot be modified in place
+  // under autograd (pooled += bias), so every output is a tensor of its own.
+  if (in.squeeze_k) {
+    pooled.squeeze_(1);
+    weights.squeeze_(-1);
+  }
   return {pooled, weights};
 }
 
@@ -569,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cuda(
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, std::nullopt);
   auto [gl, gf] =
       pool_backward_cuda(g, features, at::Tensor(), features.size(0), output_mask[0], output_mask[1]);
-  if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
+  if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
   return {gl, gf};
 }
 
@@ -581,7 +641,10 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_cuda(const at::T
   const int64_t nbags = in.offsets.size(0) - 1;
   auto [pooled, weights] = pool_forward_cuda(in.logits, f, at::Tensor(), in.offsets, nbags,
                                              nbags > 0 ? ceil_div(f.size(0), nbags) : 0);
-  if (in.squeeze_k) return {pooled.squeeze(1), weights.squeeze(-1)};
+  if (in.squeeze_k) {
+    pooled.squeeze_(1);
+    weights.squeeze_(-1);
+  }
   return {pooled, weights};
 }
 
@@ -591,7 +654,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_backward_cuda(
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, offsets);
   auto [gl, gf] =
       pool_backward_cuda(g, features, g.offsets, g.offsets.size(0) - 1, output_mask[0], output_mask[1]);
-  if (g.squeeze_k && output_mask[0]) gl = gl.squeeze(-1);
+  if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
   return {gl, gf};
 }
 

@@ -27,7 +27,7 @@ namespace maskattn {
 namespace {
 
 using cuda::block_reduce;
-using cuda::fast_exp;
+using cuda::exp_diff;
 using cuda::load_pack;
 using cuda::Pack;
 using cuda::store_pack;
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(32 * kWarpRowsPerBlock)
     acc_t sum = 0;
 #pragma unroll
     for (int i = 0; i < ELEMS; ++i) {
-      v[i] = fast_exp(v[i] - mx);  // e^-inf = 0 at masked positions
+      v[i] = exp_diff(v[i], mx);  // e^-inf = 0 at masked positions
       sum += v[i];
     }
     const acc_t inv = acc_t(1) / warp_sum(sum);
@@ -187,7 +187,10 @@ __global__ void softmax_fwd_block(const scalar_t* __restrict__ x, const bool* __
     const scalar_t* xr = x + off[0];
     const bool* mr = mask + off[1];
     scalar_t* yr = y + row * N;
-    acc_t mx = neg_inf<acc_t>(), s = 0;
+    // Without SMEM each thread keeps an online sum over N / blockDim.x elements (10^3 for a row
+    // of 10^6): s takes kFold iterations, then goes into s_out, both relative to the running max.
+    acc_t mx = neg_inf<acc_t>(), s = 0, s_out = 0;
+    int fold = 0;
     for (int64_t col = first; col < N; col += stride) {
       const auto p = load_row<scalar_t, VEC>(xr + col);
       bool ok[VEC];
@@ -200,14 +203,24 @@ __global__ void softmax_fwd_block(const scalar_t* __restrict__ x, const bool* __
           mx = (v > mx || v != v) ? v : mx;  // NaN wins: an all-NaN row is NaN, not empty
         } else if (v != neg_inf<acc_t>()) {
           if (v > mx || v != v) {  // a NaN makes s and mx NaN: the row is poisoned
-            s = s * fast_exp(mx - v) + acc_t(1);
+            const acc_t c = exp_diff(mx, v);
+            s = s * c + acc_t(1);
+            s_out *= c;
             mx = v;
           } else {
-            s += fast_exp(v - mx);
+            s += exp_diff(v, mx);
           }
         }
       }
+      if constexpr (!SMEM) {
+        if (++fold == cuda::kFold) {
+          fold = 0;
+          s_out += s;
+          s = 0;
+        }
+      }
     }
+    if constexpr (!SMEM) s += s_out;
     const acc_t M = block_reduce<acc_t, true>(mx, scratch);
     Pack<scalar_t, VEC> o;
     if (M == neg_inf<acc_t>()) {  // block-uniform
@@ -221,13 +234,13 @@ __global__ void softmax_fwd_block(const scalar_t* __restrict__ x, const bool* __
       for (int64_t col = first; col < N; col += stride) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const acc_t e = fast_exp(buf[col + k] - M);
+          const acc_t e = exp_diff(buf[col + k], M);
           buf[col + k] = e;
           s += e;
         }
       }
     } else {
-      s = mx == neg_inf<acc_t>() ? acc_t(0) : s * fast_exp(mx - M);
+      s = mx == neg_inf<acc_t>() ? acc_t(0) : s * exp_diff(mx, M);
     }
     const acc_t inv = acc_t(1) / block_reduce<acc_t, false>(s, scratch);
     const bool poisoned = inv != inv;  // block-uniform; see softmax_fwd_warp
@@ -246,7 +259,7 @@ __global__ void softmax_fwd_block(const scalar_t* __restrict__ x, const bool* __
         load_mask<VEC>(mr, col, ms, ok);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const acc_t e = ok[k] ? fast_exp(scale * static_cast<acc_t>(p.v[k]) - M) : acc_t(0);
+          const acc_t e = ok[k] ? exp_diff(scale * static_cast<acc_t>(p.v[k]), M) : acc_t(0);
           o.v[k] = static_cast<scalar_t>(e * inv);
         }
       }
@@ -318,7 +331,8 @@ __global__ void softmax_bwd_block(const scalar_t* __restrict__ g, const scalar_t
     const scalar_t* gr = g + off[0];
     const scalar_t* yr = y + off[1];
     scalar_t* orow = out + row * N;
-    acc_t dot = 0;
+    acc_t dot = 0, dot_out = 0;
+    int fold = 0;
     for (int64_t col = first; col < N; col += stride) {
       const auto pg = load_row<scalar_t, VEC>(gr + col);
       const auto py = load_row<scalar_t, VEC>(yr + col);
@@ -327,8 +341,13 @@ __global__ void softmax_bwd_block(const scalar_t* __restrict__ g, const scalar_t
         const acc_t yk = static_cast<acc_t>(py.v[k]);
         if (yk != acc_t(0)) dot += static_cast<acc_t>(pg.v[k]) * yk;
       }
+      if (++fold == cuda::kFold) {  // a thread's share of a long row: see softmax_fwd_block
+        fold = 0;
+        dot_out += dot;
+        dot = 0;
+      }
     }
-    dot = block_reduce<acc_t, false>(dot, scratch);
+    dot = block_reduce<acc_t, false>(dot + dot_out, scratch);
     for (int64_t col = first; col < N; col += stride) {
       const auto pg = load_row<scalar_t, VEC>(gr + col);
       const auto py = load_row<scalar_t, VEC>(yr + col);

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/cuda_utils.cuh"
 #include "scaled_cross_attention.h"
 
 namespace maskattn {
@@ -75,11 +76,11 @@ __device__ __forceinline__ T inv_norm(T n) {
   return T(1) / (n > eps ? n : eps);
 }
 
-__device__ __forceinline__ float dev_exp(float x) {
-  return ::expf(x);
-}
-__device__ __forceinline__ double dev_exp(double x) {
-  return ::exp(x);
+// e^(v - m) with the subtraction's rounding error recovered, as every softmax here computes it
+// (common/cuda_utils.cuh; the CPU kernels do the same).
+template <typename T>
+__device__ __forceinline__ T dev_exp_diff(T v, T m) {
+  return cuda::exp_diff<T>(v, m);
 }
 __device__ __forceinline__ float dev_sqrt(float x) {
   return ::sqrtf(x);
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kThreads)
     acc_t e[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h)
-      e[h] = (m == ninf<acc_t>() || l[h] == ninf<acc_t>()) ? acc_t(0) : dev_exp(l[h] - m);
+      e[h] = (m == ninf<acc_t>() || l[h] == ninf<acc_t>()) ? acc_t(0) : dev_exp_diff(l[h], m);
     const acc_t sum = warp_sum(e[0] + e[1]);
     const acc_t inv = m == ninf<acc_t>() ? acc_t(0) : acc_t(1) / sum;  // no valid key: zeros
     __syncwarp();
@@ -390,12 +391,12 @@ __global__ void __launch_bounds__(kThreads)
     acc_t sum = 0;
     for (int64_t j = lane; j < Lk; j += kWarp) {
       const acc_t l = gemm_logit(S, mask, knrm, st, r, b, j, Lk, c, qinv);
-      sum += l == ninf<acc_t>() ? acc_t(0) : dev_exp(l - m);
+      sum += l == ninf<acc_t>() ? acc_t(0) : dev_exp_diff(l, m);
     }
     const acc_t inv = acc_t(1) / warp_sum(sum);
     for (int64_t j = lane; j < Lk; j += kWarp) {
       const acc_t l = gemm_logit(S, mask, knrm, st, r, b, j, Lk, c, qinv);
-      attn[r * Lk + j] = static_cast<scalar_t>(l == ninf<acc_t>() ? acc_t(0) : dev_exp(l - m) * inv);
+      attn[r * Lk + j] = static_cast<scalar_t>(l == ninf<acc_t>() ? acc_t(0) : dev_exp_diff(l, m) * inv);
     }
   }
 }

@@ -10,7 +10,15 @@ the functions here are thin, documented wrappers around them.
 from ._loader import build_info, cuda_available
 
 # isort: on
-from . import losses, masks, nn, optim, transforms
+from . import data, distributed, losses, masks, nn, optim, transforms
+from ._attention import masked_attention
+from ._chunked import (
+    attention_pool_merge,
+    attention_pool_partial,
+    attention_pool_partial_packed,
+    attention_pool_weights,
+    chunked_attention_pool,
+)
 from ._ops.foreground_mask import foreground_mask
 from ._ops.gated_masked_mean import gated_masked_mean
 from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
@@ -18,6 +26,10 @@ from ._ops.masked_softmax import masked_softmax
 from ._ops.patch_mask import patch_mask, patch_mask_to_image
 from ._ops.scaled_cross_attention import scaled_cross_attention
 from ._padding import pack, pad_sequences, unpack
+from ._segments import SortedByBatch as SortedByBatch  # the return types, for annotations
+from ._segments import batch_from_offsets, offsets_from_batch, sort_by_batch
+from ._topk import TopKPerBag as TopKPerBag
+from ._topk import topk_per_bag
 
 __version__ = "0.1.0"
 
@@ -26,12 +38,24 @@ __all__ = [
     "cuda_available",
     "masked_attention_pool",
     "masked_attention_pool_packed",
+    "attention_pool_partial",
+    "attention_pool_partial_packed",
+    "attention_pool_merge",
+    "attention_pool_weights",
+    "chunked_attention_pool",
+    "distributed",
     "pack",
     "pad_sequences",
     "unpack",
+    "offsets_from_batch",
+    "batch_from_offsets",
+    "sort_by_batch",
+    "topk_per_bag",
+    "data",
     "patch_mask",
     "patch_mask_to_image",
     "masked_softmax",
+    "masked_attention",
     "gated_masked_mean",
     "foreground_mask",
     "losses",

@@ -3,34 +3,43 @@
 import torch
 from torch import Tensor
 
+from . import _validation as _v
+
+_NAME = "masked_mse_loss"
+
 
 def masked_mse_loss(pred: Tensor, target: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
     """Mean squared error over the valid elements of a padded image batch.
 
     Args:
         pred, target: ``[B, C, H, W]`` (or any ``[B, C, *spatial]``), same shape.
-        mask: valid mask of any dtype (nonzero = valid pixel), ``[B, H, W]`` or ``[B, 1, H, W]``
+        mask: valid mask of any bool, integer or floating dtype (nonzero = valid pixel, NaN included), ``[B, H, W]`` or ``[B, 1, H, W]``
             (broadcast over channels) or ``pred``'s full shape.
         reduction: ``"mean"`` - sum of squared errors over valid elements divided by their number
             (valid pixels x C when the mask is broadcast over channels), 0 when nothing is valid;
+            ``"pixel_mean"`` - summed over channels, averaged over valid pixels: C x ``"mean"``;
             ``"sum"``; or ``"none"`` - the elementwise loss, 0 at padding.
 
     Padding never reaches the loss or the gradient, even if ``pred`` holds inf/NaN there (the
     difference is selected, not multiplied by the mask).
 
-    Difference from the JiT seed: it computes ``(diff * mask).sum() / (mask.sum() + 1e-8)`` with a
-    ``[B, 1, H, W]`` mask, i.e. a sum over C x pixels divided by the *pixel* count - C times the
-    per-element mean (3x for RGB), which also rescales the effective learning rate. This function
-    returns the per-element mean; multiply by C to reproduce the seed's numbers.
+    The hand-written padded-image loss of JiT-style training, ``(diff * mask).sum() /
+    (mask.sum() + 1e-8)`` with a ``[B, 1, H, W]`` mask, divides a sum over C x pixels by the
+    *pixel* count: that is ``reduction="pixel_mean"`` (C times the per-element ``"mean"``, 3x for
+    RGB, which also sets the effective learning rate). Switching from it to ``"mean"`` divides the
+    loss and its gradients by C; ``"pixel_mean"`` keeps them.
     """
+    _v.check_floating(pred, _NAME, "pred")
+    _v.check_floating(target, _NAME, "target")
+    _v.check_mask(mask, _NAME, "mask")
     if pred.shape != target.shape:
         raise ValueError(
             f"masked_mse_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape"
         )
     if pred.dim() < 2:
         raise ValueError(f"masked_mse_loss: pred must be [B, C, ...], got shape {tuple(pred.shape)}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"masked_mse_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(reduction, str) or reduction not in ("mean", "pixel_mean", "sum", "none"):
+        raise ValueError(f"masked_mse_loss: reduction must be 'mean', 'pixel_mean', 'sum' or 'none', got {reduction!r}")
     valid = mask if mask.dtype == torch.bool else mask != 0
     if valid.dim() == pred.dim() - 1 and valid.shape[0] == pred.shape[0] and valid.shape[1:] == pred.shape[2:]:
         valid = valid.unsqueeze(1)
@@ -56,4 +65,7 @@ def masked_mse_loss(pred: Tensor, target: Tensor, mask: Tensor, reduction: str =
         return total.to(pred.dtype)
     channels = pred.shape[1] // valid.shape[1]
     count = valid.sum() * channels
-    return (total / count.clamp(min=1)).to(pred.dtype)
+    loss = total / count.clamp(min=1)
+    if reduction == "pixel_mean":
+        loss = loss * pred.shape[1]
+    return loss.to(pred.dtype)

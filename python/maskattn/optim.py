@@ -4,6 +4,8 @@ from typing import Dict, Iterable, List
 
 from torch import nn
 
+from . import _validation as _v
+
 # Normalisation layers whose affine parameters are conventionally not decayed.
 _NORM_TYPES = tuple(
     t
@@ -39,7 +41,18 @@ def param_groups(
     Returns a list for ``torch.optim.SGD(param_groups(model, 5e-4), lr=...)``; each group also
     carries a ``"param_names"`` list, for logging.
     """
+    fn = "param_groups"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
+    weight_decay = _v.as_float(weight_decay, fn, "weight_decay", low=0.0)
+    no_decay_bias_and_norm = _v.as_bool(no_decay_bias_and_norm, fn, "no_decay_bias_and_norm")
+    # A bare string is iterable too: set("bias") would be {"b", "i", "a", "s"} and match nothing.
+    if isinstance(no_decay, (str, bytes)):
+        raise TypeError(f"{fn}: no_decay must be a list of parameter names, got the string {no_decay!r}")
     extra = set(no_decay)
+    for name in extra:
+        if not isinstance(name, str):
+            raise TypeError(f"{fn}: no_decay must hold parameter names (strings), got {name!r}")
     decay, keep, decay_names, keep_names = [], [], [], []
     seen = set()
     for mod_name, mod in model.named_modules():

@@ -6,6 +6,7 @@ transform = Compose([FaceMask("content_based"), ...])        # on tensors, ndarr
 import torch
 from torch import Tensor
 
+from . import _validation as _v
 from .masks import content_based
 from .masks.geometric import geometric
 
@@ -16,10 +17,20 @@ def apply_face_mask(images: Tensor, mask: Tensor, background: float = 0.0) -> Te
     """``images * mask + background * (1 - mask)``, in the images' dtype.
 
     images ``[..., C, H, W]`` or ``[..., H, W]`` (uint8 or floating); mask ``[H, W]`` or
-    ``[B, H, W]`` in ``[0, 1]`` (soft edges blend). ``background`` is in the images' units (0-255
-    for uint8). uint8 results are rounded and clamped.
+    ``[B, H, W]``. ``background`` is in the images' units (0-255 for uint8). uint8 results are
+    rounded and clamped.
+
+    A bool or integer mask follows the mask rule: nonzero keeps the pixel (a 0/255 uint8 mask from
+    OpenCV keeps it too, it does not scale it by 255). A floating mask is a blend weight in
+    ``[0, 1]`` (``masks.content_based``'s soft edges), used by value: that is the one place where a
+    float mask is not read as nonzero = valid.
     """
-    m = mask.to(device=images.device, dtype=torch.float32 if not images.is_floating_point() else images.dtype)
+    fn = "apply_face_mask"
+    _v.check_tensor(images, fn, "images")
+    _v.check_mask(mask, fn, "mask")
+    background = _v.as_float(background, fn, "background")
+    dtype = torch.float32 if not images.is_floating_point() else images.dtype
+    m = mask.to(device=images.device, dtype=dtype) if mask.is_floating_point() else (mask != 0).to(images.device, dtype)
     if images.dim() == 4 and m.dim() == 3:
         m = m[:, None]
     x = images if images.is_floating_point() else images.to(torch.float32)
@@ -45,10 +56,11 @@ class FaceMask:
     """
 
     def __init__(self, mask_type: str = "content_based", background: float = 0.0, **mask_kwargs):
-        if mask_type not in _KINDS:
+        if not isinstance(mask_type, str) or mask_type not in _KINDS:
             raise ValueError(f"FaceMask: mask_type must be one of {_KINDS}, got {mask_type!r}")
         if mask_kwargs and mask_type != "content_based":
             raise ValueError(f"FaceMask: options {sorted(mask_kwargs)} only apply to mask_type='content_based'")
+        _v.as_float(background, "FaceMask", "background")
         self.mask_type, self.background, self.mask_kwargs = mask_type, background, mask_kwargs
 
     def mask(self, images: Tensor) -> Tensor:

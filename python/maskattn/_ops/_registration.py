@@ -1,4 +1,4 @@
-"""Autocast and autograd registration rules shared by maskattn's ops.
+"""Autocast registration shared by maskattn's ops (autograd, forward mode and vmap: _autograd.py).
 
 torch.library.register_autocast casts to one fixed dtype; an op under autocast should instead run
 in whatever low-precision dtype the active autocast region asks for (bfloat16 or float16, CPU or
@@ -42,23 +42,3 @@ def register_low_precision(name: str, keep: tuple = ()) -> None:
                 return op(*args, **kwargs)
 
         _lib.impl(name, impl, key)
-
-
-def forbid_double_backward(name: str) -> None:
-    """Make differentiating maskattn::<name> (a backward op) raise instead of silently giving zeros.
-
-    Without an autograd kernel, PyTorch would treat the backward op as constant under
-    create_graph=True, so a double backward (gradient penalties, Hessian-vector products) would be
-    wrong without a word.
-    """
-
-    def setup_context(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"maskattn::{name}: double backward (differentiating a gradient) is not supported; "
-            "compute the gradient penalty on a pure-PyTorch path or detach the first-order gradient"
-        )
-
-    torch.library.register_autograd(f"maskattn::{name}", backward, setup_context=setup_context)

@@ -5,6 +5,9 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .. import _validation as _v
+from . import _autograd
+
 _ops = torch.ops.maskattn
 
 
@@ -33,8 +36,15 @@ def foreground_mask(
         ``(mask, coverage)``: float32 ``[B, H, W]`` in ``[0, 1]`` and float32 ``[B]``, the fraction
         of pixels in the binary mask (largest 8-connected component, holes filled) before smoothing.
     """
+    # Types only (int() would silently truncate a radius of 1.5); the ranges are the op's checks.
+    fn = "foreground_mask"
     return _ops.foreground_mask(
-        images, float(threshold), int(open_radius), int(close_radius), bool(fill_holes), float(sigma)
+        images,
+        _v.as_float(threshold, fn, "threshold", allow_inf=True),
+        _v.as_int(open_radius, fn, "open_radius"),
+        _v.as_int(close_radius, fn, "close_radius"),
+        _v.as_bool(fill_holes, fn, "fill_holes"),
+        _v.as_float(sigma, fn, "sigma", allow_inf=True),
     )
 
 
@@ -52,3 +62,12 @@ def _(images, threshold=0.1, open_radius=1, close_radius=2, fill_holes=True, sig
     mask = images.new_empty((B, H, W), dtype=torch.float32)
     coverage = images.new_empty((B,), dtype=torch.float32)
     return mask, coverage
+
+
+def _vmap(info, in_dims, images, *options):
+    V = info.batch_size
+    mask, coverage = _ops.foreground_mask(_autograd.fold(images, in_dims[0], V), *options)
+    return (_autograd.unfold(mask, V), _autograd.unfold(coverage, V)), (0, 0)
+
+
+_autograd.register_vmap_only("foreground_mask", _vmap)

@@ -5,7 +5,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _checks
+from .. import _validation as _v
+from . import _autograd, _checks, _registration
 
 _ops = torch.ops.maskattn
 
@@ -25,6 +26,7 @@ def gated_masked_mean(features: Tensor, gate_logits: Tensor, mask: Optional[Tens
         ``(pooled [B, C], gate)``: gate shaped like gate_logits, the sigmoid at valid pixels and
         exactly 0 at padding. A sample without valid pixels pools to zeros with zero gradient.
     """
+    _v.reject_complex(mask, "gated_masked_mean", "mask")
     return _ops.gated_masked_mean(features, gate_logits, mask)
 
 
@@ -76,6 +78,7 @@ def _(grad_pooled, grad_gate, features, gate, mask, output_mask):
 def _setup(ctx, inputs, output):
     features, _, mask = inputs
     ctx.save_for_backward(features, output[1], mask)
+    ctx.save_for_forward(features, output[1], mask)
     ctx.output_mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
 
 
@@ -85,9 +88,50 @@ def _backward(ctx, grad_pooled, grad_gate):
     return (gf if ctx.output_mask[0] else None), (gl if ctx.output_mask[1] else None), None
 
 
-torch.library.register_autograd("maskattn::gated_masked_mean", _backward, setup_context=_setup)
+def _jvp(ctx, t_features, t_logits, _t_mask):
+    # gate = valid * sigmoid(l): dgate = gate * (1 - gate) * dl (0 at padding, where gate is 0);
+    # dpooled = sum_p (dgate f + gate df) / #valid. Padding content never reaches a tangent.
+    features, gate, mask = ctx.saved_tensors
+    acc = _autograd.acc_dtype(features.dtype)
+    B, _, H, W = features.shape
+    g = gate.reshape(B, 1, H, W).to(acc)
+    if mask is None:
+        valid = None
+        count = torch.full((B, 1), H * W, dtype=acc, device=features.device)
+    else:
+        valid = (mask != 0).reshape(B, 1, H, W)
+        count = valid.sum((2, 3)).to(acc)
 
-from . import _registration  # noqa: E402
+    def keep(x):
+        return x.to(acc) if valid is None else torch.where(valid, x.to(acc), 0)
 
+    d_gate = torch.zeros_like(g)
+    d_pooled = torch.zeros((B, features.shape[1]), dtype=acc, device=features.device)
+    if t_logits is not None:
+        d_gate = g * (1 - g) * keep(t_logits.reshape(B, 1, H, W))
+        d_pooled = (d_gate * keep(features)).sum((2, 3))
+    if t_features is not None:
+        d_pooled = d_pooled + (g * keep(t_features)).sum((2, 3))
+    d_pooled = torch.where(count > 0, d_pooled / count.clamp_min(1), 0)
+    return d_pooled.to(features.dtype), d_gate.reshape(gate.shape).to(gate.dtype)
+
+
+def _vmap(info, in_dims, features, gate_logits, mask):
+    V = info.batch_size
+    pooled, gate = _ops.gated_masked_mean(
+        *(_autograd.fold(t, d, V) for t, d in zip((features, gate_logits, mask), in_dims))
+    )
+    return (_autograd.unfold(pooled, V), _autograd.unfold(gate, V)), (0, 0)
+
+
+def _vmap_backward(info, in_dims, grad_pooled, grad_gate, features, gate, mask, output_mask):
+    V = info.batch_size
+    tensors = (grad_pooled, grad_gate, features, gate, mask)
+    grads = _ops._gated_masked_mean_backward(*(_autograd.fold(t, d, V) for t, d in zip(tensors, in_dims)), output_mask)
+    outs = tuple(_autograd.unfold(g, V) if m else g for g, m in zip(grads, output_mask))
+    return outs, tuple(0 if m else None for m in output_mask)
+
+
+_autograd.register("gated_masked_mean", setup_context=_setup, backward=_backward, jvp=_jvp, vmap=_vmap)
+_autograd.register_backward("_gated_masked_mean_backward", vmap=_vmap_backward)
 _registration.register_low_precision("gated_masked_mean")
-_registration.forbid_double_backward("_gated_masked_mean_backward")

@@ -5,7 +5,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _checks, _registration
+from .. import _validation as _v
+from .._segments import offsets_from_batch
+from . import _autograd, _checks, _registration
 
 _ops = torch.ops.maskattn
 
@@ -23,10 +25,18 @@ def masked_attention_pool(logits: Tensor, features: Tensor, mask: Optional[Tenso
         exactly 0 at padding. A bag with no valid row (or only ``-inf`` logits) gets zero weights
         and a zero pooled vector, never NaN. Half types accumulate in float32.
     """
+    _v.reject_complex(mask, "masked_attention_pool", "mask")
     return _ops.masked_attention_pool(logits, features, mask)
 
 
-def masked_attention_pool_packed(logits: Tensor, features: Tensor, offsets: Tensor) -> Tuple[Tensor, Tensor]:
+def masked_attention_pool_packed(
+    logits: Tensor,
+    features: Tensor,
+    offsets: Optional[Tensor] = None,
+    *,
+    batch: Optional[Tensor] = None,
+    num_bags: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
     """Attention pooling over bags stored back to back, with no padding at all.
 
     Args:
@@ -35,10 +45,23 @@ def masked_attention_pool_packed(logits: Tensor, features: Tensor, offsets: Tens
         offsets: int64 ``[B+1]`` with ``0 = offsets[0] <= ... <= offsets[B] = T``; bag b is rows
             ``offsets[b]:offsets[b+1]``. On CPU bad offsets raise; on CUDA they are not checked (that
             would need a host sync) but are clamped so that nothing is read or written out of bounds.
+        batch: keyword-only alternative to ``offsets``: PyG's bag id per row ``[T]``, sorted,
+            converted by ``maskattn.offsets_from_batch(batch, num_bags)`` (checked on CPU; on CUDA
+            unchecked, and ``num_bags=None`` costs one host sync). For unsorted ids use
+            ``maskattn.sort_by_batch``.
+        num_bags: with ``batch``: the number of bags (trailing empty bags included).
 
     Returns:
         ``(pooled [B, D] or [B, K, D], weights like logits)``; empty bags give zeros.
     """
+    if batch is not None:
+        if offsets is not None:
+            raise ValueError("masked_attention_pool_packed: pass offsets or batch, not both")
+        offsets = offsets_from_batch(batch, num_bags)
+    elif offsets is None:
+        raise ValueError("masked_attention_pool_packed: offsets [B+1] (or batch=, the bag id of every row) is required")
+    elif num_bags is not None:
+        raise ValueError("masked_attention_pool_packed: num_bags goes with batch=; offsets already fix B")
     return _ops.masked_attention_pool_packed(logits, features, offsets)
 
 
@@ -151,6 +174,7 @@ def _(grad_pooled, grad_weights, weights, features, offsets, output_mask):
 
 def _setup_padded(ctx, inputs, output):
     ctx.save_for_backward(output[1], inputs[1])
+    ctx.save_for_forward(output[1], inputs[1])
     ctx.output_mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
 
 
@@ -162,6 +186,7 @@ def _backward_padded(ctx, grad_pooled, grad_weights):
 
 def _setup_packed(ctx, inputs, output):
     ctx.save_for_backward(output[1], inputs[1], inputs[2])
+    ctx.save_for_forward(output[1], inputs[1], inputs[2])
     ctx.output_mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
 
 
@@ -173,11 +198,178 @@ def _backward_packed(ctx, grad_pooled, grad_weights):
     return (gl if ctx.output_mask[0] else None), (gf if ctx.output_mask[1] else None), None
 
 
-torch.library.register_autograd("maskattn::masked_attention_pool", _backward_padded, setup_context=_setup_padded)
-torch.library.register_autograd("maskattn::masked_attention_pool_packed", _backward_packed, setup_context=_setup_packed)
+# ---- forward mode: w = softmax over the bag's valid rows, pooled = sum_n w f ----
+#   dw = w * (dl - sum_n w dl),   dpooled = sum_n (dw f + w df)
+# Only rows of nonzero weight take part, so masked rows, -inf logits and empty bags give zero
+# tangents, and padding content (even NaN) never reaches a tangent, as it never reaches pooled.
+
+
+def _pool_tangents(weights, features, t_logits, t_features, row_sum, pool, k_squeezed):
+    """Tangents of (pooled, weights). ``row_sum(x)``: ``x [rows, K]`` summed over each bag's rows
+    and broadcast back to them; ``pool(w, f)``: ``sum_n w[n, k] f[n, :]`` per bag -> ``[B, K, D]``."""
+    acc = _autograd.acc_dtype(features.dtype)
+    w = (weights.unsqueeze(-1) if k_squeezed else weights).to(acc)  # [..., N, K]
+    live = w != 0
+    rows = live.any(-1, keepdim=True)
+    d_weights = torch.zeros_like(w)
+    d_pooled = pool(w, torch.zeros_like(features, dtype=acc))
+    if t_logits is not None:
+        tl = t_logits.unsqueeze(-1) if k_squeezed else t_logits
+        wt = w * torch.where(live, tl.to(acc), 0)
+        d_weights = wt - w * row_sum(wt)
+        d_pooled = pool(d_weights, torch.where(rows, features.to(acc), 0))
+    if t_features is not None:
+        d_pooled = d_pooled + pool(w, torch.where(rows, t_features.to(acc), 0))
+    if k_squeezed:
+        d_pooled, d_weights = d_pooled.squeeze(-2), d_weights.squeeze(-1)
+    return d_pooled.to(features.dtype), d_weights.to(weights.dtype)
+
+
+def _jvp_padded(ctx, t_logits, t_features, _t_mask):
+    weights, features = ctx.saved_tensors
+    return _pool_tangents(
+        weights,
+        features,
+        t_logits,
+        t_features,
+        lambda x: x.sum(1, keepdim=True),
+        lambda w, f: torch.einsum("bnk,bnd->bkd", w, f),
+        weights.dim() == 2,
+    )
+
+
+def _bag_index(offsets: Tensor, rows: int) -> Tensor:
+    lengths = offsets[1:] - offsets[:-1]
+    bags = torch.arange(lengths.shape[0], device=offsets.device)
+    return torch.repeat_interleave(bags, lengths, output_size=rows)
+
+
+def _jvp_packed(ctx, t_logits, t_features, _t_offsets):
+    weights, features, offsets = ctx.saved_tensors
+    bag = _bag_index(offsets, features.shape[0])
+    nbags = offsets.shape[0] - 1
+
+    def bag_sum(x):  # x [T, ...] -> [B, ...]
+        return x.new_zeros((nbags,) + tuple(x.shape[1:])).index_add(0, bag, x)
+
+    return _pool_tangents(
+        weights,
+        features,
+        t_logits,
+        t_features,
+        lambda x: bag_sum(x)[bag],
+        lambda w, f: bag_sum(w.unsqueeze(-1) * f.unsqueeze(-2)),
+        weights.dim() == 1,
+    )
+
+
+# ---- batching rules ----
+
+
+def _vmap_padded(info, in_dims, logits, features, mask):
+    ld, fd, md = in_dims
+    V = info.batch_size
+    if fd is None and md is None and logits.dim() in (3, 4):
+        # Only the logits vary: the examples become V * K attention branches over the same features
+        # (the K-branch layout), so the features are read once and never copied.
+        x = logits.movedim(ld, 0)
+        squeeze = x.dim() == 3
+        x = x.unsqueeze(-1) if squeeze else x  # [V, B, N, K]
+        _, B, N, K = x.shape
+        pooled, weights = _ops.masked_attention_pool(x.permute(1, 2, 0, 3).reshape(B, N, V * K), features, mask)
+        pooled = pooled.view(B, V, K, -1)
+        weights = weights.view(B, N, V, K)
+        if squeeze:
+            return (pooled.squeeze(2), weights.squeeze(-1)), (1, 2)
+        return (pooled, weights), (1, 2)
+    pooled, weights = _ops.masked_attention_pool(
+        _autograd.fold(logits, ld, V), _autograd.fold(features, fd, V), _autograd.fold(mask, md, V)
+    )
+    return (_autograd.unfold(pooled, V), _autograd.unfold(weights, V)), (0, 0)
+
+
+def _concat_offsets(offsets: Tensor, od, rows: int, V: int) -> Tensor:
+    """V examples' offsets ``[B+1]`` over ``rows`` rows each -> offsets of the V * B bags back to back."""
+    o = _autograd.batched(offsets, od, V)  # [V, B+1]
+    if o.device.type == "cpu":
+        # the op checks the joined offsets; a bad first or last entry of one example would only
+        # shift bags between examples
+        torch._check(
+            bool((o[:, 0] == 0).all()) and bool((o[:, -1] == rows).all()),
+            lambda: f"masked_attention_pool_packed: every offsets must start at 0 and end at T = {rows}",
+        )
+    shift = torch.arange(V, device=o.device, dtype=o.dtype).unsqueeze(1) * rows
+    return torch.cat([(o[:, :-1] + shift).reshape(-1), o.new_full((1,), V * rows)])
+
+
+def _vmap_packed(info, in_dims, logits, features, offsets):
+    ld, fd, od = in_dims
+    V = info.batch_size
+    if fd is None and od is None and logits.dim() in (2, 3):
+        # only the logits vary: V * K branches over the same rows (see _vmap_padded)
+        x = logits.movedim(ld, 0)
+        squeeze = x.dim() == 2
+        x = x.unsqueeze(-1) if squeeze else x  # [V, T, K]
+        _, T, K = x.shape
+        pooled, weights = _ops.masked_attention_pool_packed(x.permute(1, 0, 2).reshape(T, V * K), features, offsets)
+        pooled = pooled.view(pooled.shape[0], V, K, -1)
+        weights = weights.view(T, V, K)
+        if squeeze:
+            return (pooled.squeeze(2), weights.squeeze(-1)), (1, 1)
+        return (pooled, weights), (1, 1)
+    f = _autograd.batched(features, fd, V)
+    rows = f.shape[1]
+    pooled, weights = _ops.masked_attention_pool_packed(
+        _autograd.fold(logits, ld, V),
+        f.reshape((V * rows,) + tuple(f.shape[2:])),
+        _concat_offsets(offsets, od, rows, V),
+    )
+    return (_autograd.unfold(pooled, V), _autograd.unfold(weights, V)), (0, 0)
+
+
+def _grad_outputs(grads, output_mask, V):
+    """The backward ops' results, unfolded where computed (an empty tensor stands for 'not asked for')."""
+    outs = tuple(_autograd.unfold(g, V) if m else g for g, m in zip(grads, output_mask))
+    return outs, tuple(0 if m else None for m in output_mask)
+
+
+def _vmap_backward_padded(info, in_dims, grad_pooled, grad_weights, weights, features, output_mask):
+    V = info.batch_size
+    grads = _ops._masked_attention_pool_backward(
+        *(_autograd.fold(t, d, V) for t, d in zip((grad_pooled, grad_weights, weights, features), in_dims)),
+        output_mask,
+    )
+    return _grad_outputs(grads, output_mask, V)
+
+
+def _vmap_backward_packed(info, in_dims, grad_pooled, grad_weights, weights, features, offsets, output_mask):
+    V = info.batch_size
+    f = _autograd.batched(features, in_dims[3], V)
+    rows = f.shape[1]
+    grads = _ops._masked_attention_pool_packed_backward(
+        _autograd.fold(grad_pooled, in_dims[0], V),
+        _autograd.fold(grad_weights, in_dims[1], V),
+        _autograd.fold(weights, in_dims[2], V),
+        f.reshape((V * rows,) + tuple(f.shape[2:])),
+        _concat_offsets(offsets, in_dims[4], rows, V),
+        output_mask,
+    )
+    return _grad_outputs(grads, output_mask, V)
+
+
+_autograd.register(
+    "masked_attention_pool", setup_context=_setup_padded, backward=_backward_padded, jvp=_jvp_padded, vmap=_vmap_padded
+)
+_autograd.register(
+    "masked_attention_pool_packed",
+    setup_context=_setup_packed,
+    backward=_backward_packed,
+    jvp=_jvp_packed,
+    vmap=_vmap_packed,
+)
+_autograd.register_backward("_masked_attention_pool_backward", vmap=_vmap_backward_padded)
+_autograd.register_backward("_masked_attention_pool_packed_backward", vmap=_vmap_backward_packed)
 
 # Under autocast the pooling runs in the autocast dtype; the kernels accumulate in float32.
 _registration.register_low_precision("masked_attention_pool")
 _registration.register_low_precision("masked_attention_pool_packed")
-_registration.forbid_double_backward("_masked_attention_pool_backward")
-_registration.forbid_double_backward("_masked_attention_pool_packed_backward")

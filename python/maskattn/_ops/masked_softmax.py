@@ -5,7 +5,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import _checks
+from .. import _validation as _v
+from . import _autograd, _checks, _registration
 
 _ops = torch.ops.maskattn
 
@@ -30,6 +31,7 @@ def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1, scale: float = 1
     masked rows) and the ``-1e9`` fill (uniform weights over padding on fully masked rows) with one
     read of the scores and one write of the result.
     """
+    _v.reject_complex(mask, "masked_softmax", "mask")
     return _ops.masked_softmax(scores, mask, dim, scale)
 
 
@@ -80,11 +82,15 @@ def _(grad_output, output, dim, scale):
     return torch.empty(output.shape, dtype=output.dtype, device=output.device)
 
 
-# Only the output is saved: the softmax backward needs y alone (y is 0 wherever the mask is not).
+# ---- autograd, forward mode, batching rules ----
+
+
+# Only the output is saved: the softmax backward and jvp need y alone (y is 0 wherever the mask is not).
 def _setup(ctx, inputs, output):
     _, _, dim, scale = inputs
     ctx.dim, ctx.scale = dim, scale
     ctx.save_for_backward(output)
+    ctx.save_for_forward(output)
 
 
 def _backward(ctx, grad):
@@ -93,10 +99,48 @@ def _backward(ctx, grad):
     return g, None, None, None
 
 
-torch.library.register_autograd("maskattn::masked_softmax", _backward, setup_context=_setup)
+def _jvp(ctx, t_scores, *_):
+    # dy = scale * y * (dx - <y, dx>): the softmax Jacobian is symmetric. Tangents at positions of
+    # weight 0 (masked, -inf, fully masked slices) are dropped, so they cannot leak inf or NaN.
+    (y,) = ctx.saved_tensors
+    if t_scores is None:
+        return torch.zeros_like(y)
+    acc = _autograd.acc_dtype(y.dtype)
+    yy = y.to(acc)
+    yt = yy * torch.where(y != 0, t_scores.to(acc), 0)
+    return (ctx.scale * (yt - yy * yt.sum(ctx.dim, keepdim=True))).to(y.dtype)
 
-from . import _registration  # noqa: E402
 
+def _vmap(info, in_dims, scores, mask, dim, scale):
+    sd, md = in_dims[0], in_dims[1]
+    V = info.batch_size
+    nd = scores.dim() - (sd is not None)
+    d = _wrap(dim, nd)
+    if md is not None:
+        # a per-example mask: its own dims stay right-aligned with the scores' logical dims
+        mask = mask.movedim(md, 0)
+        torch._check(
+            mask.dim() - 1 <= nd,
+            lambda: f"masked_softmax: mask of shape {tuple(mask.shape[1:])} does not broadcast to scores of {nd} dims",
+        )
+        mask = mask.reshape((V,) + (1,) * (nd - mask.dim() + 1) + tuple(mask.shape[1:]))
+    else:
+        torch._check(
+            mask.dim() <= nd,
+            lambda: f"masked_softmax: mask of shape {tuple(mask.shape)} does not broadcast to scores of {nd} dims",
+        )
+    return _ops.masked_softmax(_autograd.batched(scores, sd, V), mask, d + 1, scale), 0
+
+
+def _backward_vmap(info, in_dims, grad_output, output, dim, scale):
+    V = info.batch_size
+    d = _wrap(dim, output.dim() - (in_dims[1] is not None))
+    g = _autograd.batched(grad_output, in_dims[0], V)
+    y = _autograd.batched(output, in_dims[1], V)
+    return _ops._masked_softmax_backward(g, y, d + 1, scale), 0
+
+
+_autograd.register("masked_softmax", setup_context=_setup, backward=_backward, jvp=_jvp, vmap=_vmap)
+_autograd.register_backward("_masked_softmax_backward", vmap=_backward_vmap)
 # Under autocast the softmax runs in the autocast dtype (float32 accumulation); the mask keeps its dtype.
 _registration.register_low_precision("masked_softmax", keep=("mask",))
-_registration.forbid_double_backward("_masked_softmax_backward")

@@ -5,6 +5,9 @@ from typing import Tuple, Union
 import torch
 from torch import Tensor
 
+from .. import _validation as _v
+from . import _autograd
+
 _ops = torch.ops.maskattn
 
 
@@ -12,8 +15,9 @@ def patch_mask(image_mask: Tensor, patch_size: int, threshold: float = 0.5) -> T
     """Patch-level valid mask of a padded image batch, in one pass over the image mask.
 
     Args:
-        image_mask: ``[B, H, W]`` (or ``[B, 1, H, W]``) valid mask of any dtype: nonzero = valid
-            pixel. H and W must be multiples of ``patch_size``; images may be rectangular.
+        image_mask: ``[B, H, W]`` (or ``[B, 1, H, W]``) valid mask of any bool, integer or
+            floating dtype: nonzero = valid pixel (NaN included). H and W must be multiples of
+            ``patch_size``; images may be rectangular.
         patch_size: p, the side of a square patch.
         threshold: a patch is valid when the *fraction* of its p*p pixels that are valid is strictly
             greater than ``threshold``. The default 0.5 is the JiT rule ``mask.reshape(B, n, p, n,
@@ -26,6 +30,9 @@ def patch_mask(image_mask: Tensor, patch_size: int, threshold: float = 0.5) -> T
     (e.g. 0.6 at a blurred border) counts as valid where the mean rule would weigh it; for 0/1 masks
     the two agree exactly.
     """
+    _v.reject_complex(image_mask, "patch_mask", "image_mask")
+    # a bool would pass the op's int argument as a patch size of 0 or 1
+    patch_size = _v.as_int(patch_size, "patch_mask", "patch_size")
     return _ops.patch_mask(image_mask, patch_size, threshold)
 
 
@@ -40,12 +47,20 @@ def patch_mask_to_image(patch_mask: Tensor, patch_size: int, image_size: Union[i
         patch_size: p.
         image_size: ``H`` (square) or ``(H, W)``.
     """
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    p = int(patch_size)
+    fn = "patch_mask_to_image"
+    _v.check_mask(patch_mask, fn, "patch_mask")
+    p = _v.as_int(patch_size, fn, "patch_size")
     if p <= 0:
-        raise ValueError(f"patch_mask_to_image: patch_size must be positive, got {patch_size}")
+        raise ValueError(f"{fn}: patch_size must be positive, got {patch_size}")
+    if isinstance(image_size, (int, torch.SymInt)) and not isinstance(image_size, bool):
+        h = w = image_size
+    elif isinstance(image_size, (tuple, list, torch.Size)) and len(image_size) == 2:
+        h, w = image_size
+    else:
+        raise TypeError(f"{fn}: image_size must be an int H or a pair (H, W), got {image_size!r}")
+    h, w = _v.as_int(h, fn, "image_size"), _v.as_int(w, fn, "image_size")
     if h < 0 or w < 0:
-        raise ValueError(f"patch_mask_to_image: image_size must be non-negative, got {image_size}")
+        raise ValueError(f"{fn}: image_size must be non-negative, got {image_size}")
     if h % p or w % p:
         raise ValueError(f"patch_mask_to_image: image height H={h} and width W={w} must be multiples of patch_size={p}")
     nh, nw = h // p, w // p
@@ -54,7 +69,7 @@ def patch_mask_to_image(patch_mask: Tensor, patch_size: int, image_size: Union[i
             f"patch_mask_to_image: patch_mask must be [B, {nh * nw}] for a {h}x{w} image with "
             f"patch_size={p}, got shape {tuple(patch_mask.shape)}"
         )
-    valid = patch_mask if patch_mask.dtype == torch.bool else patch_mask != 0
+    valid = _v.valid_mask(patch_mask, fn, "patch_mask")
     b = valid.shape[0]
     return valid.reshape(b, nh, 1, nw, 1).expand(b, nh, p, nw, p).reshape(b, h, w)
 
@@ -84,3 +99,11 @@ def _check_fake(image_mask, patch_size, threshold):
 def _(image_mask, patch_size, threshold=0.5):
     nh, nw = _check_fake(image_mask, patch_size, threshold)
     return image_mask.new_empty((image_mask.shape[0], nh * nw), dtype=torch.bool)
+
+
+def _vmap(info, in_dims, image_mask, patch_size, threshold):
+    V = info.batch_size
+    return _autograd.unfold(_ops.patch_mask(_autograd.fold(image_mask, in_dims[0], V), patch_size, threshold), V), 0
+
+
+_autograd.register_vmap_only("patch_mask", _vmap)

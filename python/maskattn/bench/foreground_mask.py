@@ -1,19 +1,18 @@
-"""Suite "foreground_mask": the thermal-face classifier's content-based face mask against maskattn.
+"""The thermal-face classifier's content-based face mask (OpenCV, per image) against maskattn.
 
 masks.content_based (op foreground_mask) on a batch of synthetic thermal faces (black background,
 salt noise, a dark hole, a separate blob) against the same pipeline written with OpenCV, image by
 image, as that classifier's data loader runs it (same stages, same parameters). OpenCV is optional
-(opencv-python-headless): the row is skipped, and says so, when cv2 is missing.
+(opencv-python-headless): without it the baseline row says so and the summary gives no verdict.
 """
 
 import math
-from typing import List
 
 import torch
 
-from ._harness import Row, timeit
+from ._harness import BASELINE, MASKATTN, VARIANT, Case, Impl, Layer
 
-SUITE = "foreground_mask"
+LAYER = Layer("thermal-face content-based face mask (OpenCV per image)", "maskattn.masks.content_based")
 
 
 # ---------------------------------------------------------------- synthetic data
@@ -70,7 +69,7 @@ def synthetic_faces(
     return out, faces
 
 
-# ---------------------------------------------------------------- OpenCV pipeline (the seed's way)
+# ---------------------------------------------------------------- the OpenCV pipeline it replaces
 
 
 def opencv_content_mask(
@@ -84,7 +83,7 @@ def opencv_content_mask(
     max_coverage: float = 0.8,
     fallback=None,
 ):
-    """Seed 004's generate_smart_face_mask for one ``[H, W]`` or ``[H, W, 3]`` uint8 ndarray, in OpenCV.
+    """The thermal-face classifier's generate_smart_face_mask for one ``[H, W]`` or ``[H, W, 3]`` uint8 ndarray, in OpenCV.
 
     Returns ``(soft mask float32 [H, W], coverage, accepted)``; ``fallback`` ([H, W] ndarray) replaces
     a rejected mask when given.
@@ -138,71 +137,71 @@ def _have_cv2() -> bool:
 # ---------------------------------------------------------------- suite
 
 
-def _timeit_threads(n: int, fn, device, min_time) -> float:
-    # Thread count set around the timing, not inside it: set_num_threads is not free.
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return timeit(fn, device, min_time)
-    finally:
-        torch.set_num_threads(old)
-
-
-def _mask_rows(args) -> List[Row]:
+def cases(args):
     import maskattn
 
-    rows: List[Row] = []
     dev = args.device
     B, S = (8, 128) if args.quick else (64, 256)
     imgs, _ = synthetic_faces(B, S, S, channels=3, seed=1)
     case = f"B={B} {S}x{S} rgb uint8"
-    mode = "content_based mask"
     nthreads = torch.get_num_threads()
-    if _have_cv2() and dev.type == "cpu":
+    baseline = "OpenCV face mask per image, 1 thread"
+    if dev.type != "cpu":
+        impls = [Impl(baseline, None, BASELINE, note="OpenCV is CPU-only")]
+    elif not _have_cv2():
+        impls = [Impl(baseline, None, BASELINE, note="opencv-python-headless not installed")]
+    else:
         import cv2
         import numpy as np
 
-        cv2.setNumThreads(1)  # the seed's loader runs one image per call; OpenCV's own threads off
         hwc = [np.ascontiguousarray(imgs[b].permute(1, 2, 0).numpy()) for b in range(B)]
         fb = maskattn.masks.ellipse(S, S).numpy()
-        t = timeit(lambda: [opencv_content_mask(im, fallback=fb) for im in hwc], dev, args.min_time)
-        rows.append(Row(SUITE, case, mode, "seed eager", t * 1e3, notes="OpenCV per image, 1 thread"))
-    else:
-        rows.append(
-            Row(
-                SUITE,
-                case,
-                mode,
-                "seed eager (skipped)",
-                float("nan"),
-                notes="opencv-python-headless not installed" if dev.type == "cpu" else "OpenCV is CPU-only",
-            )
-        )
+
+        def opencv_batch():
+            # the classifier's loader runs one image per call with OpenCV's own threads off
+            old = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+            try:
+                return [opencv_content_mask(im, fallback=fb) for im in hwc]
+            finally:
+                cv2.setNumThreads(old)
+
+        impls = [Impl(baseline, opencv_batch, BASELINE)]
     x = imgs.to(dev)
     if dev.type == "cpu":
-        t1 = _timeit_threads(1, lambda: maskattn.masks.content_based(x), dev, args.min_time)
-        rows.append(Row(SUITE, case, mode, "maskattn, 1 thread", t1 * 1e3, notes=f"{t1 * 1e6 / B:.0f} us/image"))
-        tn = timeit(lambda: maskattn.masks.content_based(x), dev, args.min_time)
-        rows.append(
-            Row(SUITE, case, mode, f"maskattn, {nthreads} threads", tn * 1e3, notes=f"{tn * 1e6 / B:.0f} us/image")
-        )
         one = [x[b : b + 1] for b in range(B)]
-        tp = _timeit_threads(1, lambda: [maskattn.masks.content_based(o) for o in one], dev, args.min_time)
-        rows.append(
-            Row(
-                SUITE,
-                case,
-                mode,
-                "maskattn, per-image calls",
-                tp * 1e3,
-                notes="1 thread, B calls of B=1 (data-loader use)",
+        # The like-for-like replacement in a data loader: one image per call, one thread.
+        impls.append(
+            Impl(
+                "maskattn.masks.content_based per image, 1 thread",
+                lambda: [maskattn.masks.content_based(o) for o in one],
+                MASKATTN,
+                threads=1,
             )
         )
+        impls.append(
+            Impl(
+                "maskattn.masks.content_based batched, 1 thread",
+                lambda: maskattn.masks.content_based(x),
+                VARIANT,
+                threads=1,
+            )
+        )
+        if nthreads > 1:
+            impls.append(
+                Impl(
+                    f"maskattn.masks.content_based batched, {nthreads} threads",
+                    lambda: maskattn.masks.content_based(x),
+                    VARIANT,
+                )
+            )
     else:
-        t = timeit(lambda: maskattn.masks.content_based(x), dev, args.min_time)
-        rows.append(Row(SUITE, case, mode, "maskattn", t * 1e3, notes="CC stage on a host copy"))
-    return rows
-
-
-def run(args) -> List[Row]:
-    return _mask_rows(args)
+        impls.append(
+            Impl(
+                "maskattn.masks.content_based batched",
+                lambda: maskattn.masks.content_based(x),
+                MASKATTN,
+                note="CC stage on a host copy",
+            )
+        )
+    yield Case(LAYER, case, "fwd", impls, detail=f"{B} masks")

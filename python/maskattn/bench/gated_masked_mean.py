@@ -1,25 +1,21 @@
-"""Suite "gated_masked_mean": the thermal-face classifier's spatial-attention pooling against maskattn.
+"""The thermal-face classifier's spatial-attention pooling against maskattn.
 
-SpatialAttentionPool forward+backward against that classifier's module (same weights), and the
-pooling stage alone (op gated_masked_mean) against ``(features * gate).mean((2, 3))`` plus its
-backward.
+SpatialAttentionPool forward+backward against that classifier's attention module (same weights),
+and the pooling stage alone (op gated_masked_mean, which applies the sigmoid itself) against
+``(features * torch.sigmoid(logits)).mean((2, 3))`` plus its backward.
 """
-
-from typing import List
 
 import torch
 from torch import nn
 
-from ._harness import Row, maybe_compile, timeit
+from ._harness import BASELINE, COMPILED, MASKATTN, REFERENCE, Case, Impl, Layer, maybe_compile
 
-SUITE = "gated_masked_mean"
-
-
-# ---------------------------------------------------------------- seed attention module
+MODULE = Layer("thermal-face spatial attention, conv gate + mean", "maskattn.nn.SpatialAttentionPool")
+STAGE = Layer("thermal-face gated mean, (features * sigmoid(logits)).mean", "maskattn.gated_masked_mean")
 
 
-class SeedSpatialAttention(nn.Module):
-    """Seed 004's attention branch: sigmoid gate (conv 3x3 -> ReLU -> conv 1x1) then global average pooling."""
+class ThermalFaceSpatialAttention(nn.Module):
+    """The classifier's attention branch: sigmoid gate (conv 3x3 -> ReLU -> conv 1x1) then global average pooling."""
 
     def __init__(self, channels: int, hidden: int = 256):
         super().__init__()
@@ -32,18 +28,23 @@ class SeedSpatialAttention(nn.Module):
         return (features * attention).mean((2, 3)), attention
 
 
-def run(args) -> List[Row]:
+def gated_mean(features, logits):
+    return (features * torch.sigmoid(logits)).mean((2, 3))
+
+
+def cases(args):
     import maskattn
 
-    rows: List[Row] = []
     dev = args.device
     shapes = [(4, 64, 7, 7)] if args.quick else [(32, 512, 7, 7), (32, 2048, 7, 7), (16, 512, 14, 14)]
+    stage_c = maybe_compile(gated_mean, not args.no_compile)
     for B, C, H, W in shapes:
         case = f"B={B} C={C} {H}x{W}"
         torch.manual_seed(0)
-        seed = SeedSpatialAttention(C).to(dev)
+        theirs = ThermalFaceSpatialAttention(C).to(dev)
         ours = maskattn.nn.SpatialAttentionPool(C).to(dev)
-        ours.load_state_dict(seed.state_dict())
+        ours.load_state_dict(theirs.state_dict())
+        theirs_c = maybe_compile(theirs, not args.no_compile)
         feats = torch.randn(B, C, H, W, device=dev, requires_grad=True)
 
         def fwd_bwd(mod):
@@ -55,56 +56,60 @@ def run(args) -> List[Row]:
 
             return fn
 
-        mode = "module fwd+bwd"
-        rows.append(Row(SUITE, case, mode, "seed eager", timeit(fwd_bwd(seed), dev, args.min_time) * 1e3))
-        cseed = maybe_compile(seed, not args.no_compile)
-        if cseed is not None:
-            try:
-                rows.append(Row(SUITE, case, mode, "seed compiled", timeit(fwd_bwd(cseed), dev, args.min_time) * 1e3))
-            except Exception as e:  # pragma: no cover - toolchain dependent
-                rows.append(Row(SUITE, case, mode, "seed compiled (failed)", float("nan"), notes=type(e).__name__))
-        rows.append(Row(SUITE, case, mode, "maskattn", timeit(fwd_bwd(ours), dev, args.min_time) * 1e3))
+        name = "thermal-face spatial attention"
 
-        # Pooling stage alone: gate given (seed) or gate logits given (maskattn applies the sigmoid itself).
-        mode = "pool stage fwd+bwd"
+        def fwd(mod):
+            def fn():
+                with torch.no_grad():
+                    return mod(feats)
+
+            return fn
+
+        impls = [Impl(f"{name} (eager)", fwd(theirs), BASELINE)]
+        if theirs_c is not None:
+            impls.append(Impl(f"{name} (compiled)", fwd(theirs_c), COMPILED))
+        impls.append(Impl("maskattn.nn.SpatialAttentionPool", fwd(ours), MASKATTN))
+        yield Case(MODULE, case, "fwd", impls, detail="module")
+
+        impls = [Impl(f"{name} (eager)", fwd_bwd(theirs), BASELINE)]
+        if theirs_c is not None:
+            impls.append(Impl(f"{name} (compiled)", fwd_bwd(theirs_c), COMPILED))
+        impls.append(Impl("maskattn.nn.SpatialAttentionPool", fwd_bwd(ours), MASKATTN))
+        yield Case(MODULE, case, "fwd+bwd", impls, detail="module, grads of features and weights")
+
+        # The pooling stage alone, from the gate logits (maskattn applies the sigmoid itself).
         logits = torch.randn(B, 1, H, W, device=dev, requires_grad=True)
         gate = torch.sigmoid(logits).detach().requires_grad_(True)
         nbytes = feats.numel() * feats.element_size() * 3  # read fwd, read + write bwd
-
-        def seed_stage():
-            return torch.autograd.grad((feats * gate).mean((2, 3)).sum(), [feats, gate])
-
-        def seed_stage_sig():
-            return torch.autograd.grad((feats * torch.sigmoid(logits)).mean((2, 3)).sum(), [feats, logits])
-
-        def ours_stage():
-            return torch.autograd.grad(maskattn.gated_masked_mean(feats, logits)[0].sum(), [feats, logits])
-
-        t = timeit(seed_stage, dev, args.min_time)
-        rows.append(
-            Row(SUITE, case, mode, "seed eager", t * 1e3, nbytes / t / 1e9, notes="(features*gate).mean((2,3))")
-        )
-        t = timeit(seed_stage_sig, dev, args.min_time)
-        rows.append(
-            Row(
-                SUITE,
-                case,
-                mode,
-                "seed eager + sigmoid",
-                t * 1e3,
-                nbytes / t / 1e9,
-                notes="(features*sigmoid(logits)).mean",
+        name = "(features * sigmoid(logits)).mean"
+        impls = [
+            Impl(
+                f"{name} (eager)",
+                lambda: torch.autograd.grad(gated_mean(feats, logits).sum(), [feats, logits]),
+                BASELINE,
+            )
+        ]
+        if stage_c is not None:
+            impls.append(
+                Impl(
+                    f"{name} (compiled)",
+                    lambda: torch.autograd.grad(stage_c(feats, logits).sum(), [feats, logits]),
+                    COMPILED,
+                )
+            )
+        impls.append(
+            Impl(
+                "maskattn.gated_masked_mean",
+                lambda: torch.autograd.grad(maskattn.gated_masked_mean(feats, logits)[0].sum(), [feats, logits]),
+                MASKATTN,
             )
         )
-        cs = maybe_compile(lambda f, l: (f * torch.sigmoid(l)).mean((2, 3)), not args.no_compile)
-        if cs is not None:
-            try:
-                t = timeit(lambda: torch.autograd.grad(cs(feats, logits).sum(), [feats, logits]), dev, args.min_time)
-                rows.append(Row(SUITE, case, mode, "seed compiled + sigmoid", t * 1e3, nbytes / t / 1e9))
-            except Exception as e:  # pragma: no cover
-                rows.append(Row(SUITE, case, mode, "seed compiled (failed)", float("nan"), notes=type(e).__name__))
-        t = timeit(ours_stage, dev, args.min_time)
-        rows.append(
-            Row(SUITE, case, mode, "maskattn", t * 1e3, nbytes / t / 1e9, notes="gated_masked_mean (sigmoid fused)")
+        impls.append(
+            Impl(
+                "(features * gate).mean, gate given (eager)",
+                lambda: torch.autograd.grad((feats * gate).mean((2, 3)).sum(), [feats, gate]),
+                REFERENCE,
+            )
         )
-    return rows
+        yield Case(STAGE, case, "fwd+bwd", impls, detail="pooling stage", bytes_moved=nbytes)
+        del feats, logits, gate, theirs, ours, theirs_c

@@ -1,8 +1,9 @@
-"""Suite "softmax": masked_softmax, patch_mask and MaskedSelfAttention against the seed layers.
+"""masked_softmax, patch_mask and MaskedSelfAttention against the layers of JiT's padded-image model.
 
-Seed layers (transcribed from the JiT padded-image model and the Transformer padding-mask recipe):
-``scores.masked_fill(mask == 0, -inf).softmax(-1)``, the reshape-mean-threshold patch mask, and the
-timm-style MultiHeadAttention with that masked softmax followed by ``x * patch_mask``.
+The layers replaced (transcribed from the JiT pixel diffusion transformer trained on padded images,
+and the Transformer key-padding-mask recipe): ``scores.masked_fill(mask == 0, -inf).softmax(-1)``,
+the reshape-mean-threshold patch mask, and the timm-style multi-head attention with that masked
+softmax followed by ``x * patch_mask``.
 """
 
 import torch
@@ -11,12 +12,14 @@ import torch.nn as nn
 from .._ops.masked_softmax import masked_softmax
 from .._ops.patch_mask import patch_mask
 from ..nn.masked_self_attention import MaskedSelfAttention
-from ._harness import Row, maybe_compile, timeit
+from ._harness import BASELINE, COMPILED, FLOOR, MASKATTN, Case, Impl, Layer, maybe_compile
 
-SUITE = "masked_softmax"
+SOFTMAX = Layer("JiT / key-padding masked softmax, masked_fill(-inf) + softmax", "maskattn.masked_softmax")
+PATCH = Layer("JiT patch mask, reshape + mean > 0.5", "maskattn.patch_mask")
+ATTENTION = Layer("JiT Attention module, masked_fill(-inf) + padded rows zeroed", "maskattn.nn.MaskedSelfAttention")
 
 
-# ---- seed layers, verbatim in their arithmetic ----
+# ---- the JiT layers, verbatim in their arithmetic ----
 def jit_masked_softmax(scores, mask):
     return scores.masked_fill(mask == 0, float("-inf")).softmax(dim=-1)
 
@@ -57,74 +60,62 @@ def _key_mask(B, N, device, frac_valid=0.7, seed=0):
     return (torch.arange(N)[None, :] < lengths[:, None]).to(device)
 
 
-def _time_set(rows, case, mode, fns, device, args, gbytes=None):
-    """fns: list of (impl, callable or None). gbytes: bytes the op must move, for GB/s."""
-    for impl, fn in fns:
-        if fn is None:
-            continue
-        try:
-            # --quick is a smoke test: a few runs each, so that the whole suite takes seconds.
-            t = timeit(fn, device, min_time=min(args.min_time, 0.05) if args.quick else args.min_time)
-        except Exception as e:  # a compile failure is reported, not fatal
-            rows.append(Row(SUITE, case, mode, impl, float("nan"), notes=f"failed: {type(e).__name__}"))
-            continue
-        rows.append(Row(SUITE, case, mode, impl, t * 1e3, gbps=(gbytes / t / 1e9) if gbytes else None))
+def _impls(eager_name, eager, compiled, ours_name, ours, floor=None):
+    """[baseline (eager), baseline (compiled) when compiling, maskattn, floor when given]."""
+    out = [Impl(f"{eager_name} (eager)", eager, BASELINE)]
+    if compiled is not None:
+        out.append(Impl(f"{eager_name} (compiled)", compiled, COMPILED))
+    out.append(Impl(ours_name, ours, MASKATTN))
+    if floor is not None:
+        out.append(Impl(floor[0], floor[1], FLOOR))
+    return out
 
 
-def run(args):
+def cases(args):
     dev = args.device
-    rows = []
     cuda = dev.type == "cuda"
     compile_ok = not args.no_compile
 
     # ---- masked_softmax, [B,H,N,N] scores with a [B,1,1,N] key mask ----
     shapes = [(2, 4, 128, 128)] if args.quick else [(8, 8, 256, 256), (4, 12, 512, 512)]
     dtypes = [torch.float32] + ([torch.bfloat16] if cuda else [])
+    softmax_c = maybe_compile(jit_masked_softmax, compile_ok)
+    name = "JiT attention softmax, masked_fill(-inf)"
     for (B, H, N, _), dt in [(s, d) for s in shapes for d in dtypes]:
         x = torch.randn(B, H, N, N, device=dev, dtype=dt)
         m = _key_mask(B, N, dev)[:, None, None, :]
         case = f"[{B},{H},{N},{N}] {str(dt)[6:]}"
-        nbytes = 2 * x.numel() * x.element_size()
-        seed_c = maybe_compile(jit_masked_softmax, compile_ok)
-        _time_set(
-            rows,
+        yield Case(
+            SOFTMAX,
             case,
-            "masked softmax fwd",
-            [
-                ("seed eager", lambda: jit_masked_softmax(x, m)),
-                ("seed compiled", (lambda: seed_c(x, m)) if seed_c is not None else None),
-                ("maskattn", lambda: masked_softmax(x, m)),
-                ("floor: copy (1 read + 1 write)", lambda: x.clone()),
-            ],
-            dev,
-            args,
-            gbytes=nbytes,
+            "fwd",
+            _impls(
+                name,
+                lambda: jit_masked_softmax(x, m),
+                (lambda: softmax_c(x, m)) if softmax_c is not None else None,
+                "maskattn.masked_softmax",
+                lambda: masked_softmax(x, m),
+                ("floor: copy scores (1 read + 1 write)", lambda: x.clone()),
+            ),
+            bytes_moved=2 * x.numel() * x.element_size(),
         )
         xg = x.clone().requires_grad_()
         go = torch.randn_like(x)
-
-        def seed_fb():
-            torch.autograd.grad(jit_masked_softmax(xg, m), xg, go)
-
-        def ours_fb():
-            torch.autograd.grad(masked_softmax(xg, m), xg, go)
-
-        seed_fb_c = maybe_compile(lambda t, mk: jit_masked_softmax(t, mk), compile_ok)
-        _time_set(
-            rows,
+        yield Case(
+            SOFTMAX,
             case,
-            "masked softmax fwd+bwd",
-            [
-                ("seed eager", seed_fb),
-                (
-                    "seed compiled",
-                    (lambda: torch.autograd.grad(seed_fb_c(xg, m), xg, go)) if seed_fb_c is not None else None,
-                ),
-                ("maskattn", ours_fb),
-            ],
-            dev,
-            args,
+            "fwd+bwd",
+            _impls(
+                name,
+                lambda: torch.autograd.grad(jit_masked_softmax(xg, m), xg, go),
+                (lambda: torch.autograd.grad(softmax_c(xg, m), xg, go)) if softmax_c is not None else None,
+                "maskattn.masked_softmax",
+                lambda: torch.autograd.grad(masked_softmax(xg, m), xg, go),
+            ),
+            # scores read, probs written; grad_out and probs read, grad_in written
+            bytes_moved=5 * x.numel() * x.element_size(),
         )
+        del x, xg, go
 
     # ---- patch_mask: B x H x W image mask -> [B, (H/p)(W/p)] ----
     B, S, p = (4, 64, 16) if args.quick else (32, 256, 16)
@@ -138,45 +129,50 @@ def run(args):
         img[b, :h, :w] = 1
     img = img.to(dev)
     img_bool = img.bool()
-    seed_pm_c = maybe_compile(lambda t: jit_patch_mask(t, p), compile_ok)
+    pm_c = maybe_compile(lambda t: jit_patch_mask(t, p), compile_ok)
+    pm_bool_c = maybe_compile(lambda t: jit_patch_mask(t.float(), p), compile_ok)
     case = f"B={B} {S}x{S} p={p}"
-    _time_set(
-        rows,
+    yield Case(
+        PATCH,
         case,
-        "patch mask (float mask)",
-        [
-            ("seed eager", lambda: jit_patch_mask(img, p)),
-            ("seed compiled", (lambda: seed_pm_c(img)) if seed_pm_c is not None else None),
-            ("maskattn", lambda: patch_mask(img, p)),
-        ],
-        dev,
-        args,
-        gbytes=img.numel() * img.element_size(),
+        "fwd",
+        _impls(
+            "JiT patch mask, reshape-mean > 0.5",
+            lambda: jit_patch_mask(img, p),
+            (lambda: pm_c(img)) if pm_c is not None else None,
+            "maskattn.patch_mask",
+            lambda: patch_mask(img, p),
+        ),
+        detail="float image mask",
+        bytes_moved=img.numel() * img.element_size(),
     )
-    _time_set(
-        rows,
+    yield Case(
+        PATCH,
         case,
-        "patch mask (bool mask)",
-        [
-            ("seed eager", lambda: jit_patch_mask(img_bool.float(), p)),
-            ("maskattn", lambda: patch_mask(img_bool, p)),
-        ],
-        dev,
-        args,
-        gbytes=img_bool.numel(),
+        "fwd",
+        _impls(
+            "JiT patch mask on mask.float()",
+            lambda: jit_patch_mask(img_bool.float(), p),
+            (lambda: pm_bool_c(img_bool)) if pm_bool_c is not None else None,
+            "maskattn.patch_mask",
+            lambda: patch_mask(img_bool, p),
+        ),
+        detail="bool image mask",
+        bytes_moved=img_bool.numel(),
     )
 
-    # ---- module: seed MultiHeadAttention (+ output zeroing) vs MaskedSelfAttention ----
+    # ---- module: JiT's Attention (+ output zeroing) vs MaskedSelfAttention ----
     if cuda:
         dim, heads, B, mdt = 1024, 16, 8, torch.bfloat16
     else:
         dim, heads, B, mdt = 256, 4, 4, torch.float32
     seqs = [128] if args.quick else [256, 1024]
     torch.manual_seed(0)
-    seed_mod = JiTAttention(dim, heads).to(dev, mdt).eval()
+    jit_mod = JiTAttention(dim, heads).to(dev, mdt).eval()
     ours = MaskedSelfAttention(dim, heads).to(dev, mdt).eval()
-    ours.load_state_dict(seed_mod.state_dict())
-    seed_mod_c = maybe_compile(seed_mod, compile_ok)
+    ours.load_state_dict(jit_mod.state_dict())
+    jit_mod_c = maybe_compile(jit_mod, compile_ok)
+    name = "JiT Attention module"
     for N in seqs:
         x = torch.randn(B, N, dim, device=dev, dtype=mdt)
         for pad in (0.0, 0.3):
@@ -186,30 +182,37 @@ def run(args):
                 else torch.ones(B, N, dtype=torch.bool, device=dev)
             )
             vf = valid.to(mdt)
-            case = f"B={B} N={N} dim={dim} pad={int(pad * 100)}%"
-            with torch.no_grad():
-                _time_set(
-                    rows,
-                    case,
-                    f"self-attention fwd {str(mdt)[6:]}",
-                    [
-                        ("seed eager", lambda: seed_mod(x, vf)),
-                        ("seed compiled", (lambda: seed_mod_c(x, vf)) if seed_mod_c is not None else None),
-                        ("maskattn", lambda: ours(x, mask=valid)),
-                    ],
-                    dev,
-                    args,
-                )
-            xg = x.clone().requires_grad_()
-            _time_set(
-                rows,
+            case = f"B={B} N={N} dim={dim} pad={int(pad * 100)}% {str(mdt)[6:]}"
+
+            def no_grad(fn):
+                def go():
+                    with torch.no_grad():
+                        return fn()
+
+                return go
+
+            yield Case(
+                ATTENTION,
                 case,
-                f"self-attention fwd+bwd {str(mdt)[6:]}",
-                [
-                    ("seed eager", lambda: seed_mod(xg, vf).sum().backward()),
-                    ("maskattn", lambda: ours(xg, mask=valid).sum().backward()),
-                ],
-                dev,
-                args,
+                "fwd",
+                _impls(
+                    name,
+                    no_grad(lambda: jit_mod(x, vf)),
+                    no_grad(lambda: jit_mod_c(x, vf)) if jit_mod_c is not None else None,
+                    "maskattn.nn.MaskedSelfAttention",
+                    no_grad(lambda: ours(x, mask=valid)),
+                ),
             )
-    return rows
+            xg = x.clone().requires_grad_()
+            yield Case(
+                ATTENTION,
+                case,
+                "fwd+bwd",
+                _impls(
+                    name,
+                    lambda: jit_mod(xg, vf).sum().backward(),
+                    (lambda: jit_mod_c(xg, vf).sum().backward()) if jit_mod_c is not None else None,
+                    "maskattn.nn.MaskedSelfAttention",
+                    lambda: ours(xg, mask=valid).sum().backward(),
+                ),
+            )

@@ -5,12 +5,14 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .. import _validation as _v
 from .._ops.foreground_mask import foreground_mask
 from .geometric import geometric
 
 # Geometric fallbacks by (kind, H, W, device): a data loader asks for the same one for every batch,
 # and building it costs as much as masking a small batch. Cached tensors are only ever read.
 _FALLBACKS = {}
+_KINDS = ("ellipse", "rectangle", "adaptive")
 
 
 def _fallback(fallback, H: int, W: int, device):
@@ -47,7 +49,8 @@ def content_based(
     sigma 1). When the binary mask covers less than ``min_coverage`` or more than ``max_coverage``
     of the image (a blank, failed or all-foreground image) the image gets ``fallback`` instead:
     ``"ellipse"`` (default), ``"rectangle"``, ``"adaptive"``, an ``[H, W]`` or ``[B, H, W]``
-    tensor, or None to keep the content mask regardless.
+    tensor (floating: a soft mask used by value; bool or integer: nonzero = 1), or None to keep
+    the content mask regardless.
 
     Args:
         images: ``[B, C, H, W]`` or ``[B, H, W]``, uint8 or floating, CPU or CUDA. Deterministic;
@@ -61,6 +64,21 @@ def content_based(
         raise ValueError(
             f"content_based: images must be a [B, C, H, W] or [B, H, W] tensor, got "
             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
+        )
+    fn = "content_based"
+    _v.as_float(threshold, fn, "threshold")
+    _v.as_int(open_radius, fn, "open_radius", min_value=0)
+    _v.as_int(close_radius, fn, "close_radius", min_value=0)
+    _v.as_bool(fill_holes, fn, "fill_holes")
+    _v.as_float(sigma, fn, "sigma", low=0.0)
+    min_coverage = _v.as_float(min_coverage, fn, "min_coverage", low=0.0, high=1.0)
+    max_coverage = _v.as_float(max_coverage, fn, "max_coverage", low=0.0, high=1.0)
+    return_info = _v.as_bool(return_info, fn, "return_info")
+    if isinstance(fallback, Tensor):
+        _v.check_mask(fallback, fn, "fallback")
+    elif fallback is not None and (not isinstance(fallback, str) or fallback not in _KINDS):
+        raise ValueError(
+            f"{fn}: fallback must be one of {_KINDS}, an [H, W] or [B, H, W] tensor or None, got {fallback!r}"
         )
     if not (0.0 <= min_coverage <= max_coverage <= 1.0):
         raise ValueError(
@@ -81,6 +99,9 @@ def content_based(
         )
     skip = fb is None or (images.device.type == "cpu" and not torch.compiler.is_compiling() and bool(accepted.all()))
     if not skip:
+        # A floating fallback is a soft mask, used by value like the content mask; a bool or integer
+        # one follows the mask rule (nonzero = 1).
+        fb = fb if fb.is_floating_point() else fb != 0
         mask = torch.where(accepted.view(-1, 1, 1), mask, fb.to(device=mask.device, dtype=mask.dtype))
     if return_info:
         return mask, coverage, accepted

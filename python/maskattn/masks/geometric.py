@@ -6,16 +6,24 @@ between even and odd sizes.
 """
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
 
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _check(name: str, h: int, w: int, **fracs: float) -> None:
-    if not (isinstance(h, int) and isinstance(w, int)) or h < 0 or w < 0:
+    # SymInt: sizes read off a tensor under torch.compile(dynamic=True).
+    ints = all(isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool) for v in (h, w))
+    if not ints or h < 0 or w < 0:
         raise ValueError(f"masks.{name}: h and w must be non-negative ints, got h={h!r}, w={w!r}")
     for k, v in fracs.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        # abs(v) != inf rather than math.isfinite: Dynamo folds it on constants without a break.
+        if not (_is_real(v) and abs(v) != math.inf and v > 0):
             raise ValueError(f"masks.{name}: {k} must be a positive finite number, got {v!r}")
 
 
@@ -79,7 +87,7 @@ def adaptive(
     gives the support (nonzero part) of the mask.
     """
     _check("adaptive", h, w, ax=ax, ay=ay, fx=fx, fy=fy)
-    if not (isinstance(extension, (int, float)) and 0.0 <= extension <= 1.0):
+    if not (_is_real(extension) and 0.0 <= extension <= 1.0):
         raise ValueError(f"masks.adaptive: extension must be in [0, 1], got {extension!r}")
     core = _ellipse_bool(h, w, ax, ay, device)
     ext = _rectangle_bool(h, w, fx, fy, device)
@@ -94,6 +102,6 @@ _GEOMETRIC = {"ellipse": ellipse, "rectangle": rectangle, "adaptive": adaptive}
 
 def geometric(kind: str, h: int, w: int, *, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The seed's ``generate_face_mask((h, w), mask_type=kind)`` with default sizes."""
-    if kind not in _GEOMETRIC:
+    if not isinstance(kind, str) or kind not in _GEOMETRIC:
         raise ValueError(f"masks.geometric: kind must be one of {sorted(_GEOMETRIC)}, got {kind!r}")
     return _GEOMETRIC[kind](h, w, device=device, dtype=dtype)

@@ -3,7 +3,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _validation as _v
 from .._ops.masked_attention_pool import masked_attention_pool
+
+_NAME = "AttentionPooling"
 
 
 class AttentionPooling(nn.Module):
@@ -35,11 +38,11 @@ class AttentionPooling(nn.Module):
         self, in_dim: int, hidden_dim: int = 128, gated: bool = False, branches: int = 1, dropout: float = 0.0
     ):
         super().__init__()
-        if in_dim <= 0 or hidden_dim <= 0 or branches <= 0:
-            raise ValueError(
-                f"AttentionPooling: in_dim, hidden_dim and branches must be positive, got "
-                f"{in_dim}, {hidden_dim}, {branches}"
-            )
+        in_dim = _v.as_int(in_dim, _NAME, "in_dim", min_value=1)
+        hidden_dim = _v.as_int(hidden_dim, _NAME, "hidden_dim", min_value=1)
+        branches = _v.as_int(branches, _NAME, "branches", min_value=1)
+        gated = _v.as_bool(gated, _NAME, "gated")
+        dropout = _v.as_probability(dropout, _NAME, "dropout")
         self.in_dim, self.hidden_dim, self.gated, self.branches = in_dim, hidden_dim, gated, branches
         drop = [nn.Dropout(dropout)] if dropout > 0 else []
         if gated:
@@ -60,6 +63,9 @@ class AttentionPooling(nn.Module):
         return s.squeeze(-1) if self.branches == 1 else s
 
     def forward(self, features: Tensor, mask: Optional[Tensor] = None, return_scores: bool = False):
+        _v.check_floating(features, _NAME, "features")
+        if mask is not None:
+            _v.check_mask(mask, _NAME, "mask")
         if features.dim() != 3 or features.shape[-1] != self.in_dim:
             raise ValueError(
                 f"AttentionPooling: features must be [B, N, {self.in_dim}], got shape {tuple(features.shape)}"

@@ -4,9 +4,15 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _validation as _v
 from .._ops.scaled_cross_attention import scaled_cross_attention
 
 _CLAMP_MODES = ("forward", "after_step")
+_NAME = "LearnableScaleCrossAttention"
+
+
+def _in_func_transform() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 class LearnableScaleCrossAttention(nn.Module):
@@ -62,13 +68,13 @@ class LearnableScaleCrossAttention(nn.Module):
         track_stats: bool = True,
     ):
         super().__init__()
-        if dim <= 0:
-            raise ValueError(f"LearnableScaleCrossAttention: dim must be positive, got {dim}")
-        if not (init_scale > 0 and max_scale > 0):
-            raise ValueError(
-                f"LearnableScaleCrossAttention: init_scale ({init_scale}) and max_scale ({max_scale}) must be positive"
-            )
-        if clamp not in _CLAMP_MODES:
+        dim = _v.as_int(dim, _NAME, "dim", min_value=1)
+        init_scale = _v.as_float(init_scale, _NAME, "init_scale", low=0.0, low_open=True)
+        # max_scale = inf: no cap (the scale may still be clamped after each step, by hand).
+        max_scale = _v.as_float(max_scale, _NAME, "max_scale", low=0.0, low_open=True, allow_inf=True)
+        normalize = _v.as_bool(normalize, _NAME, "normalize")
+        track_stats = _v.as_bool(track_stats, _NAME, "track_stats")
+        if not isinstance(clamp, str) or clamp not in _CLAMP_MODES:
             raise ValueError(f"LearnableScaleCrossAttention: clamp must be one of {_CLAMP_MODES}, got {clamp!r}")
         self.dim, self.max_scale, self.normalize, self.clamp, self.track_stats = (
             dim,
@@ -90,19 +96,31 @@ class LearnableScaleCrossAttention(nn.Module):
     def forward(
         self, query: Tensor, prototypes: Tensor, values: Optional[Tensor] = None, key_mask: Optional[Tensor] = None
     ):
-        if query.shape[-1] != self.dim:
+        _v.check_floating(query, _NAME, "query")
+        _v.check_floating(prototypes, _NAME, "prototypes")
+        if query.dim() not in (2, 3) or query.shape[-1] != self.dim:
             raise ValueError(
-                f"LearnableScaleCrossAttention: query must have {self.dim} features, got shape {tuple(query.shape)}"
+                f"{_NAME}: query must be [B, Lq, {self.dim}] or [B, {self.dim}], got shape {tuple(query.shape)}"
+            )
+        if prototypes.dim() not in (2, 3) or prototypes.shape[-1] != self.dim:
+            raise ValueError(
+                f"{_NAME}: prototypes must be [Lk, {self.dim}] or [B, Lk, {self.dim}], got shape "
+                f"{tuple(prototypes.shape)}"
             )
         if values is None:
             values = prototypes
+        else:
+            _v.check_floating(values, _NAME, "values")
+        if key_mask is not None:
+            _v.check_mask(key_mask, _NAME, "key_mask")
         cap = self.max_scale if self.clamp == "forward" else math.inf
         out, attn = scaled_cross_attention(
             query, prototypes, values, self.logit_scale_log, cap, key_mask, self.normalize
         )
         # Not under torch.export: an exported program cannot write module attributes (export warns
-        # and drops them), so the stats would be stale there anyway.
-        if self.track_stats and not torch.compiler.is_exporting():
+        # and drops them), so the stats would be stale there anyway. Not inside torch.func
+        # transforms either: the stats would hold the transform's wrapped tensors past its end.
+        if self.track_stats and not torch.compiler.is_exporting() and not _in_func_transform():
             self.stats = self._stats(attn)
         return out, attn
 
