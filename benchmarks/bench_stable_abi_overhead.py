@@ -2,7 +2,9 @@
 and large ones (the kernel), printed as one JSON line.
 
 Run it alternately under two installs (the stable-ABI build and a build of the same ops on the
-unstable API) on one machine to compare them; see docs/stable_abi_port.md.
+unstable API) on one machine and compare the minima; see docs/stable_abi_port.md. "op only" rows
+exclude the autograd and autocast dispatch keys, whose kernels are Python (torch.library), so they
+time the C++ op alone: argument checks, allocation, dispatch and the kernel.
 """
 
 import json
@@ -25,6 +27,7 @@ def main():
     ops = torch.ops.maskattn
     tiny = torch.randn(2, 8)
     tiny_m = torch.ones(2, 8, dtype=torch.bool)
+    tiny_mi = tiny_m.int()
     tiny_img = torch.ones(1, 8, 8, dtype=torch.bool)
     B, H, N = 4, 8, 256
     big = torch.randn(B, H, N, N)
@@ -37,15 +40,34 @@ def main():
         "threads": torch.get_num_threads(),
         "lib": "stable" if hasattr(maskattn._build_info, "STABLE_OPS") else "unstable",
         "tiny masked_softmax us": best_us(lambda: ops.masked_softmax(tiny, tiny_m, -1, 1.0), 2000),
-        "tiny masked_softmax int mask us": best_us(lambda: ops.masked_softmax(tiny, tiny_m.int(), -1, 1.0), 2000),
-        "tiny _masked_softmax_backward us": best_us(lambda: ops._masked_softmax_backward(tiny, tiny, -1, 1.0), 2000),
         "tiny patch_mask us": best_us(lambda: ops.patch_mask(tiny_img, 4, 0.5), 2000),
-        "tiny empty_like (reference) us": best_us(lambda: torch.empty_like(tiny), 2000),
-        "big masked_softmax [4,8,256,256] us": best_us(lambda: ops.masked_softmax(big, big_m, -1, 1.0), 20),
-        "big masked_softmax dim=-2 us": best_us(lambda: ops.masked_softmax(big, big_m.transpose(-1, -2), -2, 1.0), 10),
-        "big _masked_softmax_backward us": best_us(lambda: ops._masked_softmax_backward(grad, y, -1, 1.0), 20),
-        "big patch_mask [16,256,256] p=16 us": best_us(lambda: ops.patch_mask(big_img, 16, 0.5), 20),
     }
+    keys = torch._C.DispatchKey
+    python_keys = (
+        torch._C.DispatchKeySet(keys.AutocastCPU)
+        | torch._C.DispatchKeySet(keys.AutogradCPU)
+        | torch._C.DispatchKeySet(keys.ADInplaceOrView)
+    )
+    with torch._C._ExcludeDispatchKeyGuard(python_keys):
+        res["op only: tiny masked_softmax us"] = best_us(lambda: ops.masked_softmax(tiny, tiny_m, -1, 1.0), 5000)
+        res["op only: tiny masked_softmax, int mask us"] = best_us(
+            lambda: ops.masked_softmax(tiny, tiny_mi, -1, 1.0), 5000
+        )
+        res["op only: tiny _masked_softmax_backward us"] = best_us(
+            lambda: ops._masked_softmax_backward(tiny, tiny, -1, 1.0), 5000
+        )
+        res["op only: tiny patch_mask us"] = best_us(lambda: ops.patch_mask(tiny_img, 4, 0.5), 5000)
+        res["reference: torch.empty_like us"] = best_us(lambda: torch.empty_like(tiny), 5000)
+    res.update(
+        {
+            "big masked_softmax [4,8,256,256] us": best_us(lambda: ops.masked_softmax(big, big_m, -1, 1.0), 20),
+            "big masked_softmax dim=-2 us": best_us(
+                lambda: ops.masked_softmax(big, big_m.transpose(-1, -2), -2, 1.0), 10
+            ),
+            "big _masked_softmax_backward us": best_us(lambda: ops._masked_softmax_backward(grad, y, -1, 1.0), 20),
+            "big patch_mask [16,256,256] p=16 us": best_us(lambda: ops.patch_mask(big_img, 16, 0.5), 20),
+        }
+    )
     print(json.dumps(res))
 
 
