@@ -17,6 +17,7 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -97,6 +98,54 @@ inline void check_same_device(const Tensor& a, const char* an, const Tensor& b, 
                  ") must be on the same device");
 }
 
+inline bool is_floating(ScalarType s) {
+  return s == ScalarType::Float || s == ScalarType::Double || s == ScalarType::Half ||
+         s == ScalarType::BFloat16;
+}
+
+inline const char* dtype_str(const Tensor& t) {
+  return torch::headeronly::toString(t.scalar_type());
+}
+
+// The variants that name the op (the backward ops and the later ops' checks use these).
+inline void check_floating(const Tensor& t, const char* op, const char* name) {
+  MASKATTN_CHECK(is_floating(t.scalar_type()), op, ": ", name,
+                 " must be float32, float64, float16 or bfloat16, got ", dtype_str(t));
+}
+
+inline void check_same_device(const Tensor& a, const char* op, const char* an, const Tensor& b,
+                              const char* bn) {
+  const Device da = a.device(), db = b.device();
+  MASKATTN_CHECK(da == db, op, ": ", an, " (", device_str(da), ") and ", bn, " (", device_str(db),
+                 ") must be on the same device");
+}
+
+// A gradient (or a saved tensor) must have the dtype of the tensor it belongs to: the kernels read
+// both through one element type.
+inline void check_same_dtype(const Tensor& a, const char* op, const char* an, const Tensor& b,
+                             const char* bn) {
+  MASKATTN_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", an, " (", dtype_str(a), ") and ", bn, " (",
+                 dtype_str(b), ") must have the same dtype");
+}
+
+inline void check_mask_dtype(const Tensor& mask, const char* op, const char* name) {
+  MASKATTN_CHECK(!is_complex(mask.scalar_type()), op, ": ", name,
+                 " must be a bool, integer or floating tensor, got ", dtype_str(mask));
+}
+
+// at::toOpMathType: half types compute in float32.
+inline ScalarType acc_dtype(ScalarType s) {
+  return (s == ScalarType::Half || s == ScalarType::BFloat16) ? ScalarType::Float : s;
+}
+
+inline bool same_sizes(const Tensor& a, const Tensor& b) {
+  const auto sa = a.sizes(), sb = b.sizes();
+  if (sa.size() != sb.size()) return false;
+  for (size_t i = 0; i < sa.size(); ++i)
+    if (sa[i] != sb[i]) return false;
+  return true;
+}
+
 // Half types accumulate in float32 (at::opmath_type is not header-only).
 template <typename T>
 struct acc_type {
@@ -128,6 +177,10 @@ inline Tensor empty(const int64_t* sizes, int64_t ndim, ScalarType dtype, const 
   const int32_t dev = torch::stable::detail::to<int32_t>(torch::stable::detail::from(device.type()));
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(ndim, sizes, strides, dt, dev, device.index(), &h));
   return Tensor(h);
+}
+
+inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, const Device& device) {
+  return empty(sizes.begin(), static_cast<int64_t>(sizes.size()), dtype, device);
 }
 
 // Any mask dtype is accepted; kernels read one byte per element, so normalise once. x.to(bool) is
@@ -184,6 +237,23 @@ struct View {
       v.size[d] = to.size[d];
       const int s = d - lead;
       v.stride[d] = (s < 0 || size[s] != to.size[d]) ? 0 : stride[s];
+    }
+    return v;
+  }
+
+  // Tensor.unsqueeze(d): a size-1 dim, with the stride torch gives it.
+  View insert(int d) const {
+    View v;
+    v.ndim = ndim + 1;
+    for (int i = 0, j = 0; i < v.ndim; ++i) {
+      if (i == d) {
+        v.size[i] = 1;
+        v.stride[i] = d < ndim ? size[d] * stride[d] : 1;
+        continue;
+      }
+      v.size[i] = size[j];
+      v.stride[i] = stride[j];
+      ++j;
     }
     return v;
   }
