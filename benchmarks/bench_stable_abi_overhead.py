@@ -1,4 +1,5 @@
-"""Per-call cost of masked_softmax and patch_mask: tiny inputs (the fixed overhead of one op call)
+"""Per-call cost of the ops on the stable ABI (masked_softmax, patch_mask, gated_masked_mean,
+foreground_mask): tiny inputs (the fixed overhead of one op call)
 and large ones (the kernel), printed as one JSON line.
 
 Run it alternately under two installs (the stable-ABI build and a build of the same ops on the
@@ -35,6 +36,13 @@ def main():
     big_img = torch.rand(16, 1, 256, 256) > 0.3
     grad = torch.randn(B, H, N, N)
     y = ops.masked_softmax(big, big_m, -1, 1.0)
+    tiny_f, tiny_l = torch.randn(1, 4, 2, 2), torch.randn(1, 1, 2, 2)
+    feats, logits = torch.randn(8, 256, 14, 14), torch.randn(8, 1, 14, 14)
+    gmask = torch.rand(8, 14, 14) > 0.3
+    pooled, gate = ops.gated_masked_mean(feats, logits, gmask)
+    gpool = torch.randn_like(pooled)
+    tiny_im = torch.randint(0, 255, (1, 1, 8, 8), dtype=torch.uint8)
+    faces = torch.randint(0, 255, (8, 3, 128, 128), dtype=torch.uint8)
     res = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -57,6 +65,10 @@ def main():
             lambda: ops._masked_softmax_backward(tiny, tiny, -1, 1.0), 5000
         )
         res["op only: tiny patch_mask us"] = best_us(lambda: ops.patch_mask(tiny_img, 4, 0.5), 5000)
+        res["op only: tiny gated_masked_mean us"] = best_us(lambda: ops.gated_masked_mean(tiny_f, tiny_l, None), 5000)
+        res["op only: tiny foreground_mask us"] = best_us(
+            lambda: ops.foreground_mask(tiny_im, 0.1, 1, 2, True, 1.0), 2000
+        )
         res["reference: torch.empty_like us"] = best_us(lambda: torch.empty_like(tiny), 5000)
     res.update(
         {
@@ -66,6 +78,13 @@ def main():
             ),
             "big _masked_softmax_backward us": best_us(lambda: ops._masked_softmax_backward(grad, y, -1, 1.0), 20),
             "big patch_mask [16,256,256] p=16 us": best_us(lambda: ops.patch_mask(big_img, 16, 0.5), 20),
+            "big gated_masked_mean [8,256,14,14] us": best_us(lambda: ops.gated_masked_mean(feats, logits, gmask), 20),
+            "big _gated_masked_mean_backward us": best_us(
+                lambda: ops._gated_masked_mean_backward(gpool, None, feats, gate, gmask, [True, True]), 20
+            ),
+            "big foreground_mask [8,3,128,128] uint8 us": best_us(
+                lambda: ops.foreground_mask(faces, 0.1, 1, 2, True, 1.0), 5
+            ),
         }
     )
     print(json.dumps(res))
