@@ -440,10 +440,11 @@ def test_import_under_another_torch_fails_with_rebuild_hint():
     import subprocess
     import sys
 
-    code = "import torch; torch.__version__ = '0.0.1'; import maskattn"
+    # A release newer than the stable-ABI target: the stable op library would load, _C must not.
+    code = "import torch; torch.__version__ = '99.0.0'; import maskattn"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert r.returncode != 0
-    assert f"maskattn was built against torch {torch.__version__} but torch 0.0.1 is installed" in r.stderr
+    assert f"maskattn was built against torch {torch.__version__} but torch 99.0.0 is installed" in r.stderr
     assert "pip install --no-build-isolation" in r.stderr
 
 
