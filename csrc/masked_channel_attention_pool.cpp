@@ -18,26 +18,6 @@ std::string arg(const char* op, const char* name) {
   return std::string(op) + ": " + name;
 }
 
-// offsets int64 [B+1] on the features' device; on CPU also 0 = offsets[0] <= ... <= offsets[B] = T.
-at::Tensor check_offsets(const char* op, const at::Tensor& offsets, const at::Tensor& features) {
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1, op,
-              ": offsets must be 1-D [B+1] with B >= 0, got shape ", shape_str(offsets));
-  TORCH_CHECK(offsets.scalar_type() == at::kLong, op, ": offsets must be int64, got ", offsets.scalar_type());
-  check_same_device(offsets, arg(op, "offsets").c_str(), features, "features");
-  at::Tensor o = offsets.contiguous();
-  if (o.is_cpu()) {
-    const int64_t* p = o.const_data_ptr<int64_t>();
-    const int64_t nb = o.size(0) - 1, T = features.size(0);
-    TORCH_CHECK(p[0] == 0, op, ": offsets[0] must be 0, got ", p[0]);
-    for (int64_t b = 0; b < nb; ++b) {
-      TORCH_CHECK(p[b + 1] >= p[b], op, ": offsets must be non-decreasing, but offsets[", b + 1,
-                  "] = ", p[b + 1], " < offsets[", b, "] = ", p[b]);
-    }
-    TORCH_CHECK(p[nb] == T, op, ": offsets[-1] = ", p[nb], " must equal T = features.size(0) = ", T);
-  }
-  return o;
-}
-
 // logits and features: floating, one dtype, one device, one shape.
 void check_logits_features(const char* op, const at::Tensor& logits, const at::Tensor& features) {
   check_floating(features, arg(op, "features").c_str());
@@ -94,7 +74,7 @@ ChannelPoolInputs check_channel_pool_packed_inputs(const at::Tensor& logits, con
   ChannelPoolInputs in;
   in.logits = logits;
   in.features = features;
-  in.offsets = check_offsets(kPacked, offsets, features);
+  in.offsets = check_offsets(offsets, features.size(0), features, kPacked, "features");
   return in;
 }
 
@@ -117,7 +97,7 @@ ChannelPoolGrads check_channel_pool_grads(const at::Tensor& grad_pooled,
   ChannelPoolGrads g;
   int64_t B = features.size(0);
   if (packed) {
-    g.offsets = check_offsets(op, *offsets, features);
+    g.offsets = check_offsets(*offsets, features.size(0), features, op, "features");
     B = g.offsets.size(0) - 1;
   }
   const int64_t D = features.size(-1);

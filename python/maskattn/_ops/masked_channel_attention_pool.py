@@ -107,10 +107,12 @@ def _(logits, features, offsets):
     return features.new_empty((offsets.shape[0] - 1, features.shape[1])), logits.new_empty(logits.shape)
 
 
-def _backward_fake(op, grad_pooled, pooled, weights, features, output_mask):
+def _backward_fake(op, grad_pooled, grad_weights, pooled, weights, features, output_mask, offsets=None):
     _checks.same_device(weights, f"{op}: weights", features, "features")
     _checks.same_device(pooled, f"{op}: pooled", features, "features")
     _checks.same_device(grad_pooled, f"{op}: grad_pooled", features, "features")
+    _checks.same_device(grad_weights, f"{op}: grad_weights", features, "features")
+    _checks.same_device(offsets, f"{op}: offsets", features, "features")
     gl = weights.new_empty(weights.shape) if output_mask[0] else weights.new_empty((0,))
     gf = features.new_empty(features.shape) if output_mask[1] else features.new_empty((0,))
     return gl, gf
@@ -119,14 +121,21 @@ def _backward_fake(op, grad_pooled, pooled, weights, features, output_mask):
 @torch.library.register_fake("maskattn::_masked_channel_attention_pool_backward")
 def _(grad_pooled, grad_weights, pooled, weights, features, output_mask):
     return _backward_fake(
-        "_masked_channel_attention_pool_backward", grad_pooled, pooled, weights, features, output_mask
+        "_masked_channel_attention_pool_backward", grad_pooled, grad_weights, pooled, weights, features, output_mask
     )
 
 
 @torch.library.register_fake("maskattn::_masked_channel_attention_pool_packed_backward")
 def _(grad_pooled, grad_weights, pooled, weights, features, offsets, output_mask):
     return _backward_fake(
-        "_masked_channel_attention_pool_packed_backward", grad_pooled, pooled, weights, features, output_mask
+        "_masked_channel_attention_pool_packed_backward",
+        grad_pooled,
+        grad_weights,
+        pooled,
+        weights,
+        features,
+        output_mask,
+        offsets,
     )
 
 
