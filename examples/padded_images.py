@@ -1,4 +1,4 @@
-"""A tiny pixel-space denoising transformer (the JiT case, shared/seeds/001) on images of different
+"""A tiny pixel-space denoising transformer (JiT, the pixel diffusion transformer) on images of different
 sizes padded into one batch: patch masks, always-valid condition tokens, masked self-attention and a
 masked loss. The padding never produces NaN and never reaches the loss or the valid outputs.
 

@@ -1,4 +1,4 @@
-"""foreground_mask: the content-based face mask of seed 004 as one batched op (wrapper + fake kernel)."""
+"""foreground_mask: a thermal-face pipeline's content-based face mask as one batched op (wrapper + fake kernel)."""
 
 from typing import Tuple
 
