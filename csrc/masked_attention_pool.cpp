@@ -3,6 +3,8 @@
 
 #include <torch/library.h>
 
+#include <vector>
+
 #include "common/checks.h"
 
 namespace maskattn {
@@ -52,59 +54,53 @@ PackedInputs check_packed_inputs(const at::Tensor& logits, const at::Tensor& fea
               logits.scalar_type(), ") and features (", features.scalar_type(), ") must have the same dtype");
   TORCH_CHECK(logits.size(0) == features.size(0), "masked_attention_pool_packed: logits ", shape_str(logits),
               " and features ", shape_str(features), " must agree in T");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1,
-              "masked_attention_pool_packed: offsets must be 1-D [B+1] with B >= 0, got shape ",
-              shape_str(offsets));
-  TORCH_CHECK(offsets.scalar_type() == at::kLong, "masked_attention_pool_packed: offsets must be int64, got ",
-              offsets.scalar_type());
   check_same_device(logits, "masked_attention_pool_packed: logits", features, "features");
-  check_same_device(offsets, "masked_attention_pool_packed: offsets", features, "features");
   PackedInputs in;
   in.squeeze_k = logits.dim() == 1;
   in.logits = in.squeeze_k ? logits.unsqueeze(-1) : logits;
   in.features = features;
-  in.offsets = offsets.contiguous();
-  if (offsets.is_cpu()) {
-    const int64_t* o = in.offsets.const_data_ptr<int64_t>();
-    const int64_t nb = offsets.size(0) - 1, T = features.size(0);
-    TORCH_CHECK(o[0] == 0, "masked_attention_pool_packed: offsets[0] must be 0, got ", o[0]);
-    for (int64_t b = 0; b < nb; ++b) {
-      TORCH_CHECK(o[b + 1] >= o[b],
-                  "masked_attention_pool_packed: offsets must be non-decreasing, but offsets[", b + 1,
-                  "] = ", o[b + 1], " < offsets[", b, "] = ", o[b]);
-    }
-    TORCH_CHECK(o[nb] == T, "masked_attention_pool_packed: offsets[-1] = ", o[nb],
-                " must equal T = features.size(0) = ", T);
-  }
+  in.offsets = check_offsets(offsets, features.size(0), features, "masked_attention_pool_packed", "features");
   return in;
 }
 
 PoolGrads check_pool_grads(const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights,
-                           const at::Tensor& weights, const at::Tensor& features, int64_t num_bags,
-                           bool packed) {
+                           const at::Tensor& weights, const at::Tensor& features,
+                           const std::optional<at::Tensor>& offsets) {
+  const bool packed = offsets.has_value();
+  const char* op = packed ? "_masked_attention_pool_packed_backward" : "_masked_attention_pool_backward";
   const int64_t fdim = packed ? 2 : 3;
-  TORCH_CHECK(features.dim() == fdim, "_masked_attention_pool_backward: features has shape ",
-              shape_str(features));
-  TORCH_CHECK(weights.dim() == fdim - 1 || weights.dim() == fdim,
-              "_masked_attention_pool_backward: weights has shape ", shape_str(weights));
+  TORCH_CHECK(features.dim() == fdim, op, ": features must be ", packed ? "[T, D]" : "[B, N, D]",
+              ", got shape ", shape_str(features));
+  TORCH_CHECK(weights.dim() == fdim - 1 || weights.dim() == fdim, op, ": weights must be ",
+              packed ? "[T] or [T, K]" : "[B, N] or [B, N, K]", ", got shape ", shape_str(weights));
+  check_floating(features, op, "features");
+  // weights are the forward's output in the logits' dtype, which is the features' dtype
+  check_same_dtype(weights, op, "weights", features, "features");
+  check_same_dtype(grad_pooled, op, "grad_pooled", features, "features");
+  check_same_device(weights, op, "weights", features, "features");
+  check_same_device(grad_pooled, op, "grad_pooled", features, "features");
+  for (int64_t i = 0; i < fdim - 1; ++i) {
+    TORCH_CHECK(weights.size(i) == features.size(i), op, ": weights ", shape_str(weights),
+                " does not match features ", shape_str(features), " in ", packed ? "T" : "B and N");
+  }
   PoolGrads g;
   g.squeeze_k = weights.dim() == fdim - 1;
   g.weights = g.squeeze_k ? weights.unsqueeze(-1) : weights;
+  if (packed) g.offsets = check_offsets(*offsets, features.size(0), features, op, "features");
   const int64_t K = g.weights.size(-1), D = features.size(-1);
-  const int64_t B = num_bags;
+  const int64_t B = packed ? g.offsets.size(0) - 1 : features.size(0);
+  const std::vector<int64_t> want = g.squeeze_k ? std::vector<int64_t>{B, D} : std::vector<int64_t>{B, K, D};
+  TORCH_CHECK(grad_pooled.sizes() == at::IntArrayRef(want), op, ": grad_pooled has shape ",
+              shape_str(grad_pooled), ", expected ", at::IntArrayRef(want),
+              " (the pooled output's: [B, D] for weights without a K dim, else [B, K, D])");
   g.grad_pooled = g.squeeze_k ? grad_pooled.unsqueeze(1) : grad_pooled;
-  TORCH_CHECK(g.grad_pooled.dim() == 3 && g.grad_pooled.size(0) == B && g.grad_pooled.size(1) == K &&
-                  g.grad_pooled.size(2) == D,
-              "_masked_attention_pool_backward: grad_pooled has shape ", shape_str(grad_pooled),
-              ", expected [", B, ", ", K, ", ", D, "] (K squeezed when logits had no K dim)");
-  for (int64_t i = 0; i < fdim - 1; ++i) {
-    TORCH_CHECK(g.weights.size(i) == features.size(i), "_masked_attention_pool_backward: weights ",
-                shape_str(weights), " does not match features ", shape_str(features));
-  }
   if (grad_weights.has_value() && grad_weights->defined()) {
-    TORCH_CHECK(grad_weights->sizes() == weights.sizes(), "_masked_attention_pool_backward: grad_weights ",
-                shape_str(*grad_weights), " must match weights ", shape_str(weights));
-    g.grad_weights = g.squeeze_k ? grad_weights->unsqueeze(-1) : *grad_weights;
+    const at::Tensor& gw = *grad_weights;
+    TORCH_CHECK(gw.sizes() == weights.sizes(), op, ": grad_weights ", shape_str(gw), " must match weights ",
+                shape_str(weights));
+    check_same_dtype(gw, op, "grad_weights", weights, "weights");
+    check_same_device(gw, op, "grad_weights", features, "features");
+    g.grad_weights = g.squeeze_k ? gw.unsqueeze(-1) : gw;
   }
   return g;
 }

@@ -31,16 +31,19 @@ PackedInputs check_packed_inputs(const at::Tensor& logits, const at::Tensor& fea
                                  const at::Tensor& offsets);
 
 // The backward ops take the forward's (possibly K-squeezed) tensors; this views them as the
-// kernels' [.., K] layout and checks that they belong together.
+// kernels' [.., K] layout and checks that they belong together: ranks, sizes, dtypes (every
+// gradient in the dtype of what it is the gradient of), devices, and for the packed op (offsets
+// given) the offsets as check_packed_inputs does.
 struct PoolGrads {
   at::Tensor grad_pooled;   // [B,K,D]
   at::Tensor grad_weights;  // like weights, or undefined
   at::Tensor weights;       // [B,N,K] or [T,K]
+  at::Tensor offsets;       // packed: int64 [B+1], contiguous; else undefined
   bool squeeze_k;
 };
 
 PoolGrads check_pool_grads(const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights,
-                           const at::Tensor& weights, const at::Tensor& features, int64_t num_bags,
-                           bool packed);
+                           const at::Tensor& weights, const at::Tensor& features,
+                           const std::optional<at::Tensor>& offsets);
 
 }  // namespace maskattn

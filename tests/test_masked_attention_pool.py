@@ -86,7 +86,7 @@ def test_forward_backward_against_reference(device, dtype, K):
     assert (logits.grad[~mask] == 0).all() and (feats.grad[~mask] == 0).all()
 
 
-# ---------------------------------------------------------------- gradcheck / opcheck / compile
+# ---------------------------------------------------------------- gradcheck / compile (opcheck: test_op_registry.py)
 
 
 @pytest.mark.parametrize("K", [None, 2])
@@ -122,28 +122,6 @@ def test_gradcheck_packed():
     assert torch.autograd.gradcheck(lambda l, f: maskattn.masked_attention_pool_packed(l, f, offsets), (logits, feats))
     l1 = logits[:, 0].detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda l, f: maskattn.masked_attention_pool_packed(l, f, offsets), (l1, feats))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    cases = []
-    for K in (None, 2):
-        l, f, m = make(2, 7, 4, K, torch.float32, device)
-        cases.append((l.requires_grad_(), f.requires_grad_(), m))
-        cases.append((l.detach().requires_grad_(), f.detach(), m.to(torch.uint8)))  # frozen features
-        cases.append((l.detach(), f.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(), None))
-    for l, f, m in cases:
-        torch.library.opcheck(torch.ops.maskattn.masked_attention_pool.default, (l, f, m))
-    offs = torch.tensor([0, 3, 3, 8], device=device)
-    lp = torch.randn(8, device=device, requires_grad=True)
-    fp = torch.randn(8, 5, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.maskattn.masked_attention_pool_packed.default, (lp, fp, offs))
-    gp = torch.randn(2, 4, device=device)
-    l, f, m = make(2, 7, 4, None, torch.float32, device)
-    _, w = maskattn.masked_attention_pool(l, f, m)
-    for gw in (None, torch.randn_like(w)):
-        torch.library.opcheck(torch.ops.maskattn._masked_attention_pool_backward.default, (gp, gw, w, f, [True, True]))
-    torch.library.opcheck(torch.ops.maskattn._masked_attention_pool_backward.default, (gp, None, w, f, [True, False]))
 
 
 def test_torch_compile_fullgraph_module_and_permuted_inputs():
@@ -467,19 +445,6 @@ def test_import_under_another_torch_fails_with_rebuild_hint():
     assert r.returncode != 0
     assert f"maskattn was built against torch {torch.__version__} but torch 0.0.1 is installed" in r.stderr
     assert "pip install --no-build-isolation" in r.stderr
-
-
-def test_opcheck_packed_backward():
-    offs = torch.tensor([0, 3, 3, 8])
-    lp = torch.randn(8, 2)
-    fp = torch.randn(8, 5)
-    _, w = maskattn.masked_attention_pool_packed(lp, fp, offs)
-    gp = torch.randn(3, 2, 5)
-    for mask in ([True, True], [True, False], [False, True]):
-        torch.library.opcheck(
-            torch.ops.maskattn._masked_attention_pool_packed_backward.default,
-            (gp, torch.randn_like(w), w, fp, offs, mask),
-        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -151,18 +151,6 @@ def test_half_backward(dtype):
     torch.testing.assert_close(gx.double(), gd, **TOL[dtype])
 
 
-def test_opcheck():
-    x = torch.randn(2, 3, 4, 8, requires_grad=True)
-    m = key_mask(2, 8, seed=7)
-    torch.library.opcheck(torch.ops.maskattn.masked_softmax, (x, m, -1, 0.5))
-    torch.library.opcheck(torch.ops.maskattn.masked_softmax, (x.transpose(1, 3), m.transpose(1, 3), 1, 1.0))
-    y = maskattn.masked_softmax(x.detach(), m)
-    torch.library.opcheck(torch.ops.maskattn._masked_softmax_backward, (torch.randn_like(y), y, -1, 0.5))
-    torch.library.opcheck(
-        torch.ops.maskattn._masked_softmax_backward, (torch.randn(1, 1, 1, 8).expand_as(y), y, 3, 1.0)
-    )
-
-
 def test_compile_fullgraph():
     x = torch.randn(2, 4, 16, 16, requires_grad=True)
     m = key_mask(2, 16, seed=8)

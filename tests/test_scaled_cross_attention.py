@@ -237,32 +237,6 @@ def test_gradcheck_tiny_norm_rows():
 
 
 @pytest.mark.parametrize("device", devices)
-@pytest.mark.parametrize("Lk", [FUSED_LK, GEMM_LK])
-def test_opcheck(device, Lk):
-    q, k, v, lsl = make(B=2, Lq=3, Lk=Lk, D=6, Dv=4, dtype=torch.float32, device=device)
-    lsl = lsl.float()
-    m = torch.ones(2, Lk, dtype=torch.bool, device=device)
-    m[1, 0] = False
-    for args in [(q, k, v, lsl, 100.0, m, True), (q[:, 0], k[0], v[0], lsl, 100.0, None, False)]:
-        args = tuple(
-            a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
-        )
-        torch.library.opcheck(OP, args)
-        out, attn = OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-        bargs = (
-            torch.randn_like(out),
-            torch.randn_like(attn),
-            *[a.detach() for a in args[:4]],
-            attn,
-            100.0,
-            args[6],
-            [True, True, True, True],
-        )
-        torch.library.opcheck(BWD, bargs)
-        torch.library.opcheck(BWD, (bargs[0], None, *bargs[2:9], [True, False, True, False]))
-
-
-@pytest.mark.parametrize("device", devices)
 def test_compile_fullgraph(device):
     q, k, v, lsl = make(dtype=torch.float32, device=device)
     lsl = lsl.float()

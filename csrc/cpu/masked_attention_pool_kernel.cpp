@@ -497,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cpu(const at::Tensor& l
 std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cpu(
     const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
     const at::Tensor& features, std::array<bool, 2> output_mask) {
-  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, features.size(0), false);
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, std::nullopt);
   const at::Tensor f = readable_features(features);
   auto [gl, gf] =
       pool_backward(g, f, padded_bags(g.weights, f, at::Tensor()), output_mask[0], output_mask[1]);
@@ -522,10 +522,9 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_cpu(const at::Te
 std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_backward_cpu(
     const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
     const at::Tensor& features, const at::Tensor& offsets, std::array<bool, 2> output_mask) {
-  const at::Tensor o = offsets.contiguous();
-  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, o.size(0) - 1, true);
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, offsets);
   const at::Tensor f = readable_features(features);
-  auto [gl, gf] = pool_backward(g, f, packed_bags(g.weights, f, o), output_mask[0], output_mask[1]);
+  auto [gl, gf] = pool_backward(g, f, packed_bags(g.weights, f, g.offsets), output_mask[0], output_mask[1]);
   if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
   return {gl, gf};
 }

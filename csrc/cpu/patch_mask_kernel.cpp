@@ -15,16 +15,24 @@
 namespace maskattn {
 namespace {
 
-// Valid pixels in n consecutive elements starting at x (element stride s).
+// Valid pixels in n consecutive elements starting at x (element stride s). The total is int64: a
+// patch of p x p pixels holds more than 2^31 of them from p = 46341 on. Runs of at most 2^30
+// elements are counted in int32, which the compiler vectorises best over bytes.
 template <typename T>
-inline int32_t count_valid(const T* __restrict__ x, int64_t n, int64_t s) {
-  int32_t c = 0;
-  if (s == 1) {
-    for (int64_t k = 0; k < n; ++k) c += x[k] != T(0);
-  } else {
-    for (int64_t k = 0; k < n; ++k) c += x[k * s] != T(0);
+inline int64_t count_valid(const T* __restrict__ x, int64_t n, int64_t s) {
+  constexpr int64_t kRun = int64_t(1) << 30;
+  int64_t total = 0;
+  for (int64_t k0 = 0; k0 < n; k0 += kRun) {
+    const int64_t k1 = std::min(n, k0 + kRun);
+    int32_t c = 0;
+    if (s == 1) {
+      for (int64_t k = k0; k < k1; ++k) c += x[k] != T(0);
+    } else {
+      for (int64_t k = k0; k < k1; ++k) c += x[k * s] != T(0);
+    }
+    total += c;
   }
-  return c;
+  return total;
 }
 
 // bool is read as its byte: a nonzero byte is a valid pixel, which is what comparing to false does,
@@ -48,7 +56,7 @@ void patch_mask_kernel(const PatchMaskInputs& in, int64_t min_count, bool* out) 
   // One task = one row of patches: p pixel rows, W * p pixels.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p * p * nw));
   at::parallel_for(0, B * nh, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<int32_t> cnt(nw);
+    std::vector<int64_t> cnt(nw);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nh, i = t % nh;
       std::fill(cnt.begin(), cnt.end(), 0);

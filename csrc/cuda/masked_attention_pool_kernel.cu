@@ -67,8 +67,9 @@ struct BagGeom {
 template <typename scalar_t, typename acc_t, int VEC, int KB>
 __global__ void __launch_bounds__(THREADS)
     pool_partial_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ features, BagGeom g,
-                        int64_t chunk, int nsplit, int kgroups, int64_t dtiles, acc_t* __restrict__ part_acc,
-                        acc_t* __restrict__ part_m, acc_t* __restrict__ part_s, int64_t nbags) {
+                        int64_t chunk, int nsplit, int64_t kgroups, int64_t dtiles,
+                        acc_t* __restrict__ part_acc, acc_t* __restrict__ part_m, acc_t* __restrict__ part_s,
+                        int64_t nbags) {
   __shared__ acc_t scratch[32];
   __shared__ acc_t s_max[KB];
   extern __shared__ unsigned char smem_raw[];
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t dtile = blockIdx.x % dtiles;
   const int64_t bkg = blockIdx.x / dtiles;
   const int64_t b = bkg / kgroups;
-  const int k0 = static_cast<int>(bkg % kgroups) * KB;
+  const int64_t k0 = (bkg % kgroups) * KB;
   const int kc = static_cast<int>(min(static_cast<int64_t>(KB), g.K - k0));
   int64_t r0, r1;
   g.range(b, r0, r1);
@@ -284,7 +285,7 @@ __global__ void pool_weights_kernel(const scalar_t* __restrict__ logits, BagGeom
   const scalar_t* lb = logits + b * g.ls_b;
   for (int64_t r = r0 + xb * blockDim.x + threadIdx.x; r < r1; r += xblocks * blockDim.x) {
     const bool valid = g.valid(b, r);
-    for (int k = 0; k < g.K; ++k) {
+    for (int64_t k = 0; k < g.K; ++k) {
       const acc_t M = stats[2 * (b * g.K + k)], inv = stats[2 * (b * g.K + k) + 1];
       acc_t w = 0;
       if (valid && M != NEG_INF)
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(THREADS)
     const acc_t* gp = grad_pooled + b * g.K * g.D;
     const scalar_t* w = weights + row * g.K;
     if (gsum != nullptr) {
-      for (int k = 0; k < g.K; ++k) {
+      for (int64_t k = 0; k < g.K; ++k) {
         const bool live = static_cast<acc_t>(w[k]) != acc_t(0);
         acc_t t = 0;
         if (live) {
@@ -447,7 +448,7 @@ at::Tensor unit_stride_d(const at::Tensor& f) {
 // rows_hint: rows per bag the host expects (N padded, T/B packed) to size the split.
 template <typename scalar_t, typename acc_t, int VEC, int KB>
 void launch_partial(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const scalar_t* lp,
-                    const scalar_t* fp, const BagGeom& g, int64_t chunk, int nsplit, int kgroups,
+                    const scalar_t* fp, const BagGeom& g, int64_t chunk, int nsplit, int64_t kgroups,
                     int64_t dtiles, acc_t* pa, acc_t* pm, acc_t* ps, int64_t nbags) {
   pool_partial_kernel<scalar_t, acc_t, VEC, KB>
       <<<grid, block, smem, stream>>>(lp, fp, g, chunk, nsplit, kgroups, dtiles, pa, pm, ps, nbags);
@@ -485,7 +486,8 @@ std::tuple<at::Tensor, at::Tensor> pool_forward_cuda(const at::Tensor& logits, c
         const int ty = THREADS / tx;
         const int64_t dtiles = ceil_div(lanes, tx);
         const int kb = K == 1 ? 1 : KBMAX;
-        const int kgroups = static_cast<int>(ceil_div(K, kb));
+        // int64: for K past 2^33 the group count must reach the grid check below, not wrap first
+        const int64_t kgroups = ceil_div(K, kb);
         const int64_t xblocks = dtiles * nbags * kgroups;
         TORCH_CHECK(xblocks <= INT32_MAX, "masked_attention_pool: B * ceil(K/4) * D-tiles = ", xblocks,
                     " exceeds the CUDA grid limit");
@@ -624,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cuda(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cuda(
     const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
     const at::Tensor& features, std::array<bool, 2> output_mask) {
-  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, features.size(0), false);
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, std::nullopt);
   auto [gl, gf] =
       pool_backward_cuda(g, features, at::Tensor(), features.size(0), output_mask[0], output_mask[1]);
   if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
@@ -649,9 +651,9 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_cuda(const at::T
 std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_backward_cuda(
     const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
     const at::Tensor& features, const at::Tensor& offsets, std::array<bool, 2> output_mask) {
-  const at::Tensor o = offsets.contiguous();
-  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, o.size(0) - 1, true);
-  auto [gl, gf] = pool_backward_cuda(g, features, o, o.size(0) - 1, output_mask[0], output_mask[1]);
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, offsets);
+  auto [gl, gf] =
+      pool_backward_cuda(g, features, g.offsets, g.offsets.size(0) - 1, output_mask[0], output_mask[1]);
   if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
   return {gl, gf};
 }
