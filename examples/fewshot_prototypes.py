@@ -11,7 +11,7 @@ decay with maskattn.optim.param_groups. The log shows the layer's .stats (scale,
 cap is hit, attention entropy and max weight), read with .item() only at log steps, and the
 accuracy on held-out (novel) classes before and after training.
 
-    python examples/fewshot_prototypes.py                      # ~15 s on 2 CPU cores
+    python examples/fewshot_prototypes.py                      # ~15 s on 2 CPU cores (OMP_NUM_THREADS=1 if busy)
     python examples/fewshot_prototypes.py --clamp after_step   # open_clip's clamp after each step
     MASKATTN_SMOKE=1 python examples/fewshot_prototypes.py     # a few seconds (CI)
 """

@@ -2,7 +2,7 @@
 sizes padded into one batch: patch masks, always-valid condition tokens, masked self-attention and a
 masked loss. The padding never produces NaN and never reaches the loss or the valid outputs.
 
-    python examples/padded_images.py            # ~20 s on 2 CPU cores
+    python examples/padded_images.py            # ~20 s on 2 CPU cores (OMP_NUM_THREADS=1 if busy)
     MASKATTN_SMOKE=1 python examples/padded_images.py
 """
 
