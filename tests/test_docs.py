@@ -7,7 +7,8 @@
 * The layers maskattn replaces are named after their model or paper everywhere (ABMIL, CLAM, JiT,
   ...), never by an internal nickname: "seed" only ever means a random seed.
 * README opens with the install-and-benchmark and install-and-test commands, and the test command
-  is the one CI runs.
+  is the one CI runs; install instructions work from a clone (maskattn is on no package index) and
+  name only extras that pyproject.toml defines.
 * docs/design.md covers every op registered in csrc/.
 """
 
@@ -304,6 +305,37 @@ def test_readme_test_command_is_the_one_ci_runs():
     # the bench command installs what the test command installs, less the test-only packages
     py = (ROOT / "pyproject.toml").read_text()
     assert _pip_names(bench) == _pip_names(tests) - _requirement_names(py, "test")
+
+
+# maskattn is on no package index: installing it by name (with or without extras) cannot work;
+# extras are installed from a clone as ".[plot]". Examples below spell the command in pieces so
+# that this file does not match.
+_FROM_INDEX = re.compile(r"""pip install(?:\s+-[-\w]+(?:=\S+)?)*\s+['"]?maskattn(?![-\w/.])""")
+_EXTRA = re.compile(r"""pip install[^`\n]*?['"]?\.\[([\w,-]+)\]""")
+
+
+def test_install_instructions_work_from_a_clone(files):
+    pip = "pip" + " install"
+    assert _FROM_INDEX.search(f"see {pip} maskattn[plot]")
+    assert _FROM_INDEX.search(f"{pip} -q 'maskattn[face-bench]'")
+    assert not _FROM_INDEX.search(f"{pip} --no-deps dist/maskattn-0.1.0.whl")
+    assert _EXTRA.findall('pip install --no-build-isolation ".[plot]" and') == ["plot"]
+    hits = _hits(files, _FROM_INDEX)
+    assert not hits, 'maskattn is installed from a clone (pip install --no-build-isolation ".[plot]"):\n' + "\n".join(
+        hits
+    )
+    extras = set(re.findall(r"^([\w-]+)\s*=", _optional_dependencies(), re.M))
+    assert {"plot", "face-bench"} <= extras
+    named = {(f, e) for f, text in files.items() for group in _EXTRA.findall(text) for e in group.split(",")}
+    unknown = sorted(f"{f}: .[{e}]" for f, e in named if e not in extras)
+    assert not unknown, f"extras not in pyproject.toml's optional-dependencies {sorted(extras)}: {unknown}"
+
+
+def _optional_dependencies():
+    py = (ROOT / "pyproject.toml").read_text()
+    m = re.search(r"^\[project\.optional-dependencies\]\n(.*?)^\[", py, re.S | re.M)
+    assert m, "no [project.optional-dependencies] in pyproject.toml"
+    return m.group(1)
 
 
 # ---------------------------------------------------------------- docs/design.md and the ops
