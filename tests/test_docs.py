@@ -259,7 +259,8 @@ def _pip_names(command):
         if words[:2] != ["pip", "install"]:
             continue
         for w in words[2:]:
-            if not w.startswith("-") and not w.startswith("."):
+            # local paths (".", a built wheel "dist/x.whl") are not package names
+            if not w.startswith("-") and not w.startswith(".") and "/" not in w and not w.endswith(".whl"):
                 names.add(re.split(r"[<>=!~\[]", w, maxsplit=1)[0].lower())
     return names
 
@@ -276,7 +277,12 @@ def test_readme_opens_with_the_bench_and_test_commands():
     bench, tests = _first_bash_commands(first_section, 2)
     for cmd in (bench, tests):
         assert "\n" not in cmd, f"one command, one line: {cmd!r}"
-        assert "pip install --no-build-isolation ." in cmd, cmd
+        # maskattn itself from the clone: installed from source, or built into a wheel that is installed
+        from_source = "pip install --no-build-isolation ." in cmd
+        from_wheel = re.search(
+            r"pip wheel --no-build-isolation .*-w (\S+) \..*&& pip install \1/maskattn-\S*\.whl", cmd
+        )
+        assert from_source or from_wheel, cmd
     assert bench.endswith("python -m maskattn.bench"), bench
     assert re.search(r"python -m pytest\b.*\btests$", tests), tests
     # A fresh machine has nothing: both commands install what the build (no isolation) and the
