@@ -2,8 +2,8 @@
 //
 //   gate[b,p]     = valid[b,p] * sigmoid(gate_logits[b,p])
 //   pooled[b,c]   = sum_p gate[b,p] * features[b,c,p] / #valid(b)      (0 when nothing is valid)
-// i.e. the thermal-face classifier's spatial-attention gate followed by global average pooling over the valid
-// positions, without materialising gate * features.
+// i.e. the thermal-face classifier's spatial-attention gate followed by global average pooling over
+// the valid positions, without materialising gate * features.
 #include "gated_masked_mean.h"
 
 namespace maskattn {

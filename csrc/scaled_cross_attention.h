@@ -65,7 +65,7 @@ struct XattnKernels {
   bool (*may_sync)();
   // Whether the GEMM path runs its GEMMs in the accumulation type (float32 for half types; then
   // S and dA reach the row kernels in it) or in the input dtype. Rounding S to bfloat16 costs
-  // scale * 2^-9 in every logit (0.2 at the seed's cap of 100), which the one-pass rows do not
+  // scale * 2^-9 in every logit (0.2 at the usual cap of 100), which the one-pass rows do not
   // pay; and on a CPU without bf16 instructions the float32 GEMM is also the fast one. On CUDA
   // the GEMMs stay in the input dtype (cuBLAS half-precision GEMMs) until a float-output GEMM is
   // measured there.

@@ -1,4 +1,4 @@
-"""Every public function rejects bad input with an error that names the argument (issue #7, point 6).
+"""Every public function rejects bad input with an error that names the argument.
 
 The cases live in one list, CASES; docs/errors.md holds a table generated from it, and
 test_docs_table_matches_cases checks that the two agree. Regenerate the table after changing the
@@ -2449,7 +2449,7 @@ def test_every_public_function_has_a_case():
 
 
 def test_every_category_is_covered():
-    # The issue's categories, each exercised at least once.
+    # Every category of bad input (rank, shape, dtype, device, ...), each exercised at least once.
     kinds = {c.kind for c in CASES}
     assert {"rank", "shape", "dtype", "device", "offsets", "size"} <= kinds
 

@@ -24,39 +24,39 @@ def assert_close(a, b, dtype):
     torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=tol)
 
 
-# ---------------------------------------------------------------- parity with the seed layer
+# ---------------------------------------------------------------- parity with the ABMIL aggregator
 
 
-def test_module_matches_seed_aggregator_forward_and_backward():
+def test_module_matches_abmil_aggregator_forward_and_backward():
     torch.manual_seed(0)
-    seed = AttentionAggregator(64, 32)
+    theirs = AttentionAggregator(64, 32)
     ours = maskattn.nn.AttentionPooling(64, 32)
-    ours.load_state_dict(seed.state_dict())  # same parameter names: a seed checkpoint loads
+    ours.load_state_dict(theirs.state_dict())  # same parameter names: the aggregator's checkpoint loads
     x = torch.randn(4, 50, 64)
     mask = torch.rand(4, 50) < 0.8
     mask[:, 0] = True
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    p1, w1 = seed(x1, mask)
+    p1, w1 = theirs(x1, mask)
     p2, w2 = ours(x2, mask)
     torch.testing.assert_close(p2, p1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w2, w1, atol=1e-6, rtol=1e-5)
-    assert (w2[~mask] == 0).all()  # exact zeros where the seed leaves ~1e-430-ish residue
+    assert (w2[~mask] == 0).all()  # exact zeros where the -1e9 fill leaves ~1e-430-ish residue
     gp = torch.randn_like(p1)
     gw = torch.randn_like(w1)
     ((p1 * gp).sum() + (w1 * gw).sum()).backward()
     ((p2 * gp).sum() + (w2 * gw).sum()).backward()
-    # the seed's softmax gives padding a gradient path of exactly 0 too, so grads agree everywhere
+    # the aggregator's softmax gives padding a gradient path of exactly 0 too, so grads agree everywhere
     torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-4)
-    for (n, a), (_, b) in zip(seed.named_parameters(), ours.named_parameters()):
+    for (n, a), (_, b) in zip(theirs.named_parameters(), ours.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_seed_gives_uniform_weights_to_empty_bag_we_give_zeros():
+def test_aggregator_gives_uniform_weights_to_empty_bag_we_give_zeros():
     l, f, m = make(2, 6, 3)
     m[1] = False
     _, ws = aggregator_pool(l, f, m)
     p, w = maskattn.masked_attention_pool(l, f, m)
-    assert torch.allclose(ws[1], torch.full((6,), 1 / 6))  # the seed's bug this library fixes
+    assert torch.allclose(ws[1], torch.full((6,), 1 / 6))  # the -1e9 fill averages an empty bag's padding
     assert (w[1] == 0).all() and (p[1] == 0).all()
 
 

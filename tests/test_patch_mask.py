@@ -34,7 +34,7 @@ def _padded_mask(B, H, W, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_seed_every_dtype(dtype):
+def test_matches_jit_patch_mask_every_dtype(dtype):
     m = _rand_mask(3, 32, 48)
     got = maskattn.patch_mask(m.to(dtype), 8)
     ref = image_mask_to_patch_mask(m.float(), 8).bool()
@@ -43,13 +43,13 @@ def test_matches_seed_every_dtype(dtype):
 
 
 @pytest.mark.parametrize("p,H,W", [(16, 256, 256), (14, 224, 112), (4, 12, 36), (1, 5, 3), (7, 7, 7)])
-def test_matches_seed_shapes(p, H, W):
-    for seed, m in enumerate([_rand_mask(2, H, W, seed=1), _padded_mask(4, H, W, seed=2)]):
-        assert torch.equal(maskattn.patch_mask(m, p), image_mask_to_patch_mask(m.float(), p).bool()), seed
+def test_matches_jit_patch_mask_shapes(p, H, W):
+    for i, m in enumerate([_rand_mask(2, H, W, seed=1), _padded_mask(4, H, W, seed=2)]):
+        assert torch.equal(maskattn.patch_mask(m, p), image_mask_to_patch_mask(m.float(), p).bool()), i
 
 
 def test_exactly_half_is_padding():
-    # 8 of 16 pixels valid: mean == 0.5 is not > 0.5, as in the seed; 9 of 16 is.
+    # 8 of 16 pixels valid: mean == 0.5 is not > 0.5, as in JiT's rule; 9 of 16 is.
     m = torch.zeros(1, 4, 8, dtype=torch.bool)
     m[0, :2, :4] = True
     m[0, :2, 4:] = True

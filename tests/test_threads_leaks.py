@@ -1,9 +1,9 @@
 """Ops called from several Python threads at once agree with the single-thread result, and a long
-loop of calls keeps resident memory flat (issue #7, point 5).
+loop of calls keeps resident memory flat.
 
 The leak loop runs MASKATTN_LEAK_ITERS calls of each op (forward + backward) after a warm-up of
 MASKATTN_LEAK_WARMUP calls. The defaults (500 after 200) keep the default run short and still
-catch a leak of 8 KiB per call; the issue's run of 10,000 calls after a 1,000-call warm-up is
+catch a leak of 8 KiB per call; the long run, 10,000 calls after a 1,000-call warm-up, is
     MASKATTN_LEAK_ITERS=10000 MASKATTN_LEAK_WARMUP=1000 python -m pytest tests/test_threads_leaks.py -k leak -s
 """
 

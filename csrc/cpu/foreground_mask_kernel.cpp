@@ -1,4 +1,4 @@
-// CPU kernels of foreground_mask: the content-based face mask of seed 004, one image per task.
+// CPU kernels of foreground_mask: the content-based face mask of a thermal-face pipeline, one image per task.
 //
 // Stages, all on one image's HxW buffers (they stay in L2 for 224-256 px crops):
 //   grey + threshold -> opening -> closing -> largest 8-connected component -> hole filling
