@@ -287,8 +287,9 @@ struct View {
 // boxed dispatcher call each.
 inline Tensor as_strided(const Tensor& t, const View& v) {
   AtenTensorHandle h = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      aoti_torch__reinterpret_tensor(t.get(), v.ndim, v.size, v.stride, t.storage_offset(), &h));
+  // The shim's offset argument is added to t's own storage offset (at::_reinterpret_tensor's
+  // offset_increment): 0 keeps the first element.
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch__reinterpret_tensor(t.get(), v.ndim, v.size, v.stride, 0, &h));
   return Tensor(h);
 }
 
