@@ -183,6 +183,17 @@ inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, cons
   return empty(sizes.begin(), static_cast<int64_t>(sizes.size()), dtype, device);
 }
 
+// A new contiguous tensor of zeros: fill_ is a direct C shim call, zero_ a boxed dispatcher one.
+inline Tensor zeros(const int64_t* sizes, int64_t ndim, ScalarType dtype, const Device& device) {
+  Tensor t = empty(sizes, ndim, dtype, device);
+  torch::stable::fill_(t, 0.0);
+  return t;
+}
+
+inline Tensor zeros(std::initializer_list<int64_t> sizes, ScalarType dtype, const Device& device) {
+  return zeros(sizes.begin(), static_cast<int64_t>(sizes.size()), dtype, device);
+}
+
 // Any mask dtype is accepted; kernels read one byte per element, so normalise once. x.to(bool) is
 // x != 0 for every real dtype (NaN is nonzero, -0.0 is zero), and the mask is at most 1/D of the
 // features, so this extra pass is negligible.
@@ -276,8 +287,9 @@ struct View {
 // boxed dispatcher call each.
 inline Tensor as_strided(const Tensor& t, const View& v) {
   AtenTensorHandle h = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      aoti_torch__reinterpret_tensor(t.get(), v.ndim, v.size, v.stride, t.storage_offset(), &h));
+  // The shim's offset argument is added to t's own storage offset (at::_reinterpret_tensor's
+  // offset_increment): 0 keeps the first element.
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch__reinterpret_tensor(t.get(), v.ndim, v.size, v.stride, 0, &h));
   return Tensor(h);
 }
 

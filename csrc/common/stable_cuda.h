@@ -6,6 +6,8 @@
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/macros.h>
 
+#include <atomic>
+
 #include "common/stable.h"
 
 #ifndef USE_CUDA
@@ -21,6 +23,25 @@ inline cudaStream_t current_stream(int32_t device_index) {
   void* s = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &s));
   return static_cast<cudaStream_t>(s);
+}
+
+// cudaDevAttrMultiProcessorCount of a device, cached per device (the stable ABI has no
+// getCurrentDeviceProperties; the attribute query is a driver call, too slow for every launch).
+inline int sm_count(int32_t device_index) {
+  constexpr int kCached = 64;
+  static std::atomic<int> cache[kCached];
+  const bool cached = device_index >= 0 && device_index < kCached;
+  if (cached) {
+    const int n = cache[device_index].load(std::memory_order_relaxed);
+    if (n > 0) return n;
+  }
+  int n = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_index);
+  MASKATTN_CHECK(
+      err == cudaSuccess,
+      "maskattn: cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) failed: ", cudaGetErrorString(err));
+  if (cached) cache[device_index].store(n, std::memory_order_relaxed);
+  return n;
 }
 
 using torch::stable::accelerator::DeviceGuard;

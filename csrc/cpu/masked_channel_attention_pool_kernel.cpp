@@ -14,18 +14,23 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "common/cascade_sum.h"
 #include "common/checks.h"
-#include "common/cpu_alloc.h"
 #include "common/cpu_vec.h"
 #include "masked_channel_attention_pool.h"
 
@@ -480,6 +485,35 @@ void channel_pool_backward(const BwdArgs<scalar_t>& A, const std::vector<Bag>& b
   });
 }
 
+// ---- outputs ----
+
+// A new contiguous CPU tensor for the [rows, D] outputs (weights, gradients), backed by transparent
+// huge pages where the kernel offers them (madvise mode), as common/cpu_alloc.cpp does for the ops
+// on the stable ABI: a fresh buffer is first touched page by page, and with 2 MiB pages that costs
+// about a quarter of what 4 KiB pages do, which on small machines dominates a pass that writes it.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__)
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes >= 4 * kHugePage) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, kHugePage, rounded) == 0 && p != nullptr,
+                "masked_channel_attention_pool: out of memory allocating ", bytes, " bytes on the CPU");
+#if defined(MADV_HUGEPAGE)
+    madvise(p, rounded, MADV_HUGEPAGE);  // advisory: without THP support this is a no-op
+#endif
+    try {
+      return at::from_blob(p, sizes, c10::contiguous_strides(sizes), [](void* q) { std::free(q); }, options);
+    } catch (...) {
+      std::free(p);
+      throw;
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
 // ---- bags of the two layouts ----
 
 // l: logits or weights; x: the mask or grad_weights (may be undefined).
@@ -517,7 +551,7 @@ Operand<scalar_t> operand(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const ChannelPoolInputs& in, const std::vector<Bag>& bags) {
   const int64_t B = static_cast<int64_t>(bags.size()), D = in.features.size(-1);
   auto pooled = at::zeros({B, D}, in.features.options());
-  auto weights = cpu::empty_large(in.logits.sizes(), in.logits.options());
+  auto weights = empty_large(in.logits.sizes(), in.logits.options());
   if (in.logits.numel() == 0) return {pooled, weights};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.features.scalar_type(), "masked_channel_attention_pool_cpu", [&] {
@@ -536,8 +570,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const ChannelPoolGrads& g, const
                                                 std::array<bool, 2> output_mask) {
   const auto& w = g.weights;
   const auto& f = g.features;
-  at::Tensor gl = output_mask[0] ? cpu::empty_large(w.sizes(), w.options()) : at::empty({0}, w.options());
-  at::Tensor gf = output_mask[1] ? cpu::empty_large(f.sizes(), f.options()) : at::empty({0}, f.options());
+  at::Tensor gl = output_mask[0] ? empty_large(w.sizes(), w.options()) : at::empty({0}, w.options());
+  at::Tensor gf = output_mask[1] ? empty_large(f.sizes(), f.options()) : at::empty({0}, f.options());
   if ((!output_mask[0] && !output_mask[1]) || w.numel() == 0) return {gl, gf};
   const auto acc_type = at::toOpMathType(f.scalar_type());
   const at::Tensor gp = g.grad_pooled.to(acc_type).contiguous();
