@@ -227,6 +227,8 @@ def test_cited_path_extraction():
 
 
 def test_every_path_the_docs_cite_exists():
+    if not (ROOT / "csrc").is_dir():  # the packaging check runs the tests beside a copy of docs/ alone
+        pytest.skip("docs copied without the source tree they cite")
     missing = []
     for doc in doc_files():
         for written, resolved in cited_paths(doc.read_text(encoding="utf-8"), doc.parent):
