@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from reference_foreground_mask import reference_content_mask
 from reference_gated_masked_mean import reference_gated_masked_mean
 from reference_masked_attention_pool import reference_pool, reference_pool_packed
+from reference_masked_channel_attention_pool import reference_channel_pool, reference_channel_pool_packed
 from reference_scaled_cross_attention import prototype_cross_attention
 
 import maskattn  # noqa: F401  (loads the ops)
@@ -207,6 +208,105 @@ def _ref_packed_backward(gp, gw, w, f, offsets, om):
     if om[0] and squeeze:
         gl = gl.squeeze(-1)
     return gl, gf
+
+
+# ------------------------------------------------------------------ masked_channel_attention_pool (+ packed)
+# PyG's feature-level gate: logits like features, one softmax per (bag, channel).
+
+
+def _channel_values(g, B, N, D):
+    logits, feats = _randn(g, B, N, D), _randn(g, B, N, D)
+    mask = torch.rand(B, N, generator=g) < 0.7
+    if B > 1 and N > 1:
+        mask[1] = False  # a bag with no valid row
+        logits[0, 0, 1] = -math.inf  # a valid entry of weight 0
+        mask[0, 0] = True
+    return logits, feats, mask
+
+
+def _channel_samples(device, dtype):
+    g, cv = _gen(11), _cv(device, dtype)
+    l, f, m = (cv(t) for t in _channel_values(g, 3, 7, 4))
+    out = [
+        Sample((l, f, m), "bool mask"),
+        Sample((l, f, m.to(torch.uint8)), "uint8 mask, frozen features", grad=("logits",)),
+        Sample((_rows_stored_first(l), _rows_stored_first(f), None), "no mask, logits and features stored [N, B, D]"),
+        Sample((l.transpose(1, 2).contiguous().transpose(1, 2), f, m), "channels-first logits"),
+    ]
+    l, f, m = (cv(t) for t in _channel_values(g, 2, 0, 3))
+    out.append(Sample((l, f, m), "N = 0"))
+    return out
+
+
+def _channel_backward_ref_bags(gp, gw, pooled, w, f, bags, om):
+    """gp, pooled [B, D]; gw, w, f [rows, D]; bags: (start, end) rows of each bag."""
+    gl, gf = torch.zeros_like(w), torch.zeros(f.shape, dtype=f.dtype)
+    for b, (lo, hi) in enumerate(bags):
+        wb, live = w[lo:hi], w[lo:hi] != 0
+        t = gp[b] * (torch.where(live, f[lo:hi], 0.0) - pooled[b])
+        if gw is not None:
+            gwb = torch.where(live, gw[lo:hi], 0.0)
+            t = t + gwb - (wb * gwb).sum(0)
+        gl[lo:hi] = torch.where(live, wb * t, 0.0)
+        gf[lo:hi] = torch.where(live, wb * gp[b], 0.0)
+    return (gl if om[0] else _empty()), (gf if om[1] else _empty())
+
+
+def _channel_backward_samples(device, dtype):
+    g, cv = _gen(12), _cv(device, dtype)
+    l, f, m = (cv(t) for t in _channel_values(g, 3, 7, 4))
+    pooled, w = ops.masked_channel_attention_pool(l, f, m)
+    gp, gw = cv(_randn(g, *pooled.shape)), cv(_randn(g, *w.shape))
+    return [
+        Sample((gp, gw, pooled, w, f, [True, True]), "grad_weights"),
+        Sample((gp, None, pooled, w, f, [True, True]), "no grad_weights"),
+        Sample((gp, None, pooled, w, _rows_stored_first(f), [True, False]), "features stored [N, B, D]"),
+        Sample((gp[:1].expand_as(gp), gw, pooled, w, f, [False, True]), "expanded grad_pooled"),
+    ]
+
+
+def _ref_channel_backward(gp, gw, pooled, w, f, om):
+    B, N, D = w.shape
+    bags = [(b * N, (b + 1) * N) for b in range(B)]
+    gl, gf = _channel_backward_ref_bags(
+        gp, None if gw is None else gw.reshape(B * N, D), pooled, w.reshape(B * N, D), f.reshape(B * N, D), bags, om
+    )
+    return (gl.reshape(w.shape) if om[0] else gl), (gf.reshape(f.shape) if om[1] else gf)
+
+
+def _channel_packed_values(g, cuts, D):
+    T = cuts[-1]
+    return _randn(g, T, D), _randn(g, T, D), torch.tensor(cuts, dtype=torch.int64)
+
+
+def _channel_packed_samples(device, dtype):
+    g, cv = _gen(13), _cv(device, dtype)
+    l, f, o = (cv(t) for t in _channel_packed_values(g, [0, 3, 3, 8], 5))
+    out = [Sample((l, f, o), "an empty bag")]
+    l, f, o = (cv(t) for t in _channel_packed_values(g, [0, 4, 9], 3))
+    out.append(Sample((l, f[:, :1].expand(9, 3), o), "expanded features", grad=("logits",)))
+    out.append(Sample((l.t().contiguous().t(), f, o), "channels-first logits"))
+    l, f, o = (cv(t) for t in _channel_packed_values(g, [0], 3))
+    out.append(Sample((l, f, o), "no bag at all (B = 0, T = 0)"))
+    return out
+
+
+def _channel_packed_backward_samples(device, dtype):
+    g, cv = _gen(14), _cv(device, dtype)
+    l, f, o = (cv(t) for t in _channel_packed_values(g, [0, 3, 3, 8], 5))
+    pooled, w = ops.masked_channel_attention_pool_packed(l, f, o)
+    gp, gw = cv(_randn(g, *pooled.shape)), cv(_randn(g, *w.shape))
+    out = [
+        Sample((gp, gw, pooled, w, f, o, om), f"output_mask={om}")
+        for om in ([True, True], [True, False], [False, True])
+    ]
+    out.append(Sample((gp, None, pooled, w, f, o, [True, True]), "no grad_weights"))
+    return out
+
+
+def _ref_channel_packed_backward(gp, gw, pooled, w, f, offsets, om):
+    o = offsets.tolist()
+    return _channel_backward_ref_bags(gp, gw, pooled, w, f, list(zip(o[:-1], o[1:])), om)
 
 
 # ------------------------------------------------------------------ masked_softmax
@@ -456,6 +556,39 @@ OPS: List[OpEntry] = [
         _packed_backward_samples,
         _ref_packed_backward,
         {"grad_pooled": FLOAT, "grad_weights": FLOAT, "weights": FLOAT, "features": FLOAT, "offsets": OFFSETS},
+    ),
+    OpEntry(
+        "masked_channel_attention_pool",
+        _channel_samples,
+        lambda l, f, m: reference_channel_pool(l, f, m),
+        {"logits": FLOAT, "features": FLOAT, "mask": MASK},
+        ("logits", "features"),
+    ),
+    OpEntry(
+        "_masked_channel_attention_pool_backward",
+        _channel_backward_samples,
+        _ref_channel_backward,
+        {"grad_pooled": FLOAT, "grad_weights": FLOAT, "pooled": FLOAT, "weights": FLOAT, "features": FLOAT},
+    ),
+    OpEntry(
+        "masked_channel_attention_pool_packed",
+        _channel_packed_samples,
+        lambda l, f, o: reference_channel_pool_packed(l, f, o),
+        {"logits": FLOAT, "features": FLOAT, "offsets": OFFSETS},
+        ("logits", "features"),
+    ),
+    OpEntry(
+        "_masked_channel_attention_pool_packed_backward",
+        _channel_packed_backward_samples,
+        _ref_channel_packed_backward,
+        {
+            "grad_pooled": FLOAT,
+            "grad_weights": FLOAT,
+            "pooled": FLOAT,
+            "weights": FLOAT,
+            "features": FLOAT,
+            "offsets": OFFSETS,
+        },
     ),
     OpEntry("masked_softmax", _softmax_samples, _ref_softmax, {"scores": FLOAT, "mask": MASK}, ("scores",)),
     OpEntry(

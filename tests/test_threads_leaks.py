@@ -71,6 +71,20 @@ def _case_packed():
     return lambda: _grads(maskattn.masked_attention_pool_packed(logits, feats, offsets), (logits, feats))
 
 
+def _case_channel_pool():
+    g, r = _inputs(13)
+    logits, feats = r(3, 17, 8, grad=True), r(3, 17, 8, grad=True)
+    mask = torch.rand(3, 17, generator=g) > 0.3
+    return lambda: _grads(maskattn.masked_channel_attention_pool(logits, feats, mask), (logits, feats))
+
+
+def _case_channel_packed():
+    _, r = _inputs(14)
+    logits, feats = r(20, 8, grad=True), r(20, 8, grad=True)
+    offsets = torch.tensor([0, 5, 5, 20])
+    return lambda: _grads(maskattn.masked_channel_attention_pool_packed(logits, feats, offsets), (logits, feats))
+
+
 def _case_softmax():
     g, r = _inputs(3)
     scores = r(2, 3, 9, 9, grad=True)
@@ -156,6 +170,8 @@ def _case_spatial():
 CASES = {
     "masked_attention_pool": _case_pool,
     "masked_attention_pool_packed": _case_packed,
+    "masked_channel_attention_pool": _case_channel_pool,
+    "masked_channel_attention_pool_packed": _case_channel_packed,
     "masked_softmax": _case_softmax,
     "patch_mask": _case_patch_mask,
     "patch_mask_to_image": _case_patch_mask_to_image,
