@@ -10,6 +10,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -377,6 +378,24 @@ def test_main_json_markdown_and_last_lines(tmp_path, monkeypatch, capsys):
     assert sum(line == "Legend:" for line in stdout) == 2
     md = out_md.read_text()
     assert "| fake | N=3 | fwd | **ours** |" in md and LAYER.replacement in md
+
+
+def test_cpu_clock_is_used_and_recorded(tmp_path, monkeypatch, capsys):
+    from maskattn.bench import __main__ as M
+
+    monkeypatch.setitem(sys.modules, "maskattn.bench.fake", _fake_suite())
+    monkeypatch.setattr(M, "SUITES", ["fake"])
+    used = []
+    real = time.process_time
+    monkeypatch.setattr(M.time, "process_time", lambda: used.append(1) or real())
+    out_json = tmp_path / "r.json"
+    argv = ["--suite", "fake", "--min-time", "0", "--max-time", "0.05", "--clock", "cpu", "--json", str(out_json)]
+    assert M.main(argv) == 0
+    assert used, "the rounds were not timed with the process clock"
+    assert "clock: process CPU time" in capsys.readouterr().out.splitlines()[0]
+    assert json.loads(out_json.read_text())["machine"]["clock"] == "cpu"
+    with pytest.raises(SystemExit, match="--clock cpu measures host CPU time"):
+        M.main(["--suite", "fake", "--clock", "cpu", "--device", "meta"])
 
 
 def test_plot_needs_matplotlib_message(monkeypatch):

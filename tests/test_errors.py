@@ -1538,10 +1538,18 @@ CASES = [
     Case(
         "nn.AttentionPooling.forward",
         "rank",
-        "features 2-D",
-        lambda: _pool_module()(r(3, 4)),
+        "features 1-D",
+        lambda: _pool_module()(r(4)),
         ValueError,
-        r"features must be \[B, N, 4\]",
+        r"features must be \[B, N, 4\] \(padded, with mask\), \[T, 4\] \(packed",
+    ),
+    Case(
+        "nn.AttentionPooling.forward",
+        "rank",
+        "padded features with offsets",
+        lambda: _pool_module()(r(2, 3, 4), offsets=torch.tensor([0, 3])),
+        ValueError,
+        r"packed features \(with offsets/batch\) must be \[T, 4\], got shape \(2, 3, 4\)",
     ),
     Case(
         "nn.AttentionPooling.forward",
@@ -1552,6 +1560,32 @@ CASES = [
         r"mask must be \[B, N\]",
     ),
     Case("nn.AttentionPooling", "size", "negative in_dim", lambda: mnn.AttentionPooling(-1), ValueError, r"in_dim"),
+    Case(
+        "nn.convert.from_pyg",
+        "shape",
+        "feature-level gate Linear(F, F)",
+        lambda: mnn.convert.from_pyg({"gate_nn.weight": r(4, 4), "gate_nn.bias": r(4)}),
+        ValueError,
+        r"gate_nn has 4 output columns: that is PyG's feature-level gating",
+    ),
+    Case(
+        "nn.convert.from_clam",
+        "shape",
+        "unknown keys",
+        lambda: mnn.convert.from_clam({"fc.weight": r(4, 4)}),
+        ValueError,
+        r"not a CLAM attention net",
+    ),
+    Case(
+        "nn.convert.from_torchmil",
+        "shape",
+        "fc2 with two outputs",
+        lambda: mnn.convert.from_torchmil(
+            {"fc1.module.weight": r(3, 4), "fc1.module.bias": r(3), "fc2.weight": r(2, 3)}
+        ),
+        ValueError,
+        r"fc2 must have one output",
+    ),
     Case(
         "nn.MaskedSelfAttention.forward",
         "shape",

@@ -25,6 +25,7 @@ from . import _harness as H
 SUITES = [
     "masked_attention_pool",
     "masked_channel_attention_pool",
+    "attention_pooling",
     "masked_softmax",
     "scaled_cross_attention",
     "foreground_mask",
@@ -67,7 +68,9 @@ def _busy(m: dict) -> bool:
 def _info_line(m: dict) -> str:
     return (
         f"maskattn {m['maskattn']} | torch {m['torch']} | {m['processor']}, {m['cpu_count']} cpus | "
-        f"threads {m['torch_threads']} | device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else "")
+        f"threads {m['torch_threads']} | device {m['device']}"
+        + (f" ({m['gpu']})" if "gpu" in m else "")
+        + (" | clock: process CPU time" if m.get("clock") == "cpu" else "")
     )
 
 
@@ -101,6 +104,14 @@ def parser(mods) -> argparse.ArgumentParser:
         help="seconds of timing per case before it stops even if the medians have not settled (default 2; --quick 0.3)",
     )
     p.add_argument("--tol", type=float, default=0.03, help="settled: each median's 95%% CI within +-TOL (0.03)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time (default); cpu: the process's CPU time, which leaves out the time spent "
+        "waiting for a core on a busy host (with one thread it is the work done; with more it adds the "
+        "threads' times)",
+    )
     p.add_argument("--json", metavar="FILE", help="write every row, the summary, machine and command line as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the tables and the summary as Markdown")
     p.add_argument(
@@ -122,6 +133,8 @@ def main(argv=None):
     mods = {name: importlib.import_module(f"maskattn.bench.{name}") for name in SUITES}
     args = parser(mods).parse_args(argv)
     args.device = torch.device(args.device)
+    if args.clock == "cpu" and args.device.type != "cpu":
+        raise SystemExit("--clock cpu measures host CPU time: it needs --device cpu")
     # Compiling the baselines takes minutes on a small machine: --quick leaves it out unless asked.
     args.no_compile = not (args.compile if args.compile is not None else not args.quick)
     if args.plot:
@@ -134,9 +147,11 @@ def main(argv=None):
         max_time=args.max_time if args.max_time is not None else (0.3 if args.quick else 2.0),
         min_rounds=5 if args.quick else 7,
         tol=args.tol,
+        clock=time.process_time if args.clock == "cpu" else time.perf_counter,
         progress=None if args.quiet else sys.stderr,
     )
     machine = _machine(args.device)
+    machine["clock"] = args.clock
     started = datetime.datetime.now(datetime.timezone.utc)
     print(_info_line(machine))
     print(H.format_legend(), flush=True)
