@@ -1,37 +1,37 @@
 // Schema of foreground_mask and the argument checks every backend runs first.
 #include "foreground_mask.h"
 
-#include <torch/library.h>
-
 #include <cmath>
 #include <limits>
 
-#include "common/checks.h"
-
 namespace maskattn {
 
-at::Tensor check_foreground_inputs(const at::Tensor& images, const ForegroundParams& p) {
-  TORCH_CHECK(images.dim() == 3 || images.dim() == 4,
-              "foreground_mask: images must be [B, C, H, W] or [B, H, W], got shape ", shape_str(images));
-  const auto st = images.scalar_type();
-  TORCH_CHECK(
-      st == at::kByte || st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-      "foreground_mask: images must be uint8, float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(std::isfinite(p.threshold), "foreground_mask: threshold must be finite, got ", p.threshold);
+st::View check_foreground_inputs(const st::Tensor& images, const ForegroundParams& p) {
+  MASKATTN_CHECK(images.dim() == 3 || images.dim() == 4,
+                 "foreground_mask: images must be [B, C, H, W] or [B, H, W], got shape ",
+                 st::shape_str(images));
+  using ST = st::ScalarType;
+  const ST s = images.scalar_type();
+  MASKATTN_CHECK(s == ST::Byte || s == ST::Float || s == ST::Double || s == ST::Half || s == ST::BFloat16,
+                 "foreground_mask: images must be uint8, float32, float64, float16 or bfloat16, got ",
+                 torch::headeronly::toString(s));
+  MASKATTN_CHECK(std::isfinite(p.threshold), "foreground_mask: threshold must be finite, got ", p.threshold);
   // Radii beyond 64 are a 129x129 structuring element: certainly a units mistake, and it bounds work.
-  TORCH_CHECK(p.open_radius >= 0 && p.open_radius <= 64,
-              "foreground_mask: open_radius must be in [0, 64], got ", p.open_radius);
-  TORCH_CHECK(p.close_radius >= 0 && p.close_radius <= 64,
-              "foreground_mask: close_radius must be in [0, 64], got ", p.close_radius);
-  TORCH_CHECK(std::isfinite(p.sigma) && p.sigma >= 0 && p.sigma <= 20,
-              "foreground_mask: sigma must be in [0, 20], got ", p.sigma);
-  at::Tensor im = images.dim() == 3 ? images.unsqueeze(1) : images;
-  TORCH_CHECK(im.size(1) >= 1, "foreground_mask: images need at least one channel, got shape ",
-              shape_str(images));
+  MASKATTN_CHECK(p.open_radius >= 0 && p.open_radius <= 64,
+                 "foreground_mask: open_radius must be in [0, 64], got ", p.open_radius);
+  MASKATTN_CHECK(p.close_radius >= 0 && p.close_radius <= 64,
+                 "foreground_mask: close_radius must be in [0, 64], got ", p.close_radius);
+  MASKATTN_CHECK(std::isfinite(p.sigma) && p.sigma >= 0 && p.sigma <= 20,
+                 "foreground_mask: sigma must be in [0, 20], got ", p.sigma);
+  st::View im = st::View::of(images);
+  if (im.ndim == 3) im = im.insert(1);
+  MASKATTN_CHECK(im.size[1] >= 1, "foreground_mask: images need at least one channel, got shape ",
+                 st::shape_str(images));
   // Row lengths and pixel counts are int inside the kernels (run coordinates, union-find indices).
-  TORCH_CHECK(im.size(2) < (int64_t(1) << 30) && im.size(3) < (int64_t(1) << 30) &&
-                  im.size(2) * im.size(3) < (int64_t(1) << 31),
-              "foreground_mask: images of shape ", shape_str(images), " are too large (H*W must be < 2^31)");
+  MASKATTN_CHECK(im.size[2] < (int64_t(1) << 30) && im.size[3] < (int64_t(1) << 30) &&
+                     im.size[2] * im.size[3] < (int64_t(1) << 31),
+                 "foreground_mask: images of shape ", st::shape_str(images),
+                 " are too large (H*W must be < 2^31)");
   return im;
 }
 
@@ -74,7 +74,7 @@ double foreground_cut(double threshold, double full_scale) {
 
 }  // namespace maskattn
 
-TORCH_LIBRARY_FRAGMENT(maskattn, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(maskattn, m) {
   // Not differentiable: the output is a (smoothed) segmentation of the input.
   m.def(
       "foreground_mask(Tensor images, float threshold=0.1, int open_radius=1, int close_radius=2, "

@@ -1,7 +1,7 @@
 #pragma once
 // Shape contract of foreground_mask (content-based face masks), shared by all backends, and the
 // CPU connected-component stage, which the CUDA backend reuses on a host copy.
-#include <ATen/ATen.h>
+#include "common/stable.h"
 
 #include <cstdint>
 #include <vector>
@@ -17,7 +17,7 @@ struct ForegroundParams {
 };
 
 // images viewed as [B, C, H, W] (a [B, H, W] input gets C = 1); nothing is copied.
-at::Tensor check_foreground_inputs(const at::Tensor& images, const ForegroundParams& p);
+st::View check_foreground_inputs(const st::Tensor& images, const ForegroundParams& p);
 
 // Taps each side of the smoothing kernel: ceil(3 sigma), the +-3 sigma support.
 int64_t gaussian_radius(double sigma);

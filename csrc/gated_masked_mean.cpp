@@ -2,82 +2,86 @@
 //
 //   gate[b,p]     = valid[b,p] * sigmoid(gate_logits[b,p])
 //   pooled[b,c]   = sum_p gate[b,p] * features[b,c,p] / #valid(b)      (0 when nothing is valid)
-// i.e. the spatial-attention gate of seed 004 followed by global average pooling over the valid
-// positions, without materialising gate * features.
+// i.e. the thermal-face classifier's spatial-attention gate followed by global average pooling over
+// the valid positions, without materialising gate * features.
 #include "gated_masked_mean.h"
-
-#include <torch/library.h>
-
-#include "common/checks.h"
 
 namespace maskattn {
 
-GatedInputs check_gated_inputs(const at::Tensor& features, const at::Tensor& gate_logits,
-                               const std::optional<at::Tensor>& mask, const char* op) {
-  TORCH_CHECK(features.dim() == 4, op, ": features must be [B, C, H, W], got shape ", shape_str(features));
-  check_floating(features, "gated_masked_mean: features");
-  check_floating(gate_logits, "gated_masked_mean: gate_logits");
-  TORCH_CHECK(gate_logits.scalar_type() == features.scalar_type(), op, ": gate_logits (",
-              gate_logits.scalar_type(), ") and features (", features.scalar_type(),
-              ") must have the same dtype");
-  check_same_device(gate_logits, "gated_masked_mean: gate_logits", features, "features");
+GatedInputs check_gated_inputs(const st::Tensor& features, const st::Tensor& gate_logits,
+                               const std::optional<st::Tensor>& mask, const char* op) {
+  MASKATTN_CHECK(features.dim() == 4, op, ": features must be [B, C, H, W], got shape ",
+                 st::shape_str(features));
+  st::check_floating(features, op, "features");
+  st::check_floating(gate_logits, op, "gate_logits");
+  MASKATTN_CHECK(gate_logits.scalar_type() == features.scalar_type(), op, ": gate_logits (",
+                 st::dtype_str(gate_logits), ") and features (", st::dtype_str(features),
+                 ") must have the same dtype");
+  st::check_same_device(gate_logits, op, "gate_logits", features, "features");
   const int64_t B = features.size(0), H = features.size(2), W = features.size(3);
-  const bool l4 = gate_logits.dim() == 4 && gate_logits.size(1) == 1;
-  TORCH_CHECK((l4 || gate_logits.dim() == 3) && gate_logits.size(0) == B && gate_logits.size(-2) == H &&
-                  gate_logits.size(-1) == W,
-              op, ": gate_logits must be [B, 1, H, W] or [B, H, W] = [", B, ", ", H, ", ", W,
-              "] to match features ", shape_str(features), ", got shape ", shape_str(gate_logits));
+  const int64_t ld = gate_logits.dim();
+  const bool l4 = ld == 4 && gate_logits.size(1) == 1;
+  MASKATTN_CHECK((l4 || ld == 3) && gate_logits.size(0) == B && gate_logits.size(ld - 2) == H &&
+                     gate_logits.size(ld - 1) == W,
+                 op, ": gate_logits must be [B, 1, H, W] or [B, H, W] = [", B, ", ", H, ", ", W,
+                 "] to match features ", st::shape_str(features), ", got shape ", st::shape_str(gate_logits));
   GatedInputs in;
-  in.features = features;
-  in.logits = l4 ? gate_logits.squeeze(1) : gate_logits;
+  in.logits = gate_logits;
+  in.lv = l4 ? st::View::of(gate_logits).drop(1) : st::View::of(gate_logits);
   if (mask.has_value() && mask->defined()) {
-    const auto& m = *mask;
-    TORCH_CHECK(m.dim() == 3 && m.size(0) == B && m.size(1) == H && m.size(2) == W, op,
-                ": mask must be [B, H, W] = [", B, ", ", H, ", ", W, "] to match features ",
-                shape_str(features), ", got shape ", shape_str(m));
-    check_same_device(m, "gated_masked_mean: mask", features, "features");
-    in.mask = as_bool_mask(m);
+    const st::Tensor& m = *mask;
+    MASKATTN_CHECK(m.dim() == 3 && m.size(0) == B && m.size(1) == H && m.size(2) == W, op,
+                   ": mask must be [B, H, W] = [", B, ", ", H, ", ", W, "] to match features ",
+                   st::shape_str(features), ", got shape ", st::shape_str(m));
+    st::check_same_device(m, op, "mask", features, "features");
+    st::check_mask_dtype(m, op, "mask");
+    in.mask = st::as_bool_mask(m);
   }
   return in;
 }
 
-GatedGrads check_gated_grads(const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_gate,
-                             const at::Tensor& features, const at::Tensor& gate,
-                             const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(features.dim() == 4, "_gated_masked_mean_backward: features must be [B, C, H, W], got shape ",
-              shape_str(features));
+GatedGrads check_gated_grads(const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_gate,
+                             const st::Tensor& features, const st::Tensor& gate,
+                             const std::optional<st::Tensor>& mask) {
+  const char* op = "_gated_masked_mean_backward";
+  MASKATTN_CHECK(features.dim() == 4, op, ": features must be [B, C, H, W], got shape ",
+                 st::shape_str(features));
+  st::check_floating(features, op, "features");
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  TORCH_CHECK(grad_pooled.dim() == 2 && grad_pooled.size(0) == B && grad_pooled.size(1) == C,
-              "_gated_masked_mean_backward: grad_pooled must be [B, C] = [", B, ", ", C, "], got shape ",
-              shape_str(grad_pooled));
-  const bool g4 = gate.dim() == 4 && gate.size(1) == 1;
-  TORCH_CHECK((g4 || gate.dim() == 3) && gate.size(0) == B && gate.size(-2) == H && gate.size(-1) == W,
-              "_gated_masked_mean_backward: gate must be [B, 1, H, W] or [B, H, W] matching features ",
-              shape_str(features), ", got shape ", shape_str(gate));
-  check_same_device(grad_pooled, "_gated_masked_mean_backward: grad_pooled", features, "features");
-  check_same_device(gate, "_gated_masked_mean_backward: gate", features, "features");
+  MASKATTN_CHECK(grad_pooled.dim() == 2 && grad_pooled.size(0) == B && grad_pooled.size(1) == C, op,
+                 ": grad_pooled must be [B, C] = [", B, ", ", C, "], got shape ", st::shape_str(grad_pooled));
+  const int64_t gd = gate.dim();
+  const bool g4 = gd == 4 && gate.size(1) == 1;
+  MASKATTN_CHECK((g4 || gd == 3) && gate.size(0) == B && gate.size(gd - 2) == H && gate.size(gd - 1) == W, op,
+                 ": gate must be [B, 1, H, W] or [B, H, W] matching features ", st::shape_str(features),
+                 ", got shape ", st::shape_str(gate));
+  // pooled has the features' dtype; gate has the gate logits' dtype, which is the features' too
+  st::check_same_dtype(grad_pooled, op, "grad_pooled", features, "features");
+  st::check_same_dtype(gate, op, "gate", features, "features");
+  st::check_same_device(grad_pooled, op, "grad_pooled", features, "features");
+  st::check_same_device(gate, op, "gate", features, "features");
   GatedGrads g;
-  g.grad_pooled = grad_pooled;
-  g.gate = g4 ? gate.squeeze(1) : gate;
   if (grad_gate.has_value() && grad_gate->defined()) {
-    TORCH_CHECK(grad_gate->sizes() == gate.sizes(), "_gated_masked_mean_backward: grad_gate ",
-                shape_str(*grad_gate), " must match gate ", shape_str(gate));
-    check_same_device(*grad_gate, "_gated_masked_mean_backward: grad_gate", features, "features");
-    g.grad_gate = g4 ? grad_gate->squeeze(1) : *grad_gate;
+    MASKATTN_CHECK(grad_gate->sizes() == gate.sizes(), op, ": grad_gate ", st::shape_str(*grad_gate),
+                   " must match gate ", st::shape_str(gate));
+    st::check_same_dtype(*grad_gate, op, "grad_gate", gate, "gate");
+    st::check_same_device(*grad_gate, op, "grad_gate", features, "features");
+    g.grad_gate = *grad_gate;
   }
   if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->dim() == 3 && mask->size(0) == B && mask->size(1) == H && mask->size(2) == W,
-                "_gated_masked_mean_backward: mask must be [B, H, W] matching features ", shape_str(features),
-                ", got shape ", shape_str(*mask));
-    check_same_device(*mask, "_gated_masked_mean_backward: mask", features, "features");
-    g.mask = as_bool_mask(*mask);
+    MASKATTN_CHECK(mask->dim() == 3 && mask->size(0) == B && mask->size(1) == H && mask->size(2) == W, op,
+                   ": mask must be [B, H, W] matching features ", st::shape_str(features), ", got shape ",
+                   st::shape_str(*mask));
+    st::check_same_device(*mask, op, "mask", features, "features");
+    st::check_mask_dtype(*mask, op, "mask");
+    g.mask = st::as_bool_mask(*mask);
   }
   return g;
 }
 
 }  // namespace maskattn
 
-TORCH_LIBRARY_FRAGMENT(maskattn, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(maskattn, m) {
   m.def(
       "gated_masked_mean(Tensor features, Tensor gate_logits, Tensor? mask=None) -> (Tensor pooled, Tensor "
       "gate)");

@@ -1,117 +1,148 @@
 // Schemas of the attention-pooling ops and the argument checks every backend runs first.
 #include "masked_attention_pool.h"
 
-#include <torch/library.h>
-
-#include "common/checks.h"
+#include <algorithm>
+#include <vector>
 
 namespace maskattn {
+namespace {
 
-PoolInputs check_pool_inputs(const at::Tensor& logits, const at::Tensor& features,
-                             const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(features.dim() == 3, "masked_attention_pool: features must be [B, N, D], got shape ",
-              shape_str(features));
-  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3,
-              "masked_attention_pool: logits must be [B, N] or [B, N, K], got shape ", shape_str(logits));
-  check_floating(features, "masked_attention_pool: features");
-  check_floating(logits, "masked_attention_pool: logits");
-  TORCH_CHECK(logits.scalar_type() == features.scalar_type(), "masked_attention_pool: logits (",
-              logits.scalar_type(), ") and features (", features.scalar_type(), ") must have the same dtype");
-  check_same_device(logits, "masked_attention_pool: logits", features, "features");
-  TORCH_CHECK(logits.size(0) == features.size(0) && logits.size(1) == features.size(1),
-              "masked_attention_pool: logits ", shape_str(logits), " and features ", shape_str(features),
-              " must agree in B and N");
+// Packed-bag offsets: int64 [B+1] with 0 = offsets[0] <= ... <= offsets[B] = rows, on the device of
+// `like`. Returned contiguous. The values are checked where that needs no device sync (CPU); CUDA
+// kernels clamp every offset into [0, rows] instead, so that bad values cannot send a read or write
+// out of bounds (they give unspecified bags, not a fault).
+st::Tensor check_offsets(const st::Tensor& offsets, int64_t rows, const st::Tensor& like, const char* op,
+                         const char* like_name) {
+  MASKATTN_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1, op,
+                 ": offsets must be 1-D [B+1] with B >= 0, got shape ", st::shape_str(offsets));
+  MASKATTN_CHECK(offsets.scalar_type() == st::ScalarType::Long, op, ": offsets must be int64, got ",
+                 st::dtype_str(offsets));
+  st::check_same_device(offsets, op, "offsets", like, like_name);
+  if (offsets.is_cpu()) {
+    // Read through the stride, the ends first: a zero-stride view of 2^40 offsets is refused
+    // (or found constant) in O(1), not copied or walked.
+    const int64_t* d = offsets.const_data_ptr<int64_t>();
+    const int64_t s = offsets.stride(0);
+    auto p = [&](int64_t i) { return d[i * s]; };
+    const int64_t nb = offsets.size(0) - 1;
+    MASKATTN_CHECK(p(0) == 0, op, ": offsets[0] must be 0, got ", p(0));
+    MASKATTN_CHECK(p(nb) == rows, op, ": offsets[-1] = ", p(nb), " must equal T = ", like_name,
+                   ".size(0) = ", rows);
+    for (int64_t b = 0; b < nb && s != 0; ++b) {
+      MASKATTN_CHECK(p(b + 1) >= p(b), op, ": offsets must be non-decreasing, but offsets[", b + 1,
+                     "] = ", p(b + 1), " < offsets[", b, "] = ", p(b));
+    }
+  }
+  return offsets.is_contiguous() ? offsets : torch::stable::contiguous(offsets);
+}
+
+}  // namespace
+
+PoolInputs check_pool_inputs(const st::Tensor& logits, const st::Tensor& features,
+                             const std::optional<st::Tensor>& mask) {
+  MASKATTN_CHECK(features.dim() == 3, "masked_attention_pool: features must be [B, N, D], got shape ",
+                 st::shape_str(features));
+  MASKATTN_CHECK(logits.dim() == 2 || logits.dim() == 3,
+                 "masked_attention_pool: logits must be [B, N] or [B, N, K], got shape ",
+                 st::shape_str(logits));
+  st::check_floating(features, "masked_attention_pool: features");
+  st::check_floating(logits, "masked_attention_pool: logits");
+  MASKATTN_CHECK(logits.scalar_type() == features.scalar_type(), "masked_attention_pool: logits (",
+                 st::dtype_str(logits), ") and features (", st::dtype_str(features),
+                 ") must have the same dtype");
+  st::check_same_device(logits, "masked_attention_pool: logits", features, "features");
+  MASKATTN_CHECK(logits.size(0) == features.size(0) && logits.size(1) == features.size(1),
+                 "masked_attention_pool: logits ", st::shape_str(logits), " and features ",
+                 st::shape_str(features), " must agree in B and N");
   PoolInputs in;
   in.squeeze_k = logits.dim() == 2;
-  in.logits = in.squeeze_k ? logits.unsqueeze(-1) : logits;
+  in.logits = in.squeeze_k ? unsqueezed(logits, logits.dim()) : logits;
   in.features = features;
   if (mask.has_value() && mask->defined()) {
     const auto& m = *mask;
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == features.size(0) && m.size(1) == features.size(1),
-                "masked_attention_pool: mask must be [B, N] = [", features.size(0), ", ", features.size(1),
-                "] to match features ", shape_str(features), ", got shape ", shape_str(m));
-    check_same_device(m, "masked_attention_pool: mask", features, "features");
+    MASKATTN_CHECK(m.dim() == 2 && m.size(0) == features.size(0) && m.size(1) == features.size(1),
+                   "masked_attention_pool: mask must be [B, N] = [", features.size(0), ", ", features.size(1),
+                   "] to match features ", st::shape_str(features), ", got shape ", st::shape_str(m));
+    st::check_same_device(m, "masked_attention_pool: mask", features, "features");
     // checked here too so that the message names the op (as_bool_mask's own check cannot)
-    TORCH_CHECK(!m.is_complex(),
-                "masked_attention_pool: mask must be a bool, integer or floating tensor, got ",
-                m.scalar_type());
-    in.mask = as_bool_mask(m);
+    MASKATTN_CHECK(!st::is_complex(m.scalar_type()),
+                   "masked_attention_pool: mask must be a bool, integer or floating tensor, got ",
+                   st::dtype_str(m));
+    in.mask = st::as_bool_mask(m);
   }
   return in;
 }
 
-PackedInputs check_packed_inputs(const at::Tensor& logits, const at::Tensor& features,
-                                 const at::Tensor& offsets) {
-  TORCH_CHECK(features.dim() == 2, "masked_attention_pool_packed: features must be [T, D], got shape ",
-              shape_str(features));
-  TORCH_CHECK(logits.dim() == 1 || logits.dim() == 2,
-              "masked_attention_pool_packed: logits must be [T] or [T, K], got shape ", shape_str(logits));
-  check_floating(features, "masked_attention_pool_packed: features");
-  check_floating(logits, "masked_attention_pool_packed: logits");
-  TORCH_CHECK(logits.scalar_type() == features.scalar_type(), "masked_attention_pool_packed: logits (",
-              logits.scalar_type(), ") and features (", features.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(logits.size(0) == features.size(0), "masked_attention_pool_packed: logits ", shape_str(logits),
-              " and features ", shape_str(features), " must agree in T");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1,
-              "masked_attention_pool_packed: offsets must be 1-D [B+1] with B >= 0, got shape ",
-              shape_str(offsets));
-  TORCH_CHECK(offsets.scalar_type() == at::kLong, "masked_attention_pool_packed: offsets must be int64, got ",
-              offsets.scalar_type());
-  check_same_device(logits, "masked_attention_pool_packed: logits", features, "features");
-  check_same_device(offsets, "masked_attention_pool_packed: offsets", features, "features");
+PackedInputs check_packed_inputs(const st::Tensor& logits, const st::Tensor& features,
+                                 const st::Tensor& offsets) {
+  MASKATTN_CHECK(features.dim() == 2, "masked_attention_pool_packed: features must be [T, D], got shape ",
+                 st::shape_str(features));
+  MASKATTN_CHECK(logits.dim() == 1 || logits.dim() == 2,
+                 "masked_attention_pool_packed: logits must be [T] or [T, K], got shape ",
+                 st::shape_str(logits));
+  st::check_floating(features, "masked_attention_pool_packed: features");
+  st::check_floating(logits, "masked_attention_pool_packed: logits");
+  MASKATTN_CHECK(logits.scalar_type() == features.scalar_type(), "masked_attention_pool_packed: logits (",
+                 st::dtype_str(logits), ") and features (", st::dtype_str(features),
+                 ") must have the same dtype");
+  MASKATTN_CHECK(logits.size(0) == features.size(0), "masked_attention_pool_packed: logits ",
+                 st::shape_str(logits), " and features ", st::shape_str(features), " must agree in T");
+  st::check_same_device(logits, "masked_attention_pool_packed: logits", features, "features");
   PackedInputs in;
   in.squeeze_k = logits.dim() == 1;
-  in.logits = in.squeeze_k ? logits.unsqueeze(-1) : logits;
+  in.logits = in.squeeze_k ? unsqueezed(logits, logits.dim()) : logits;
   in.features = features;
-  in.offsets = offsets.contiguous();
-  if (offsets.is_cpu()) {
-    const int64_t* o = in.offsets.const_data_ptr<int64_t>();
-    const int64_t nb = offsets.size(0) - 1, T = features.size(0);
-    TORCH_CHECK(o[0] == 0, "masked_attention_pool_packed: offsets[0] must be 0, got ", o[0]);
-    for (int64_t b = 0; b < nb; ++b) {
-      TORCH_CHECK(o[b + 1] >= o[b],
-                  "masked_attention_pool_packed: offsets must be non-decreasing, but offsets[", b + 1,
-                  "] = ", o[b + 1], " < offsets[", b, "] = ", o[b]);
-    }
-    TORCH_CHECK(o[nb] == T, "masked_attention_pool_packed: offsets[-1] = ", o[nb],
-                " must equal T = features.size(0) = ", T);
-  }
+  in.offsets = check_offsets(offsets, features.size(0), features, "masked_attention_pool_packed", "features");
   return in;
 }
 
-PoolGrads check_pool_grads(const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights,
-                           const at::Tensor& weights, const at::Tensor& features, int64_t num_bags,
-                           bool packed) {
+PoolGrads check_pool_grads(const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights,
+                           const st::Tensor& weights, const st::Tensor& features,
+                           const std::optional<st::Tensor>& offsets) {
+  const bool packed = offsets.has_value();
+  const char* op = packed ? "_masked_attention_pool_packed_backward" : "_masked_attention_pool_backward";
   const int64_t fdim = packed ? 2 : 3;
-  TORCH_CHECK(features.dim() == fdim, "_masked_attention_pool_backward: features has shape ",
-              shape_str(features));
-  TORCH_CHECK(weights.dim() == fdim - 1 || weights.dim() == fdim,
-              "_masked_attention_pool_backward: weights has shape ", shape_str(weights));
+  MASKATTN_CHECK(features.dim() == fdim, op, ": features must be ", packed ? "[T, D]" : "[B, N, D]",
+                 ", got shape ", st::shape_str(features));
+  MASKATTN_CHECK(weights.dim() == fdim - 1 || weights.dim() == fdim, op, ": weights must be ",
+                 packed ? "[T] or [T, K]" : "[B, N] or [B, N, K]", ", got shape ", st::shape_str(weights));
+  st::check_floating(features, op, "features");
+  // weights are the forward's output in the logits' dtype, which is the features' dtype
+  st::check_same_dtype(weights, op, "weights", features, "features");
+  st::check_same_dtype(grad_pooled, op, "grad_pooled", features, "features");
+  st::check_same_device(weights, op, "weights", features, "features");
+  st::check_same_device(grad_pooled, op, "grad_pooled", features, "features");
+  for (int64_t i = 0; i < fdim - 1; ++i) {
+    MASKATTN_CHECK(weights.size(i) == features.size(i), op, ": weights ", st::shape_str(weights),
+                   " does not match features ", st::shape_str(features), " in ", packed ? "T" : "B and N");
+  }
   PoolGrads g;
   g.squeeze_k = weights.dim() == fdim - 1;
-  g.weights = g.squeeze_k ? weights.unsqueeze(-1) : weights;
+  g.weights = g.squeeze_k ? unsqueezed(weights, weights.dim()) : weights;
+  if (packed) g.offsets = check_offsets(*offsets, features.size(0), features, op, "features");
   const int64_t K = g.weights.size(-1), D = features.size(-1);
-  const int64_t B = num_bags;
-  g.grad_pooled = g.squeeze_k ? grad_pooled.unsqueeze(1) : grad_pooled;
-  TORCH_CHECK(g.grad_pooled.dim() == 3 && g.grad_pooled.size(0) == B && g.grad_pooled.size(1) == K &&
-                  g.grad_pooled.size(2) == D,
-              "_masked_attention_pool_backward: grad_pooled has shape ", shape_str(grad_pooled),
-              ", expected [", B, ", ", K, ", ", D, "] (K squeezed when logits had no K dim)");
-  for (int64_t i = 0; i < fdim - 1; ++i) {
-    TORCH_CHECK(g.weights.size(i) == features.size(i), "_masked_attention_pool_backward: weights ",
-                shape_str(weights), " does not match features ", shape_str(features));
-  }
+  const int64_t B = packed ? g.offsets.size(0) - 1 : features.size(0);
+  const std::vector<int64_t> want = g.squeeze_k ? std::vector<int64_t>{B, D} : std::vector<int64_t>{B, K, D};
+  const auto gps = grad_pooled.sizes();
+  MASKATTN_CHECK(gps.size() == want.size() && std::equal(want.begin(), want.end(), gps.begin()), op,
+                 ": grad_pooled has shape ", st::shape_str(grad_pooled), ", expected ",
+                 st::sizes_str(want, static_cast<int64_t>(want.size())),
+                 " (the pooled output's: [B, D] for weights without a K dim, else [B, K, D])");
+  g.grad_pooled = g.squeeze_k ? unsqueezed(grad_pooled, 1) : grad_pooled;
   if (grad_weights.has_value() && grad_weights->defined()) {
-    TORCH_CHECK(grad_weights->sizes() == weights.sizes(), "_masked_attention_pool_backward: grad_weights ",
-                shape_str(*grad_weights), " must match weights ", shape_str(weights));
-    g.grad_weights = g.squeeze_k ? grad_weights->unsqueeze(-1) : *grad_weights;
+    const st::Tensor& gw = *grad_weights;
+    MASKATTN_CHECK(st::same_sizes(gw, weights), op, ": grad_weights ", st::shape_str(gw),
+                   " must match weights ", st::shape_str(weights));
+    st::check_same_dtype(gw, op, "grad_weights", weights, "weights");
+    st::check_same_device(gw, op, "grad_weights", features, "features");
+    g.grad_weights = g.squeeze_k ? unsqueezed(gw, gw.dim()) : gw;
   }
   return g;
 }
 
 }  // namespace maskattn
 
-TORCH_LIBRARY_FRAGMENT(maskattn, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(maskattn, m) {
   m.def("masked_attention_pool(Tensor logits, Tensor features, Tensor? mask=None) -> (Tensor, Tensor)");
   m.def(
       "_masked_attention_pool_backward(Tensor grad_pooled, Tensor? grad_weights, Tensor weights, "

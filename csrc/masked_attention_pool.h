@@ -1,46 +1,69 @@
 #pragma once
 // Shape contract of masked_attention_pool / masked_attention_pool_packed, shared by all backends.
-#include <ATen/ATen.h>
-
 #include <optional>
+#include <vector>
+
+#include "common/stable.h"
 
 namespace maskattn {
 
 // Checked, normalised view of the padded op's arguments: logits as [B,N,K] and mask as a bool
 // [B,N] view (or undefined). Nothing is copied.
 struct PoolInputs {
-  at::Tensor logits;    // [B,N,K]
-  at::Tensor features;  // [B,N,D]
-  at::Tensor mask;      // bool [B,N] or undefined
+  st::Tensor logits;    // [B,N,K]
+  st::Tensor features;  // [B,N,D]
+  st::Tensor mask;      // bool [B,N] or undefined
   bool squeeze_k;       // logits came in as [B,N]
 };
 
-PoolInputs check_pool_inputs(const at::Tensor& logits, const at::Tensor& features,
-                             const std::optional<at::Tensor>& mask);
+PoolInputs check_pool_inputs(const st::Tensor& logits, const st::Tensor& features,
+                             const std::optional<st::Tensor>& mask);
 
 // Same for the packed op: logits as [T,K]; offsets int64 [B+1]. Offset *values* are only checked
 // where that needs no device sync (CPU); CUDA kernels clamp them instead.
 struct PackedInputs {
-  at::Tensor logits;    // [T,K]
-  at::Tensor features;  // [T,D]
-  at::Tensor offsets;   // int64 [B+1], contiguous
+  st::Tensor logits;    // [T,K]
+  st::Tensor features;  // [T,D]
+  st::Tensor offsets;   // int64 [B+1], contiguous
   bool squeeze_k;
 };
 
-PackedInputs check_packed_inputs(const at::Tensor& logits, const at::Tensor& features,
-                                 const at::Tensor& offsets);
+PackedInputs check_packed_inputs(const st::Tensor& logits, const st::Tensor& features,
+                                 const st::Tensor& offsets);
 
 // The backward ops take the forward's (possibly K-squeezed) tensors; this views them as the
-// kernels' [.., K] layout and checks that they belong together.
+// kernels' [.., K] layout and checks that they belong together: ranks, sizes, dtypes (every
+// gradient in the dtype of what it is the gradient of), devices, and for the packed op (offsets
+// given) the offsets as check_packed_inputs does.
 struct PoolGrads {
-  at::Tensor grad_pooled;   // [B,K,D]
-  at::Tensor grad_weights;  // like weights, or undefined
-  at::Tensor weights;       // [B,N,K] or [T,K]
+  st::Tensor grad_pooled;   // [B,K,D]
+  st::Tensor grad_weights;  // like weights, or undefined
+  st::Tensor weights;       // [B,N,K] or [T,K]
+  st::Tensor offsets;       // packed: int64 [B+1], contiguous; else undefined
   bool squeeze_k;
 };
 
-PoolGrads check_pool_grads(const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights,
-                           const at::Tensor& weights, const at::Tensor& features, int64_t num_bags,
-                           bool packed);
+PoolGrads check_pool_grads(const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights,
+                           const st::Tensor& weights, const st::Tensor& features,
+                           const std::optional<st::Tensor>& offsets);
+
+// A bool[2] argument arrives as a list of any length; the unstable API's conversion to
+// std::array<bool, 2> refused any other length with this message, and the kernels index [0] and [1].
+inline void check_output_mask(const std::vector<bool>& output_mask) {
+  MASKATTN_CHECK(output_mask.size() == 2, "Tried to convert a List with ", output_mask.size(),
+                 " elements to a fixed-size array of size 2");
+}
+
+// Tensor.unsqueeze(d) as a tensor of its own handle: one C call (st::as_strided), not a boxed
+// dispatcher call.
+inline st::Tensor unsqueezed(const st::Tensor& t, int d) {
+  return st::as_strided(t, st::View::of(t).insert(d));
+}
+
+// t in the accumulation dtype `acc`, contiguous; t itself when it already is (no dispatcher call).
+inline st::Tensor acc_contiguous(const st::Tensor& t, st::ScalarType acc) {
+  const st::Tensor c = t.scalar_type() == acc ? t : torch::stable::to(t, acc);
+  return c.is_contiguous() ? c : torch::stable::contiguous(c);
+}
 
 }  // namespace maskattn

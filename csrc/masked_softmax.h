@@ -4,7 +4,7 @@
 // Every backend sees the op as a list of rows: `dim` is moved last (a view), the outer dims are
 // coalesced, and each tensor keeps its own strides - a broadcast mask keeps stride 0 on the dims it
 // is broadcast over, so a [B,1,1,N] key mask is never materialised at [B,H,N,N].
-#include <ATen/ATen.h>
+#include "common/stable.h"
 
 namespace maskattn {
 
@@ -32,19 +32,21 @@ __host__ __device__
   }
 }
 
-// Coalesced layout of tensors that all have the same shape [..., N] (softmax dim last).
-RowLayout make_row_layout(const at::Tensor* ts, int ntensors);
+// Coalesced layout of views that all have the same shape [..., N] (softmax dim last).
+RowLayout make_row_layout(const st::View* vs, int ntensors);
 
 struct SoftmaxArgs {
-  at::Tensor x;  // scores (or grad_output) with dim moved last; any strides
-  at::Tensor y;  // bool mask expanded to x's shape (forward) or output (backward), dim moved last
-  int64_t dim;   // wrapped
-  int64_t N;     // softmax length
-  int64_t rows;  // product of the other dims
+  st::Tensor xt;  // scores (or grad_output)
+  st::Tensor yt;  // the bool mask (forward) or output (backward)
+  st::View x;     // xt with dim moved last; any strides
+  st::View y;     // yt expanded to x's shape (forward), dim moved last
+  int64_t dim;    // wrapped
+  int64_t N;      // softmax length
+  int64_t rows;   // product of the other dims
 };
 
-SoftmaxArgs check_masked_softmax(const at::Tensor& scores, const at::Tensor& mask, int64_t dim, double scale);
-SoftmaxArgs check_masked_softmax_backward(const at::Tensor& grad_output, const at::Tensor& output,
+SoftmaxArgs check_masked_softmax(const st::Tensor& scores, const st::Tensor& mask, int64_t dim, double scale);
+SoftmaxArgs check_masked_softmax_backward(const st::Tensor& grad_output, const st::Tensor& output,
                                           int64_t dim, double scale);
 
 }  // namespace maskattn

@@ -1,30 +1,28 @@
 // Schema of patch_mask and the argument checks every backend runs first.
 #include "patch_mask.h"
 
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 
-#include "common/checks.h"
-
 namespace maskattn {
 
-PatchMaskInputs check_patch_mask_inputs(const at::Tensor& image_mask, int64_t patch_size, double threshold) {
-  TORCH_CHECK(image_mask.dim() == 3 || (image_mask.dim() == 4 && image_mask.size(1) == 1),
-              "patch_mask: image_mask must be [B, H, W] or [B, 1, H, W], got shape ", shape_str(image_mask));
-  TORCH_CHECK(!image_mask.is_complex(),
-              "patch_mask: image_mask must be a bool, integer or floating tensor, got ",
-              image_mask.scalar_type());
-  TORCH_CHECK(patch_size > 0, "patch_mask: patch_size must be positive, got ", patch_size);
-  TORCH_CHECK(std::isfinite(threshold) && threshold >= 0.0 && threshold <= 1.0,
-              "patch_mask: threshold must be in [0, 1], got ", threshold);
+PatchMaskInputs check_patch_mask_inputs(const st::Tensor& image_mask, int64_t patch_size, double threshold) {
+  const st::View v = st::View::of(image_mask);
+  MASKATTN_CHECK(v.ndim == 3 || (v.ndim == 4 && v.size[1] == 1),
+                 "patch_mask: image_mask must be [B, H, W] or [B, 1, H, W], got shape ",
+                 st::shape_str(image_mask));
+  MASKATTN_CHECK(!st::is_complex(image_mask.scalar_type()),
+                 "patch_mask: image_mask must be a bool, integer or floating tensor, got ",
+                 torch::headeronly::toString(image_mask.scalar_type()));
+  MASKATTN_CHECK(patch_size > 0, "patch_mask: patch_size must be positive, got ", patch_size);
+  MASKATTN_CHECK(std::isfinite(threshold) && threshold >= 0.0 && threshold <= 1.0,
+                 "patch_mask: threshold must be in [0, 1], got ", threshold);
   PatchMaskInputs in;
-  in.mask = image_mask.dim() == 4 ? image_mask.select(1, 0) : image_mask;
-  const int64_t H = in.mask.size(1), W = in.mask.size(2);
-  TORCH_CHECK(H % patch_size == 0 && W % patch_size == 0, "patch_mask: image height H = ", H,
-              " and width W = ", W, " must both be multiples of patch_size = ", patch_size,
-              " (image_mask shape ", shape_str(image_mask), "); pad or crop the image first");
+  in.mask = v.ndim == 4 ? v.drop(1) : v;
+  const int64_t H = in.mask.size[1], W = in.mask.size[2];
+  MASKATTN_CHECK(H % patch_size == 0 && W % patch_size == 0, "patch_mask: image height H = ", H,
+                 " and width W = ", W, " must both be multiples of patch_size = ", patch_size,
+                 " (image_mask shape ", st::shape_str(image_mask), "); pad or crop the image first");
   in.p = patch_size;
   in.nh = H / patch_size;
   in.nw = W / patch_size;
@@ -43,6 +41,6 @@ int64_t patch_min_count(int64_t patch_size, double threshold) {
 
 }  // namespace maskattn
 
-TORCH_LIBRARY_FRAGMENT(maskattn, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(maskattn, m) {
   m.def("patch_mask(Tensor image_mask, int patch_size, float threshold=0.5) -> Tensor");
 }

@@ -3,10 +3,12 @@
 // the reductions over query rows, which are GEMMs and sums over small [R, Lk] tensors.
 #include "scaled_cross_attention.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "common/checks.h"
 
@@ -14,24 +16,24 @@ namespace maskattn {
 
 XattnArgs check_xattn_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                              const at::Tensor& lsl, double max_scale,
-                             const std::optional<at::Tensor>& key_mask, const char* op) {
+                             const std::optional<at::Tensor>& key_mask, const char* op, bool copy_rows) {
   TORCH_CHECK(query.dim() == 2 || query.dim() == 3, op, ": query must be [B, Lq, D] or [B, D], got shape ",
               shape_str(query));
   TORCH_CHECK(key.dim() == 2 || key.dim() == 3, op,
               ": key must be [B, Lk, D] or [Lk, D] (shared), got shape ", shape_str(key));
   TORCH_CHECK(value.dim() == 2 || value.dim() == 3, op,
               ": value must be [B, Lk, Dv] or [Lk, Dv] (shared), got shape ", shape_str(value));
-  check_floating(query, (std::string(op) + ": query").c_str());
+  check_floating(query, op, "query");
   TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(), op,
               ": query (", query.scalar_type(), "), key (", key.scalar_type(), ") and value (",
               value.scalar_type(), ") must have the same dtype");
   TORCH_CHECK(lsl.dim() == 0, op, ": logit_scale_log must be a 0-dim tensor, got shape ", shape_str(lsl));
-  check_floating(lsl, (std::string(op) + ": logit_scale_log").c_str());
+  check_floating(lsl, op, "logit_scale_log");
   TORCH_CHECK(!std::isnan(max_scale) && max_scale > 0, op,
               ": max_scale must be positive (inf = no cap), got ", max_scale);
-  check_same_device(key, (std::string(op) + ": key").c_str(), query, "query");
-  check_same_device(value, (std::string(op) + ": value").c_str(), query, "query");
-  check_same_device(lsl, (std::string(op) + ": logit_scale_log").c_str(), query, "query");
+  check_same_device(key, op, "key", query, "query");
+  check_same_device(value, op, "value", query, "query");
+  check_same_device(lsl, op, "logit_scale_log", query, "query");
 
   XattnArgs a;
   a.q2d = query.dim() == 2;
@@ -53,10 +55,9 @@ XattnArgs check_xattn_inputs(const at::Tensor& query, const at::Tensor& key, con
               " rows, one per key of key ", shape_str(key));
   TORCH_CHECK(v.size(0) == a.B || a.v2d, op, ": value ", shape_str(value), " must have batch size B = ", a.B,
               " of query ", shape_str(query), " (or be [Lk, Dv], shared by the batch)");
-  // Rows are read with unit stride along the features; anything else is copied once.
-  a.q = (q.stride(2) == 1 || a.D <= 1) ? q : q.contiguous();
-  a.k = k.contiguous();
-  a.v = v.contiguous();
+  a.q = q;
+  a.k = k;
+  a.v = v;
   a.lsl = lsl;
   if (key_mask.has_value() && key_mask->defined()) {
     const auto& m = *key_mask;
@@ -65,11 +66,20 @@ XattnArgs check_xattn_inputs(const at::Tensor& query, const at::Tensor& key, con
     TORCH_CHECK(ok, op, ": key_mask must be [B, Lk] = [", a.B, ", ", a.Lk, "] or [Lk] = [", a.Lk,
                 "] to match query ", shape_str(query), " and key ", shape_str(key), ", got shape ",
                 shape_str(m));
-    check_same_device(m, (std::string(op) + ": key_mask").c_str(), query, "query");
+    check_same_device(m, op, "key_mask", query, "query");
+    check_mask_dtype(m, op, "key_mask");
     at::Tensor mb = as_bool_mask(m);
     a.mask = (m.dim() == 1 ? mb.unsqueeze(0) : mb).contiguous();
   }
+  if (copy_rows) copy_rows_readable(a);
   return a;
+}
+
+void copy_rows_readable(XattnArgs& a) {
+  // Rows are read with unit stride along the features; anything else is copied once.
+  if (!(a.q.stride(2) == 1 || a.D <= 1)) a.q = a.q.contiguous();
+  a.k = a.k.contiguous();
+  a.v = a.v.contiguous();
 }
 
 namespace {
@@ -130,6 +140,17 @@ at::Tensor minus_product(const at::Tensor& g, const at::Tensor& x, const at::Ten
   return r.to(g.scalar_type());
 }
 
+// A cap above the largest finite value of logit_scale_log's dtype caps nothing, and clamp_max
+// refuses a scalar that its dtype cannot hold (1e300 for float32): such a cap becomes inf, which
+// every floating dtype holds and which gives the same scale.
+double effective_max_scale(const at::Tensor& lsl, double max_scale) {
+  double largest = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lsl.scalar_type(), "xattn_max_scale", [&] {
+    largest = static_cast<double>(std::numeric_limits<scalar_t>::max());
+  });
+  return max_scale > largest ? std::numeric_limits<double>::infinity() : max_scale;
+}
+
 // A freshly computed result in the given shape, as a tensor of its own rather than a view: an op
 // output that is a view cannot be modified in place under autograd (out += x).
 at::Tensor in_shape(const at::Tensor& t, at::IntArrayRef sizes) {
@@ -148,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor> xattn_forward(const at::Tensor& query, const 
                                                  double max_scale, const std::optional<at::Tensor>& key_mask,
                                                  bool normalize, const XattnKernels& kern) {
   XattnArgs a = check_xattn_inputs(query, key, value, lsl, max_scale, key_mask, "scaled_cross_attention");
+  max_scale = effective_max_scale(lsl, max_scale);
   const int64_t R = a.B * a.Lq;
   at::Tensor out = at::empty({R, a.Dv}, a.q.options());
   at::Tensor attn = at::empty({R, a.Lk}, a.q.options());
@@ -182,7 +204,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
     const at::Tensor& key, const at::Tensor& value, const at::Tensor& lsl, const at::Tensor& attn,
     double max_scale, bool normalize, std::array<bool, 4> output_mask, const XattnKernels& kern) {
   const char* op = "_scaled_cross_attention_backward";
-  XattnArgs a = check_xattn_inputs(query, key, value, lsl, max_scale, std::nullopt, op);
+  // The copies wait for the checks of the gradients: a bad grad_out must be refused before a
+  // zero-stride value of 2^40 rows is made contiguous.
+  XattnArgs a = check_xattn_inputs(query, key, value, lsl, max_scale, std::nullopt, op, /*copy_rows=*/false);
+  max_scale = effective_max_scale(lsl, max_scale);
   const int64_t B = a.B, Lq = a.Lq, Lk = a.Lk, D = a.D, Dv = a.Dv, R = B * Lq;
   std::vector<int64_t> out_shape = a.q2d ? std::vector<int64_t>{B, Dv} : std::vector<int64_t>{B, Lq, Dv};
   std::vector<int64_t> attn_shape = a.q2d ? std::vector<int64_t>{B, Lk} : std::vector<int64_t>{B, Lq, Lk};
@@ -190,18 +215,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> xattn_backward(
               shape_str(grad_out), ", expected ", at::IntArrayRef(out_shape));
   TORCH_CHECK(attn.sizes() == at::IntArrayRef(attn_shape), op, ": attn has shape ", shape_str(attn),
               ", expected ", at::IntArrayRef(attn_shape));
-  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && attn.scalar_type() == query.scalar_type(), op,
-              ": grad_out (", grad_out.scalar_type(), ") and attn (", attn.scalar_type(),
-              ") must have query's dtype ", query.scalar_type());
-  check_same_device(grad_out, "_scaled_cross_attention_backward: grad_out", query, "query");
-  check_same_device(attn, "_scaled_cross_attention_backward: attn", query, "query");
+  // out and attn are the forward's outputs, in the query's dtype
+  check_same_dtype(grad_out, op, "grad_out", query, "query");
+  check_same_dtype(attn, op, "attn", query, "query");
+  check_same_device(grad_out, op, "grad_out", query, "query");
+  check_same_device(attn, op, "attn", query, "query");
   at::Tensor gattn;
   if (grad_attn.has_value() && grad_attn->defined()) {
     TORCH_CHECK(grad_attn->sizes() == attn.sizes(), op, ": grad_attn ", shape_str(*grad_attn),
                 " must match attn ", shape_str(attn));
-    check_same_device(*grad_attn, "_scaled_cross_attention_backward: grad_attn", query, "query");
-    gattn = grad_attn->to(query.scalar_type()).reshape({R, Lk}).contiguous();
+    check_same_dtype(*grad_attn, op, "grad_attn", attn, "attn");
+    check_same_device(*grad_attn, op, "grad_attn", query, "query");
+    gattn = grad_attn->reshape({R, Lk}).contiguous();
   }
+  copy_rows_readable(a);
   const auto [need_q, need_k, need_v, need_s] = output_mask;
   const auto dt = query.scalar_type();
   const auto acc = at::toOpMathType(dt);

@@ -25,9 +25,13 @@ struct XattnArgs {
   bool k2d, v2d;  // key / value came in shared ([Lk, D] / [Lk, Dv]): their grads are 2-D
 };
 
+// copy_rows = false leaves q, k and v as views (any strides) for further checks before the copies;
+// copy_rows_readable then makes them what the kernels read.
 XattnArgs check_xattn_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                              const at::Tensor& logit_scale_log, double max_scale,
-                             const std::optional<at::Tensor>& key_mask, const char* op);
+                             const std::optional<at::Tensor>& key_mask, const char* op,
+                             bool copy_rows = true);
+void copy_rows_readable(XattnArgs& a);
 
 // Row kernels a backend provides. All [R, .] tensors are contiguous with R = B * Lq rows; row r
 // is batch r / Lq. Keys / values / mask with batch size 1 are shared by every row. "nrm" tensors
@@ -61,7 +65,7 @@ struct XattnKernels {
   bool (*may_sync)();
   // Whether the GEMM path runs its GEMMs in the accumulation type (float32 for half types; then
   // S and dA reach the row kernels in it) or in the input dtype. Rounding S to bfloat16 costs
-  // scale * 2^-9 in every logit (0.2 at the seed's cap of 100), which the one-pass rows do not
+  // scale * 2^-9 in every logit (0.2 at the usual cap of 100), which the one-pass rows do not
   // pay; and on a CPU without bf16 instructions the float32 GEMM is also the fast one. On CUDA
   // the GEMMs stay in the input dtype (cuBLAS half-precision GEMMs) until a float-output GEMM is
   // measured there.

@@ -1,4 +1,4 @@
-"""Face masks for a thermal-face classifier (shared/seeds/004): content-based masks for a batch of
+"""Face masks for a thermal-face classifier: content-based masks for a batch of
 synthetic faces (noise, a dark hole, a stray blob, one blank frame that falls back to the ellipse),
 the geometric masks, and masked spatial-attention pooling. Writes face_masks.png when matplotlib
 is installed.

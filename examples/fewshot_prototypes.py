@@ -1,5 +1,5 @@
 """Few-shot classification with prototype cross-attention and a learnable, capped logit scale
-(the seed's "Patch 3" layer, shared/seeds/003) on synthetic episodes.
+(the SAP layer's CLIP-style scale ``exp(logit_scale_log).clamp(max=100)``) on synthetic episodes.
 
 Every episode draws 3 to 5 classes ("ways") from a pool of base classes, 3 support and 6 query
 samples each. An MLP embeds the samples; each class's prototype is the mean of its support
@@ -11,7 +11,7 @@ decay with maskattn.optim.param_groups. The log shows the layer's .stats (scale,
 cap is hit, attention entropy and max weight), read with .item() only at log steps, and the
 accuracy on held-out (novel) classes before and after training.
 
-    python examples/fewshot_prototypes.py                      # ~15 s on 2 CPU cores
+    python examples/fewshot_prototypes.py                      # ~15 s on 2 CPU cores (OMP_NUM_THREADS=1 if busy)
     python examples/fewshot_prototypes.py --clamp after_step   # open_clip's clamp after each step
     MASKATTN_SMOKE=1 python examples/fewshot_prototypes.py     # a few seconds (CI)
 """
@@ -101,7 +101,7 @@ def main():
     centres, mixing = make_world()
     base, novel = torch.arange(BASE_CLASSES), torch.arange(BASE_CLASSES, BASE_CLASSES + NOVEL_CLASSES)
     model = ProtoNet(args.clamp)
-    # the logit scale goes to a weight-decay-0 group (the seed's get_parameters(), done for you)
+    # the logit scale goes to a weight-decay-0 group (the few-shot model's get_parameters(), done for you)
     groups = maskattn.optim.param_groups(model, weight_decay=5e-4)
     opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
     if args.clamp == "after_step":

@@ -1,8 +1,8 @@
-"""A tiny pixel-space denoising transformer (the JiT case, shared/seeds/001) on images of different
+"""A tiny pixel-space denoising transformer (JiT, the pixel diffusion transformer) on images of different
 sizes padded into one batch: patch masks, always-valid condition tokens, masked self-attention and a
 masked loss. The padding never produces NaN and never reaches the loss or the valid outputs.
 
-    python examples/padded_images.py            # ~20 s on 2 CPU cores
+    python examples/padded_images.py            # ~20 s on 2 CPU cores (OMP_NUM_THREADS=1 if busy)
     MASKATTN_SMOKE=1 python examples/padded_images.py
 """
 

@@ -35,3 +35,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _runs_on_cuda(item):
             item.add_marker(pytest.mark.cuda)
+
+
+# The op registry (one entry per torch.ops.maskattn op: sample inputs, differentiable arguments,
+# argument roles, reference), shared by the generic tests in test_op_registry.py and test_fuzz_ops.py.
+from _registry import OPS, OPS_BY_NAME, OpEntry, Sample, registered_op_names  # noqa: E402, F401

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Packaging check (issue #6, point 9); not part of the default pytest run, it takes minutes.
+# Packaging check: what a user installing from an sdist gets; not part of the default pytest run, it takes minutes.
 #   1. python -m build --no-isolation: an sdist and a wheel, with the python that runs this script
 #      (it needs torch, build, scikit-build-core, pybind11, ninja, cmake; PYTHON=... to pick one);
 #   2. the sdist holds what a build needs (csrc, CMakeLists.txt, python/, LICENSE, README, CHANGELOG,

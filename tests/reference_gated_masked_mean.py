@@ -7,7 +7,7 @@ from torch import nn
 
 
 class ThermalFaceSpatialAttention(nn.Module):
-    """Seed 004: ``attention = attention_conv(features); pooled = avgpool(features * attention)``."""
+    """The thermal-face classifier: ``attention = attention_conv(features); pooled = avgpool(features * attention)``."""
 
     def __init__(self, channels: int = 512, hidden: int = 256):
         super().__init__()

@@ -1,6 +1,7 @@
-"""Pure-PyTorch transcription of the seed's MIL layer (shared/seeds/000): the reference for tests.
+"""Pure-PyTorch transcription of a MIL patch classifier's ABMIL-style attention aggregator: the
+reference for tests.
 
-AttentionAggregator.forward, as the seed wrote it: scores from an MLP, masked_fill(mask == 0, -1e9),
+AttentionAggregator.forward, as that classifier writes it: scores from an MLP, masked_fill(mask == 0, -1e9),
 softmax over N, bmm.
 """
 
@@ -26,7 +27,7 @@ class AttentionAggregator(nn.Module):
 
 
 def aggregator_pool(logits, features, mask=None):
-    """The seed's pooling step on given logits ([B,N]); a fully padded bag gets uniform weights."""
+    """The aggregator's pooling step on given logits ([B,N]); a fully padded bag gets uniform weights."""
     if mask is not None:
         logits = logits.masked_fill(mask == 0, -1e9)
     w = F.softmax(logits, dim=1)
@@ -34,7 +35,7 @@ def aggregator_pool(logits, features, mask=None):
 
 
 def reference_pool(logits, features, mask=None):
-    """The contract (DESIGN.md): the seed's math, but exact zeros for padding and for empty bags.
+    """The contract (docs/design.md): the aggregator's math, but exact zeros for padding and for empty bags.
 
     logits [B,N] or [B,N,K]; computed in float64 so that it can judge low-precision kernels.
     """

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 
 class MultiHeadAttention(nn.Module):
-    """Seed 001's attention (timm-style qkv/proj Linear layers) with the masked_fill(-inf) key mask."""
+    """JiT's attention (timm-style qkv/proj Linear layers) with the masked_fill(-inf) key mask."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
@@ -37,12 +37,12 @@ class MultiHeadAttention(nn.Module):
 
 
 def jit_block_output(attn: MultiHeadAttention, x, patch_mask):
-    """The seed's attention followed by its 'zero the padding patches' step (x * patch_mask)."""
+    """JiT's attention followed by its 'zero the padding patches' step (x * patch_mask)."""
     return attn(x, attention_mask=patch_mask) * patch_mask.unsqueeze(-1)
 
 
 def jit_masked_loss(pred_img, clean, mask):
-    """Seed 001's loss: sum over C x pixels divided by the pixel count."""
+    """JiT's masked loss: sum over C x pixels divided by the pixel count."""
     mask_expanded = mask.unsqueeze(1)
     diff = (pred_img - clean) ** 2
     masked_diff = diff * mask_expanded
@@ -50,11 +50,11 @@ def jit_masked_loss(pred_img, clean, mask):
 
 
 def jit_masked_softmax(scores, mask, scale=1.0, dim=-1):
-    """Seeds 001/002: masked_fill(-inf) then softmax (NaN on fully masked rows)."""
+    """JiT's / the Transformer key-padding mask: masked_fill(-inf) then softmax (NaN on fully masked rows)."""
     return (scores * scale).masked_fill(mask == 0, float("-inf")).softmax(dim)
 
 
 def token_padding_softmax(scores, inputs):
-    """Seed 002: padding mask from token ids (0 = pad), -1e9 fill, softmax."""
+    """The Transformer key-padding mask from token ids (0 = pad), -1e9 fill, softmax."""
     padding_mask = inputs == 0
     return scores.masked_fill(padding_mask.unsqueeze(1).unsqueeze(2), -1e9).softmax(-1)

@@ -5,7 +5,7 @@ import torch
 
 
 def image_mask_to_patch_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Seed 001: mean over each p x p patch > 0.5, as float [B, num_patches] (rectangular allowed)."""
+    """JiT: mean over each p x p patch > 0.5, as float [B, num_patches] (rectangular allowed)."""
     B, H, W = mask.shape
     p = patch_size
     mask_patches = mask.reshape(B, H // p, p, W // p, p)

@@ -1,10 +1,11 @@
-"""The seed's few-shot prototype cross-attention (SAP, "Patch 3"), transcribed in plain PyTorch.
+"""A few-shot model's prototype cross-attention (SAP, semantic anchor purification, with a CLIP-style
+clamped logit scale), transcribed in plain PyTorch.
 
 This is the layer maskattn.scaled_cross_attention / nn.LearnableScaleCrossAttention replace:
 learnable log-parameterised scale (init 25), capped at 100 inside the forward pass with
 torch.clamp, row-max subtraction before the softmax, stats read back with .item(), and the scale
-left out of weight decay. Masks and per-batch prototypes are the only additions (the seed has
-neither): masked keys are filled with -inf after the max subtraction.
+left out of weight decay. Masks and per-batch prototypes are the only additions (the original
+has neither): masked keys are filled with -inf after the max subtraction.
 """
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 def prototype_cross_attention(
     query, prototypes, values, logit_scale_log, logit_scale_max=100.0, key_mask=None, normalize=True
 ):
-    """compute_cross_attention of the seed: (out, attn)."""
+    """compute_cross_attention of the SAP module: (out, attn)."""
     if query.dim() == 2 and (prototypes.dim() == 3 or values.dim() == 3):
         # one query per sample against per-sample prototypes: the same with Lq = 1
         out, attn = prototype_cross_attention(
@@ -40,7 +41,7 @@ def prototype_cross_attention(
 
 
 class SemanticAnchorPurification(nn.Module):
-    """The seed's SAP module: cross-attention of samples to class prototypes with stats."""
+    """The SAP module: cross-attention of samples to class prototypes with stats."""
 
     def __init__(self, phy_dim, normalize=True):
         super().__init__()
@@ -70,7 +71,7 @@ class SemanticAnchorPurification(nn.Module):
 
 
 class PrototypeClassifier(nn.Module):
-    """Enough of the seed's ExpB1Model for get_parameters(): a backbone, a head and the SAP module."""
+    """Enough of the few-shot model's ExpB1Model for get_parameters(): a backbone, a head and the SAP module."""
 
     def __init__(self, dim=64, n_way=5):
         super().__init__()

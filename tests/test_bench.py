@@ -492,3 +492,29 @@ def test_jit_block_suite_cases_run_and_agree():
     m = jit_block.image_masks(4, 128, 8, 0.4, "cpu")
     assert abs((1 - m.mean().item()) - 0.4) < 0.03
     assert bool((jit_block.image_masks(2, 32, 8, 0.0, "cpu") == 1).all())
+
+
+def test_channel_pool_suite_cases_run_and_agree():
+    """The PyG feature-level-gate suite on its quick shapes: every implementation runs, and the
+    baseline (torch_geometric's code, or the plain-torch scatter softmax without it) gives the op's
+    pooled output and gradients."""
+    from maskattn.bench import masked_channel_attention_pool as suite
+
+    args = types.SimpleNamespace(device=torch.device("cpu"), quick=True, no_compile=True, channel_pool_dtype="float64")
+    modes = []
+    for case in suite.cases(args):  # run as they come: a case's tensors live only until the next one
+        modes.append(case.mode)
+        assert [im.role for im in case.impls] == (
+            [BASELINE, MASKATTN, FLOOR] if case.mode == "fwd" else [BASELINE, MASKATTN]
+        )
+        base, ours = case.impls[0].fn(), case.impls[1].fn()
+        for a, b in zip(base, ours):
+            assert a.abs().sum() > 0
+            torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-8)
+    assert modes == ["fwd", "fwd+bwd", "fwd+bwd"] * len(suite.QUICK_SHAPES)
+    # both baselines: torch_geometric's functions (when installed) and the plain-torch fallback
+    gate, x, batch, ptr = suite.make(3, 40, 6, torch.float64, "cpu")
+    ours = suite.ours_pool(gate, x, ptr)
+    for fns in {suite._pyg_functions()[:2], (suite._softmax_torch, suite._scatter_sum_torch)}:
+        for a, b in zip(suite.attentional_aggregation(*fns)(gate, x, batch, 3), ours):
+            torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)

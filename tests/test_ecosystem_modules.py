@@ -1,4 +1,4 @@
-"""Every maskattn module and op inside the PyTorch training stack (issue #6), beyond the
+"""Every maskattn module and op inside the PyTorch training stack, beyond the
 AttentionPooling checks of test_ecosystem.py:
 
 * a whole training step - forward, backward AND the optimizer update - as ONE torch.compile graph

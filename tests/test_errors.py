@@ -1,4 +1,4 @@
-"""Every public function rejects bad input with an error that names the argument (issue #7, point 6).
+"""Every public function rejects bad input with an error that names the argument.
 
 The cases live in one list, CASES; docs/errors.md holds a table generated from it, and
 test_docs_table_matches_cases checks that the two agree. Regenerate the table after changing the
@@ -28,6 +28,7 @@ MASK_DTYPE = (TypeError, RuntimeError)
 from conftest import HAS_CUDA  # noqa: E402
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "errors.md")
+_OPS = torch.ops.maskattn
 
 
 @dataclass
@@ -400,6 +401,205 @@ CASES = [
         lambda: maskattn.distributed.merge_across_ranks(r(2, 4), r(2), grads="avg"),
         ValueError,
         r"merge_across_ranks: grads must be one of",
+    ),
+    # ---- masked_channel_attention_pool(_packed): PyG's feature-level gate
+    Case(
+        "masked_channel_attention_pool",
+        "rank",
+        "features 2-D",
+        lambda: maskattn.masked_channel_attention_pool(r(2, 3), r(2, 3)),
+        RuntimeError,
+        r"masked_channel_attention_pool: features must be \[B, N, D\]",
+    ),
+    Case(
+        "masked_channel_attention_pool",
+        "rank",
+        "logits [B, N] (one logit per row, not per channel)",
+        lambda: maskattn.masked_channel_attention_pool(r(2, 3), r(2, 3, 4)),
+        RuntimeError,
+        r"logits must be \[B, N, D\] \(one gate logit per row and channel\)",
+    ),
+    Case(
+        "masked_channel_attention_pool",
+        "shape",
+        "logits D != features D",
+        lambda: maskattn.masked_channel_attention_pool(r(2, 3, 1), r(2, 3, 4)),
+        RuntimeError,
+        r"logits \[2, 3, 1\] and features \[2, 3, 4\] must have the same shape",
+    ),
+    Case(
+        "masked_channel_attention_pool",
+        "shape",
+        "mask [B, N+1]",
+        lambda: maskattn.masked_channel_attention_pool(r(2, 3, 4), r(2, 3, 4), m(2, 4)),
+        RuntimeError,
+        r"mask must be \[B, N\] = \[2, 3\]",
+    ),
+    Case(
+        "masked_channel_attention_pool",
+        "dtype",
+        "integer features",
+        lambda: maskattn.masked_channel_attention_pool(r(2, 3, 4, dtype=I64), r(2, 3, 4, dtype=I64)),
+        RuntimeError,
+        r"masked_channel_attention_pool: features must be float32",
+    ),
+    Case(
+        "masked_channel_attention_pool",
+        "dtype",
+        "logits float64, features float32",
+        lambda: maskattn.masked_channel_attention_pool(r(2, 3, 4, dtype=F64), r(2, 3, 4)),
+        RuntimeError,
+        r"logits \(Double\) and features \(Float\) must have the same dtype",
+    ),
+    Case(
+        "masked_channel_attention_pool",
+        "dtype",
+        "complex mask",
+        lambda: maskattn.masked_channel_attention_pool(r(2, 3, 4), r(2, 3, 4), torch.ones(2, 3, dtype=torch.complex64)),
+        MASK_DTYPE,
+        r"masked_channel_attention_pool: mask must be a bool, integer or floating tensor",
+    ),
+    Case(
+        "masked_channel_attention_pool",
+        "device",
+        "logits on another device than features",
+        lambda: maskattn.masked_channel_attention_pool(r(2, 3, 4, device=OTHER), r(2, 3, 4)),
+        RuntimeError,
+        r"logits \(.*\) and features \(.*\) must be on the same device",
+    ),
+    Case(
+        "masked_channel_attention_pool",
+        "device",
+        "mask on another device than features",
+        lambda: maskattn.masked_channel_attention_pool(r(2, 3, 4), r(2, 3, 4), m(2, 3, device=OTHER)),
+        RuntimeError,
+        r"mask \(.*\) and features \(.*\) must be on the same device",
+    ),
+    Case(
+        "masked_channel_attention_pool",
+        "device",
+        "mask on CUDA, features on CPU",
+        lambda: maskattn.masked_channel_attention_pool(r(2, 3, 4), r(2, 3, 4), m(2, 3, device="cuda")),
+        RuntimeError,
+        r"mask \(.*\) and features \(.*\) must be on the same device",
+        cuda=True,
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "rank",
+        "features 3-D",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(1, 5, 4), r(1, 5, 4), _offs(0, 5)),
+        RuntimeError,
+        r"masked_channel_attention_pool_packed: features must be \[T, D\]",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "rank",
+        "logits [T] (one logit per row, not per channel)",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(5), r(5, 4), _offs(0, 5)),
+        RuntimeError,
+        r"logits must be \[T, D\] \(one gate logit per row and channel\)",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "shape",
+        "logits T != features T",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(4, 4), r(5, 4), _offs(0, 5)),
+        RuntimeError,
+        r"logits \[4, 4\] and features \[5, 4\] must have the same shape",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "rank",
+        "offsets 2-D",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(5, 4), r(5, 4), _offs(0, 5).view(1, 2)),
+        RuntimeError,
+        r"offsets must be 1-D \[B\+1\]",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "offsets",
+        "int32 offsets",
+        lambda: maskattn.masked_channel_attention_pool_packed(
+            r(5, 4), r(5, 4), torch.tensor([0, 5], dtype=torch.int32)
+        ),
+        RuntimeError,
+        r"offsets must be int64",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "offsets",
+        "offsets[0] != 0",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(5, 4), r(5, 4), _offs(1, 5)),
+        RuntimeError,
+        r"offsets\[0\] must be 0",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "offsets",
+        "decreasing offsets",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(5, 4), r(5, 4), _offs(0, 3, 2, 5)),
+        RuntimeError,
+        r"offsets must be non-decreasing",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "offsets",
+        "offsets[-1] != T",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(5, 4), r(5, 4), _offs(0, 2, 4)),
+        RuntimeError,
+        r"offsets\[-1\] = 4 must equal T",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "dtype",
+        "integer features",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(5, 4, dtype=I64), r(5, 4, dtype=I64), _offs(0, 5)),
+        RuntimeError,
+        r"masked_channel_attention_pool_packed: features must be float32",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "dtype",
+        "logits float64, features float32",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(5, 4, dtype=F64), r(5, 4), _offs(0, 5)),
+        RuntimeError,
+        r"logits \(Double\) and features \(Float\) must have the same dtype",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "device",
+        "offsets on another device than features",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(5, 4), r(5, 4), _offs(0, 5).to(OTHER)),
+        RuntimeError,
+        r"offsets \(.*\) and features \(.*\) must be on the same device",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "device",
+        "offsets on CUDA, features on CPU",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(5, 4), r(5, 4), _offs(0, 5).cuda()),
+        RuntimeError,
+        r"offsets \(.*\) and features \(.*\) must be on the same device",
+        cuda=True,
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "value",
+        "offsets and batch both",
+        lambda: maskattn.masked_channel_attention_pool_packed(
+            r(5, 4), r(5, 4), _offs(0, 5), batch=torch.zeros(5, dtype=I64)
+        ),
+        ValueError,
+        r"masked_channel_attention_pool_packed: pass offsets or batch, not both",
+    ),
+    Case(
+        "masked_channel_attention_pool_packed",
+        "value",
+        "neither offsets nor batch",
+        lambda: maskattn.masked_channel_attention_pool_packed(r(5, 4), r(5, 4)),
+        ValueError,
+        r"masked_channel_attention_pool_packed: offsets \[B\+1\] .* is required",
     ),
     # ---- masked_softmax
     Case(
@@ -835,6 +1035,242 @@ CASES = [
         lambda: maskattn.scaled_cross_attention(r(2, 3, 4), r(5, 4), r(5, 6), r(), max_scale=float("nan")),
         RuntimeError,
         r"max_scale must be positive .*got nan",
+    ),
+    # ---- backward ops: public entry points too (torch.ops.maskattn._*_backward), checked as the
+    # forward ops are: every gradient in the dtype of what it is the gradient of
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_backward",
+        "rank",
+        "features 2-D",
+        lambda: _OPS._masked_attention_pool_backward(r(2, 4), None, r(2, 3), r(2, 3), [True, True]),
+        RuntimeError,
+        r"_masked_attention_pool_backward: features must be \[B, N, D\]",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_backward",
+        "shape",
+        "grad_pooled [B, D+1]",
+        lambda: _OPS._masked_attention_pool_backward(r(2, 5), None, r(2, 3), r(2, 3, 4), [True, True]),
+        RuntimeError,
+        r"_masked_attention_pool_backward: grad_pooled has shape \[2, 5\], expected \[2, 4\]",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_backward",
+        "dtype",
+        "grad_pooled float64, features float32",
+        lambda: _OPS._masked_attention_pool_backward(r(2, 4, dtype=F64), None, r(2, 3), r(2, 3, 4), [True, True]),
+        RuntimeError,
+        r"_masked_attention_pool_backward: grad_pooled \(Double\) and features \(Float\) must have the same dtype",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_backward",
+        "dtype",
+        "integer grad_weights",
+        lambda: _OPS._masked_attention_pool_backward(r(2, 4), r(2, 3, dtype=I64), r(2, 3), r(2, 3, 4), [True, True]),
+        RuntimeError,
+        r"_masked_attention_pool_backward: grad_weights \(Long\) and weights \(Float\) must have the same dtype",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_backward",
+        "device",
+        "grad_pooled on another device than features",
+        lambda: _OPS._masked_attention_pool_backward(r(2, 4, device=OTHER), None, r(2, 3), r(2, 3, 4), [True, True]),
+        RuntimeError,
+        r"_masked_attention_pool_backward: grad_pooled \(.*\) and features \(.*\) must be on the same device",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_packed_backward",
+        "offsets",
+        "offsets past T",
+        lambda: _OPS._masked_attention_pool_packed_backward(
+            r(2, 4), None, r(5), r(5, 4), _offs(0, 100000, 5), [True, True]
+        ),
+        RuntimeError,
+        r"_masked_attention_pool_packed_backward: offsets must be non-decreasing, but offsets\[2\] = 5",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_packed_backward",
+        "offsets",
+        "offsets[-1] != T",
+        lambda: _OPS._masked_attention_pool_packed_backward(r(2, 4), None, r(5), r(5, 4), _offs(0, 2, 4), [True, True]),
+        RuntimeError,
+        r"_masked_attention_pool_packed_backward: offsets\[-1\] = 4 must equal T = features.size\(0\) = 5",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_packed_backward",
+        "offsets",
+        "negative offsets[0]",
+        lambda: _OPS._masked_attention_pool_packed_backward(
+            r(2, 4), None, r(5), r(5, 4), _offs(-1, 2, 5), [True, True]
+        ),
+        RuntimeError,
+        r"_masked_attention_pool_packed_backward: offsets\[0\] must be 0, got -1",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_packed_backward",
+        "dtype",
+        "int32 offsets",
+        lambda: _OPS._masked_attention_pool_packed_backward(
+            r(2, 4), None, r(5), r(5, 4), _offs(0, 2, 5).int(), [True, True]
+        ),
+        RuntimeError,
+        r"_masked_attention_pool_packed_backward: offsets must be int64, got Int",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_packed_backward",
+        "shape",
+        "grad_pooled for another number of bags",
+        lambda: _OPS._masked_attention_pool_packed_backward(r(3, 4), None, r(5), r(5, 4), _offs(0, 2, 5), [True, True]),
+        RuntimeError,
+        r"_masked_attention_pool_packed_backward: grad_pooled has shape \[3, 4\], expected \[2, 4\]",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_attention_pool_packed_backward",
+        "device",
+        "offsets on another device than features",
+        lambda: _OPS._masked_attention_pool_packed_backward(
+            r(2, 4), None, r(5), r(5, 4), _offs(0, 2, 5).to(OTHER), [True, True]
+        ),
+        RuntimeError,
+        r"_masked_attention_pool_packed_backward: offsets \(.*\) and features \(.*\) must be on the same device",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_softmax_backward",
+        "shape",
+        "grad_output of another shape",
+        lambda: _OPS._masked_softmax_backward(r(2, 4), r(2, 5), -1, 1.0),
+        RuntimeError,
+        r"_masked_softmax_backward: grad_output \[2, 4\] must have the shape of output \[2, 5\]",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_softmax_backward",
+        "dtype",
+        "grad_output float64, output float32",
+        lambda: _OPS._masked_softmax_backward(r(2, 5, dtype=F64), r(2, 5), -1, 1.0),
+        RuntimeError,
+        r"_masked_softmax_backward: grad_output \(Double\) and output \(Float\) must have the same dtype",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_softmax_backward",
+        "dtype",
+        "integer output",
+        lambda: _OPS._masked_softmax_backward(r(2, 5, dtype=I64), r(2, 5, dtype=I64), -1, 1.0),
+        RuntimeError,
+        r"_masked_softmax_backward: output must be float32, float64, float16 or bfloat16",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_softmax_backward",
+        "value",
+        "dim out of range",
+        lambda: _OPS._masked_softmax_backward(r(2, 5), r(2, 5), 2, 1.0),
+        RuntimeError,
+        r"_masked_softmax_backward: dim = 2 is out of range",
+    ),
+    Case(
+        "torch.ops.maskattn._masked_softmax_backward",
+        "device",
+        "output on another device than grad_output",
+        lambda: _OPS._masked_softmax_backward(r(2, 5), r(2, 5, device=OTHER), -1, 1.0),
+        RuntimeError,
+        r"_masked_softmax_backward: grad_output \(.*\) and output \(.*\) must be on the same device",
+    ),
+    Case(
+        "torch.ops.maskattn._gated_masked_mean_backward",
+        "shape",
+        "grad_pooled [B, C+1]",
+        lambda: _OPS._gated_masked_mean_backward(r(2, 4), None, r(2, 3, 4, 4), r(2, 4, 4), None, [True, True]),
+        RuntimeError,
+        r"_gated_masked_mean_backward: grad_pooled must be \[B, C\] = \[2, 3\]",
+    ),
+    Case(
+        "torch.ops.maskattn._gated_masked_mean_backward",
+        "dtype",
+        "gate float64, features float32",
+        lambda: _OPS._gated_masked_mean_backward(
+            r(2, 3), None, r(2, 3, 4, 4), r(2, 4, 4, dtype=F64), None, [True, True]
+        ),
+        RuntimeError,
+        r"_gated_masked_mean_backward: gate \(Double\) and features \(Float\) must have the same dtype",
+    ),
+    Case(
+        "torch.ops.maskattn._gated_masked_mean_backward",
+        "dtype",
+        "integer grad_gate",
+        lambda: _OPS._gated_masked_mean_backward(
+            r(2, 3), r(2, 4, 4, dtype=I64), r(2, 3, 4, 4), r(2, 4, 4), None, [True, True]
+        ),
+        RuntimeError,
+        r"_gated_masked_mean_backward: grad_gate \(Long\) and gate \(Float\) must have the same dtype",
+    ),
+    Case(
+        "torch.ops.maskattn._gated_masked_mean_backward",
+        "dtype",
+        "complex mask",
+        lambda: _OPS._gated_masked_mean_backward(
+            r(2, 3), None, r(2, 3, 4, 4), r(2, 4, 4), torch.ones(2, 4, 4, dtype=torch.complex64), [True, True]
+        ),
+        RuntimeError,
+        r"_gated_masked_mean_backward: mask must be a bool, integer or floating tensor",
+    ),
+    Case(
+        "torch.ops.maskattn._gated_masked_mean_backward",
+        "device",
+        "gate on another device than features",
+        lambda: _OPS._gated_masked_mean_backward(
+            r(2, 3), None, r(2, 3, 4, 4), r(2, 4, 4, device=OTHER), None, [True, True]
+        ),
+        RuntimeError,
+        r"_gated_masked_mean_backward: gate \(.*\) and features \(.*\) must be on the same device",
+    ),
+    Case(
+        "torch.ops.maskattn._scaled_cross_attention_backward",
+        "shape",
+        "grad_out of another Dv",
+        lambda: _OPS._scaled_cross_attention_backward(
+            r(2, 3, 7), None, r(2, 3, 4), r(5, 4), r(5, 6), r(), r(2, 3, 5), 100.0, False, [True] * 4
+        ),
+        RuntimeError,
+        r"_scaled_cross_attention_backward: grad_out has shape \[2, 3, 7\], expected \[2, 3, 6\]",
+    ),
+    Case(
+        "torch.ops.maskattn._scaled_cross_attention_backward",
+        "dtype",
+        "grad_attn float64, attn float32",
+        lambda: _OPS._scaled_cross_attention_backward(
+            r(2, 3, 6), r(2, 3, 5, dtype=F64), r(2, 3, 4), r(5, 4), r(5, 6), r(), r(2, 3, 5), 100.0, False, [True] * 4
+        ),
+        RuntimeError,
+        r"_scaled_cross_attention_backward: grad_attn \(Double\) and attn \(Float\) must have the same dtype",
+    ),
+    Case(
+        "torch.ops.maskattn._scaled_cross_attention_backward",
+        "rank",
+        "logit_scale_log 1-D",
+        lambda: _OPS._scaled_cross_attention_backward(
+            r(2, 3, 6), None, r(2, 3, 4), r(5, 4), r(5, 6), r(1), r(2, 3, 5), 100.0, False, [True] * 4
+        ),
+        RuntimeError,
+        r"_scaled_cross_attention_backward: logit_scale_log must be a 0-dim tensor",
+    ),
+    Case(
+        "torch.ops.maskattn._scaled_cross_attention_backward",
+        "dtype",
+        "integer attn",
+        lambda: _OPS._scaled_cross_attention_backward(
+            r(2, 3, 6), None, r(2, 3, 4), r(5, 4), r(5, 6), r(), r(2, 3, 5, dtype=I64), 100.0, False, [True] * 4
+        ),
+        RuntimeError,
+        r"_scaled_cross_attention_backward: attn \(Long\) and query \(Float\) must have the same dtype",
+    ),
+    Case(
+        "torch.ops.maskattn._scaled_cross_attention_backward",
+        "device",
+        "grad_out on another device than query",
+        lambda: _OPS._scaled_cross_attention_backward(
+            r(2, 3, 6, device=OTHER), None, r(2, 3, 4), r(5, 4), r(5, 6), r(), r(2, 3, 5), 100.0, False, [True] * 4
+        ),
+        RuntimeError,
+        r"_scaled_cross_attention_backward: grad_out \(.*\) and query \(.*\) must be on the same device",
     ),
     # ---- pack / unpack / pad_sequences
     Case("pad_sequences", "size", "empty list", lambda: maskattn.pad_sequences([]), ValueError, r"seqs is empty"),
@@ -2047,7 +2483,7 @@ def test_every_public_function_has_a_case():
 
 
 def test_every_category_is_covered():
-    # The issue's categories, each exercised at least once.
+    # Every category of bad input (rank, shape, dtype, device, ...), each exercised at least once.
     kinds = {c.kind for c in CASES}
     assert {"rank", "shape", "dtype", "device", "offsets", "size"} <= kinds
 

@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 from conftest import DEVICES
 from reference_gated_masked_mean import reference_gated_masked_mean
 from reference_masked_attention_pool import reference_pool, reference_pool_packed
+from reference_masked_channel_attention_pool import reference_channel_pool, reference_channel_pool_packed
 from test_properties_masked_softmax import reference_masked_softmax
 from test_properties_scaled_cross_attention import reference_cross_attention
 from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
@@ -79,6 +80,20 @@ def _packed_args(g, device, k):
     offsets = torch.tensor([0, cut[0], cut[0], cut[1], T])  # bag 1 is empty
     logits[int(torch.randint(0, T, (1,), generator=g))] = float("-inf")
     return logits.to(device), features.to(device), offsets.to(device)
+
+
+def _channel_args(g, device, packed):
+    """PyG's feature-level gate: one logit per row and channel."""
+    if packed:
+        logits, features, offsets = _packed_args(g, device, 0)
+        logits = torch.randn(features.shape, generator=g, dtype=DT).to(device)
+        logits[int(torch.randint(0, logits.shape[0], (1,), generator=g)), 2] = float("-inf")
+        return logits, features, offsets
+    _, features, mask = _pool_args(g, device, 0)
+    logits = torch.randn(features.shape, generator=g, dtype=DT)
+    logits[0, 1, 1] = float("-inf")  # a valid row of weight 0 in one channel
+    logits[2, :, 3] = float("-inf")  # a channel without weight
+    return logits.to(device), features, mask
 
 
 def _softmax_args(g, device):
@@ -147,6 +162,22 @@ CASES = [
         reference_pool_packed,
         (0, 1),
         ((0, 0, 0), (2, None, None)),
+    ),
+    Case(
+        "channel_pool",
+        lambda g, d: _channel_args(g, d, False),
+        maskattn.masked_channel_attention_pool,
+        reference_channel_pool,
+        (0, 1),
+        ((0, 0, 0), (0, None, None), (None, 0, None), (None, None, 0), (1, 2, None), (3, 3, None)),
+    ),
+    Case(
+        "channel_pool_packed",
+        lambda g, d: _channel_args(g, d, True),
+        lambda *a: torch.ops.maskattn.masked_channel_attention_pool_packed(*a),
+        reference_channel_pool_packed,
+        (0, 1),
+        ((0, 0, 0), (0, None, None), (None, 0, None), (None, None, 0), (1, 2, None)),
     ),
     Case(
         "softmax",

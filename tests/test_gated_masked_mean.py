@@ -179,20 +179,6 @@ def test_errors():
         bwd(torch.zeros(2, 2, dtype=torch.float64), None, f, torch.sigmoid(l), m, [True, True])
 
 
-def test_opcheck():
-    f, l, m = _inputs(B=2, C=3, H=4, W=5)
-    f.requires_grad_(True)
-    l.requires_grad_(True)
-    torch.library.opcheck(op, (f, l, m))
-    torch.library.opcheck(op, (f, l[:, 0], None))
-    torch.library.opcheck(op, (f.detach().to(memory_format=torch.channels_last).requires_grad_(True), l, m))
-    gate = torch.sigmoid(l.detach()) * m[:, None]
-    gp = torch.randn(2, 3, dtype=torch.float64)
-    torch.library.opcheck(bwd, (gp, torch.randn_like(gate), f.detach(), gate, m, [True, True]))
-    torch.library.opcheck(bwd, (gp, None, f.detach(), gate, None, [False, True]))
-    torch.library.opcheck(bwd, (gp.expand(2, 3), torch.zeros(()).expand_as(gate), f.detach(), gate, m, [True, False]))
-
-
 def test_op_compile_fullgraph():
     f, l, m = _inputs(B=2, C=8, H=7, W=7, dtype=torch.float32)
     fn = torch.compile(lambda a, b, c: op(a, b, c), fullgraph=True)

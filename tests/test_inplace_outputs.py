@@ -55,6 +55,22 @@ def _xattn(device, q2d=False, lk=5):
     return (q, k, v, s), lambda q, k, v, s: maskattn.scaled_cross_attention(q, k, v, s, 100.0, mask, True)
 
 
+def _channel(device):
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 5, 4, generator=g, dtype=DT).to(device)
+    features = torch.randn(3, 5, 4, generator=g, dtype=DT).to(device)
+    mask = (torch.rand(3, 5, generator=g) > 0.3).to(device)
+    return (logits, features), lambda l, f: maskattn.masked_channel_attention_pool(l, f, mask)
+
+
+def _channel_packed(device):
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(7, 4, generator=g, dtype=DT).to(device)
+    features = torch.randn(7, 4, generator=g, dtype=DT).to(device)
+    offsets = torch.tensor([0, 3, 3, 7], device=device)
+    return (logits, features), lambda l, f: maskattn.masked_channel_attention_pool_packed(l, f, offsets)
+
+
 # (name, build, indices of the outputs the backward saves)
 OPS = [
     ("pool", _pool, {1}),
@@ -67,6 +83,9 @@ OPS = [
     ("xattn", _xattn, {1}),
     ("xattn_one_query", lambda d: _xattn(d, q2d=True), {1}),
     ("xattn_gemm_path", lambda d: _xattn(d, lk=12), {1}),
+    # pooled is free: the backward saves a copy of it
+    ("channel_pool", _channel, {1}),
+    ("channel_pool_packed", _channel_packed, {1}),
 ]
 IDS = [o[0] for o in OPS]
 
@@ -144,7 +163,9 @@ def test_inplace_under_inference_mode(name, build, saved, device):
 
 
 @pytest.mark.parametrize(
-    "name,build,saved", OPS[:1] + OPS[2:3] + OPS[5:6] + OPS[7:8], ids=["pool", "packed", "gated", "xattn"]
+    "name,build,saved",
+    OPS[:1] + OPS[2:3] + OPS[5:6] + OPS[7:8] + OPS[10:11],
+    ids=["pool", "packed", "gated", "xattn", "channel_pool"],
 )
 def test_inplace_update_compiled(name, build, saved):
     inputs, fn = build("cpu")

@@ -1,6 +1,6 @@
-"""Tensors past 2^31 elements (issue #7, point 4): indexing must be 64-bit wherever sizes demand it.
+"""Tensors past 2^31 elements: indexing must be 64-bit wherever sizes demand it.
 
-Marked `large` (setup.cfg leaves them out of the default run): each needs ~9 GiB of memory.
+Marked `large` (pyproject.toml leaves them out of the default run): each needs ~9 GiB of memory.
 Run with:  python -m pytest -m large tests/test_large.py -s
 
 Every check is against a float64 reference computed in row chunks, on sampled columns / rows that

@@ -18,31 +18,31 @@ def episode(B=100, n_way=5, D=640, device="cpu", seed=0):
 
 
 def pair(log_scale=None, **kw):
-    seed = SemanticAnchorPurification(640)
+    sap = SemanticAnchorPurification(640)
     mine = LearnableScaleCrossAttention(640, **kw)
     if log_scale is not None:
         with torch.no_grad():
-            seed.logit_scale_log.fill_(log_scale)
+            sap.logit_scale_log.fill_(log_scale)
             mine.logit_scale_log.fill_(log_scale)
-    return seed, mine
+    return sap, mine
 
 
-def test_init_matches_seed_parameter_exactly():
-    seed, mine = pair()
+def test_init_matches_sap_parameter_exactly():
+    sap, mine = pair()
     assert mine.logit_scale_log.dtype == torch.float32 and mine.logit_scale_log.dim() == 0
-    assert torch.equal(seed.logit_scale_log.detach(), mine.logit_scale_log.detach())
+    assert torch.equal(sap.logit_scale_log.detach(), mine.logit_scale_log.detach())
     assert abs(mine.logit_scale.item() - 25.0) < 1e-5
 
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("log_scale", [None, math.log(150.0)])
-def test_module_matches_seed_outputs_grads_and_stats(device, log_scale):
-    seed, mine = pair(log_scale)
-    seed.to(device), mine.to(device)
+def test_module_matches_sap_outputs_grads_and_stats(device, log_scale):
+    sap, mine = pair(log_scale)
+    sap.to(device), mine.to(device)
     q, p = episode(device=device)
     q1, p1 = q.clone().requires_grad_(True), p.clone().requires_grad_(True)
     q2, p2 = q.clone().requires_grad_(True), p.clone().requires_grad_(True)
-    o1, a1, st1 = seed(q1, p1)
+    o1, a1, st1 = sap(q1, p1)
     o2, a2 = mine(q2, p2)
     torch.testing.assert_close(o2, o1, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(a2, a1, atol=2e-6, rtol=1e-4)
@@ -51,7 +51,7 @@ def test_module_matches_seed_outputs_grads_and_stats(device, log_scale):
     (o2 * w).sum().backward()
     torch.testing.assert_close(q2.grad, q1.grad, atol=1e-5, rtol=1e-3)
     torch.testing.assert_close(p2.grad, p1.grad, atol=1e-5, rtol=1e-3)
-    torch.testing.assert_close(mine.logit_scale_log.grad, seed.logit_scale_log.grad, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(mine.logit_scale_log.grad, sap.logit_scale_log.grad, atol=1e-5, rtol=1e-3)
     if log_scale is not None:
         assert mine.logit_scale_log.grad.item() == 0.0
     st2 = mine.stats
@@ -60,7 +60,7 @@ def test_module_matches_seed_outputs_grads_and_stats(device, log_scale):
         assert isinstance(t, torch.Tensor) and t.dim() == 0 and not t.requires_grad, name
         assert t.device.type == device, name
         assert abs(t.item() - st1[name]) < 1e-5 * max(1.0, abs(st1[name])), (name, t.item(), st1[name])
-    # the seed's stats show what the change was for: attention is no longer uniform at scale 25
+    # the stats show what the learnable scale is for: at scale 25 the attention is far from uniform
     assert st2["attn_entropy"].item() < math.log(5) and st2["attn_max"].item() > 1 / 5
 
 
@@ -89,7 +89,7 @@ def test_values_and_key_mask():
 
 
 def test_forward_clamp_mode_gets_stuck_above_cap():
-    # the seed's mode: once past the cap the gradient is zero and the parameter never comes back
+    # the SAP layer's mode: once past the cap the gradient is zero and the parameter never comes back
     _, mine = pair(math.log(120.0))
     opt = torch.optim.SGD(maskattn.optim.param_groups(mine, 5e-4), lr=1.0)
     q, p = episode(B=20)
@@ -107,8 +107,8 @@ def test_after_step_clamp_mode():
     q, p = episode(B=20)
     out, _ = mine(q, p)
     # the forward pass is not clamped (open_clip), so the gradient reaches the parameter
-    seed_like = maskattn.scaled_cross_attention(q, p, p, torch.tensor(math.log(120.0)), math.inf, None, True)[0]
-    torch.testing.assert_close(out, seed_like)
+    unclamped = maskattn.scaled_cross_attention(q, p, p, torch.tensor(math.log(120.0)), math.inf, None, True)[0]
+    torch.testing.assert_close(out, unclamped)
     out.square().mean().backward()
     assert mine.logit_scale_log.grad.item() != 0
     assert mine.stats["logit_scale"].item() == pytest.approx(120.0, rel=1e-5)

@@ -16,12 +16,12 @@ def data(seed=0, dtype=torch.float64):
     return pred, target, mask
 
 
-def test_mean_over_valid_elements_and_seed_relation():
+def test_mean_over_valid_elements_and_jit_loss_relation():
     pred, target, mask = data()
     loss = masked_mse_loss(pred, target, mask)
     m = mask.bool().unsqueeze(1).expand_as(pred)
     torch.testing.assert_close(loss, ((pred - target)[m] ** 2).mean())
-    # The seed divides a sum over C x pixels by the pixel count: C times ours.
+    # JiT's masked loss divides a sum over C x pixels by the pixel count: C times ours.
     torch.testing.assert_close(loss * pred.shape[1], jit_masked_loss(pred, target, mask.double()))
     torch.testing.assert_close(masked_mse_loss(pred, target, mask.unsqueeze(1)), loss)
     torch.testing.assert_close(masked_mse_loss(pred, target, m), loss)

@@ -100,6 +100,11 @@ def _pool_k(mask, device):
     return _with_grads(maskattn.masked_attention_pool(logits, feats, mask), [logits])
 
 
+def _channel_pool(mask, device):  # PyG's feature-level gate: one logit per row and channel
+    logits, feats = _randn(3, 7, 5, seed=1, device=device, grad=True), _randn(3, 7, 5, seed=2, device=device, grad=True)
+    return _with_grads(maskattn.masked_channel_attention_pool(logits, feats, mask), [logits, feats])
+
+
 def _softmax_key(mask, device):  # a [B, 1, 1, N] key mask broadcast over [B, H, N, N]
     s = _randn(2, 3, 6, 6, seed=3, device=device, grad=True)
     return _with_grads([maskattn.masked_softmax(s, mask, -1, 0.5)], [s])
@@ -173,6 +178,7 @@ CASES = {
     # name: (valid-mask shape, call)
     "masked_attention_pool": ((3, 7), _pool),
     "masked_attention_pool-K": ((3, 7), _pool_k),
+    "masked_channel_attention_pool": ((3, 7), _channel_pool),
     "masked_softmax-key_mask": ((2, 1, 1, 6), _softmax_key),
     "masked_softmax-full": ((4, 6), _softmax_full),
     "patch_mask": ((2, 8, 12), lambda m, d: [maskattn.patch_mask(m, 4, 0.25)]),
@@ -237,6 +243,7 @@ def test_every_mask_taking_function_is_covered():
     covered = {n.split("-")[0] for n in CASES} | {"transforms.apply_face_mask", "masks.content_based"}
     expected = {
         "masked_attention_pool",
+        "masked_channel_attention_pool",
         "masked_softmax",
         "patch_mask",
         "patch_mask_to_image",

@@ -16,12 +16,12 @@ def pair(dim=32, heads=4, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     ref = MultiHeadAttention(dim, heads).to(dtype)
     mod = MaskedSelfAttention(dim, heads).to(dtype)
-    mod.load_state_dict(ref.state_dict())  # the seed's checkpoint loads as is (strict)
+    mod.load_state_dict(ref.state_dict())  # JiT's attention checkpoint loads as is (strict)
     return ref, mod
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_parity_with_seed_forward_and_grads(need_weights):
+def test_parity_with_jit_attention_forward_and_grads(need_weights):
     ref, mod = pair()
     mask = lengths_mask([9, 4, 12], 12)
     x = torch.randn(3, 12, 32, dtype=torch.float64, requires_grad=True)

@@ -13,13 +13,13 @@ def ids(ps):
     return {id(p) for p in ps}
 
 
-def test_matches_seed_get_parameters():
+def test_matches_few_shot_model_get_parameters():
     model = PrototypeClassifier()
-    seed = model.get_parameters()
+    theirs = model.get_parameters()
     mine = param_groups(model, 5e-4)
     assert len(mine) == 2
-    assert ids(mine[0]["params"]) == ids(seed[0]["params"]) and mine[0]["weight_decay"] == 5e-4
-    assert ids(mine[1]["params"]) == ids(seed[1]["params"]) and mine[1]["weight_decay"] == 0.0
+    assert ids(mine[0]["params"]) == ids(theirs[0]["params"]) and mine[0]["weight_decay"] == 5e-4
+    assert ids(mine[1]["params"]) == ids(theirs[1]["params"]) and mine[1]["weight_decay"] == 0.0
     assert mine[1]["param_names"] == ["sap_module.logit_scale_log"]
 
 

@@ -1,6 +1,6 @@
 """Property tests: scaled_cross_attention against a float64 reference over generated shapes (B=0,
 Lq=0, Lk=0 and 1, D=0, Dv=0 included; Lk up to 80, past both devices' one-pass limits), 2-D/3-D
-query, shared/per-sample keys and values, key masks of every kind and dtype, normalize on/off, scales below and above the clamp (where the scale's gradient
+query, shared or per-sample keys and values, key masks of every kind and dtype, normalize on/off, scales below and above the clamp (where the scale's gradient
 is zero), strides and storage offsets, dtypes and devices; forward and every gradient."""
 
 import math
@@ -136,7 +136,7 @@ def test_scaled_cross_attention_matches_reference(case):
     ftol = 2 * tol
     if device == "cuda" and dtype in (torch.float16, torch.bfloat16) and Lk > 64:
         # CUDA's GEMM path keeps the raw dots in the input dtype (docs/numerics.md): every logit
-        # carries scale * eps of rounding, as the seed's own half-precision composition does
+        # carries scale * eps of rounding, as the hand-written `exp(p).clamp(max=100)` composition does in half precision
         ftol *= max(1.0, scale if normalize else math.sqrt(scale))
     close(out, outr, ftol, "out")
     close(attn, attnr, ftol, "attn")

@@ -34,7 +34,7 @@ def grads_of(fn, tensors, go, ga):
     return out.detach(), attn.detach(), [t.grad for t in ts]
 
 
-def check_against_seed(q, k, v, lsl, mask=None, normalize=True, max_scale=100.0, atol=1e-9, rtol=1e-7, ref_dtype=None):
+def check_against_sap(q, k, v, lsl, mask=None, normalize=True, max_scale=100.0, atol=1e-9, rtol=1e-7, ref_dtype=None):
     g = torch.Generator().manual_seed(1)
     out_shape = q.shape[:-1] + v.shape[-1:]
     attn_shape = q.shape[:-1] + k.shape[-2:-1]
@@ -65,11 +65,11 @@ def check_against_seed(q, k, v, lsl, mask=None, normalize=True, max_scale=100.0,
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("q2d", [False, True])
 @pytest.mark.parametrize("log_scale", [LOG_BELOW, LOG_ABOVE])
-def test_matches_seed_forward_and_all_grads(device, Lk, normalize, shared, q2d, log_scale):
+def test_matches_sap_forward_and_all_grads(device, Lk, normalize, shared, q2d, log_scale):
     q, k, v, lsl = make(Lk=Lk, shared=shared, q2d=q2d, log_scale=log_scale, device=device)
     if not normalize:  # raw dot products: keep the logits O(1) so the softmax is not one-hot
         q, k = q / 4, k / 4
-    gs = check_against_seed(q, k, v, lsl, normalize=normalize)
+    gs = check_against_sap(q, k, v, lsl, normalize=normalize)
     if log_scale == LOG_ABOVE:
         assert gs[3].item() == 0.0  # exactly torch.clamp's rule
     else:
@@ -77,11 +77,11 @@ def test_matches_seed_forward_and_all_grads(device, Lk, normalize, shared, q2d, 
 
 
 @pytest.mark.parametrize("device", devices)
-def test_seed_call_pattern(device):
-    # The seed's model: ~100 samples, one query each, against 5 shared prototypes of 640 features.
+def test_few_shot_call_pattern(device):
+    # The few-shot model: ~100 samples, one query each, against 5 shared prototypes of 640 features.
     q, k, v, lsl = make(B=100, Lk=5, D=640, Dv=640, q2d=True, shared=True, device=device, dtype=torch.float32)
     lsl = lsl.float()
-    check_against_seed(q, k, k, lsl, atol=2e-5, rtol=1e-4)
+    check_against_sap(q, k, k, lsl, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", devices)
@@ -89,7 +89,7 @@ def test_seed_call_pattern(device):
 def test_float32_scale_gradient_is_accurate(device, Lk):
     # The softmax gradient sums to zero only in exact arithmetic; unless its float sum is sent to
     # the arg-max key (as the eager row-max subtraction does), sum dlogit * cos drifts by ~0.3%
-    # at the seed's shape in float32.
+    # at the few-shot shape in float32.
     q, k, v, lsl = make(B=100, Lk=Lk, D=640, Dv=640, q2d=True, shared=True, device=device)
     q = k[torch.arange(100) % Lk] + 1.5 * q  # samples near their prototype: peaked attention
     go = torch.randn(100, 640, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
@@ -104,7 +104,7 @@ def test_float32_scale_gradient_is_accurate(device, Lk):
 
 def test_scale_dtype_may_differ_from_inputs():
     q, k, v, lsl = make()
-    check_against_seed(q, k, v, lsl.float(), atol=1e-9, rtol=1e-6)
+    check_against_sap(q, k, v, lsl.float(), atol=1e-9, rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", devices)
@@ -112,11 +112,11 @@ def test_cap_boundary_and_no_cap(device):
     q, k, v, _ = make(device=device)
     # max_scale = inf (open_clip mode): the gradient always flows, even at scale 150
     lsl = torch.tensor(LOG_ABOVE, dtype=torch.float64, device=device)
-    gs = check_against_seed(q, k, v, lsl, max_scale=math.inf)
+    gs = check_against_sap(q, k, v, lsl, max_scale=math.inf)
     assert gs[3].item() != 0
     # exactly at the cap torch.clamp still passes the gradient
     lsl = torch.tensor(0.0, dtype=torch.float64, device=device)
-    gs = check_against_seed(q, k, v, lsl, max_scale=1.0)
+    gs = check_against_sap(q, k, v, lsl, max_scale=1.0)
     assert gs[3].item() != 0
 
 
@@ -127,13 +127,13 @@ MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32]
 @pytest.mark.parametrize("Lk", [FUSED_LK, GEMM_LK])
 @pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
 @pytest.mark.parametrize("shared_mask", [True, False])
-def test_key_mask_matches_seed(device, Lk, mask_dtype, shared_mask):
+def test_key_mask_matches_sap(device, Lk, mask_dtype, shared_mask):
     q, k, v, lsl = make(Lk=Lk, device=device)
     g = torch.Generator().manual_seed(3)
     m = torch.rand((Lk,) if shared_mask else (3, Lk), generator=g) > 0.4
     m[..., 0] = True  # every query keeps a valid key (the reference NaNs otherwise)
     m = m.to(device=device, dtype=mask_dtype)
-    check_against_seed(q, k, v, lsl, mask=m)
+    check_against_sap(q, k, v, lsl, mask=m)
     _, attn = scaled_cross_attention(q, k, v, lsl, key_mask=m, normalize=True)
     mb = m.bool() if shared_mask else m.bool().unsqueeze(1)
     assert torch.all(attn.masked_select(~mb.expand_as(attn)) == 0)
@@ -204,10 +204,10 @@ def test_strided_inputs(device, Lk):
     torch.testing.assert_close(o1, o2)
     torch.testing.assert_close(a1, a2)
     assert o2.is_contiguous() and a2.is_contiguous()
-    check_against_seed(qs, ks, vs, lsl)
+    check_against_sap(qs, ks, vs, lsl)
     # expanded (stride-0) query rows
     qe = q[:, :1].expand(q.shape)
-    check_against_seed(qe, k, v, lsl)
+    check_against_sap(qe, k, v, lsl)
 
 
 @pytest.mark.parametrize("device", devices)
@@ -233,33 +233,7 @@ def test_gradcheck_tiny_norm_rows():
     q, k, v, lsl = make(B=2, Lq=3, Lk=4, D=5, Dv=3)
     q[0, 1] = 1e-14
     k[1, 2] = 3e-13
-    check_against_seed(q, k, v, lsl, atol=1e-9, rtol=1e-6)
-
-
-@pytest.mark.parametrize("device", devices)
-@pytest.mark.parametrize("Lk", [FUSED_LK, GEMM_LK])
-def test_opcheck(device, Lk):
-    q, k, v, lsl = make(B=2, Lq=3, Lk=Lk, D=6, Dv=4, dtype=torch.float32, device=device)
-    lsl = lsl.float()
-    m = torch.ones(2, Lk, dtype=torch.bool, device=device)
-    m[1, 0] = False
-    for args in [(q, k, v, lsl, 100.0, m, True), (q[:, 0], k[0], v[0], lsl, 100.0, None, False)]:
-        args = tuple(
-            a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
-        )
-        torch.library.opcheck(OP, args)
-        out, attn = OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-        bargs = (
-            torch.randn_like(out),
-            torch.randn_like(attn),
-            *[a.detach() for a in args[:4]],
-            attn,
-            100.0,
-            args[6],
-            [True, True, True, True],
-        )
-        torch.library.opcheck(BWD, bargs)
-        torch.library.opcheck(BWD, (bargs[0], None, *bargs[2:9], [True, False, True, False]))
+    check_against_sap(q, k, v, lsl, atol=1e-9, rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", devices)
@@ -296,7 +270,7 @@ def test_half_types(device, dtype, Lk):
     assert out.dtype == dtype and attn.dtype == dtype
     # compared with the float64 composition of the same (rounded) inputs; the GEMM path rounds
     # the raw dot products to the input dtype, and a scale of 25 amplifies that.
-    check_against_seed(q, k, v, lsl, atol=tol * (4 if Lk == GEMM_LK else 1), rtol=tol, ref_dtype=torch.float64)
+    check_against_sap(q, k, v, lsl, atol=tol * (4 if Lk == GEMM_LK else 1), rtol=tol, ref_dtype=torch.float64)
 
 
 def test_errors():

@@ -27,30 +27,30 @@ def _inputs(B=3, C=5, H=4, W=6, dtype=torch.float64, seed=0, mask_p=0.6):
     return f, l, m
 
 
-# ---------------------------------------------------------------- module vs the seed
+# ---------------------------------------------------------------- module vs the thermal-face classifier's
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 7, 7), (3, 8, 5, 9)])
-def test_module_matches_seed_forward_and_every_gradient(shape):
+def test_module_matches_thermal_face_attention_forward_and_every_gradient(shape):
     B, C, H, W = shape
     torch.manual_seed(0)
-    seed = ThermalFaceSpatialAttention(C, hidden=12).double()
+    theirs = ThermalFaceSpatialAttention(C, hidden=12).double()
     ours = SpatialAttentionPool(C, hidden=12).double()
-    ours.load_state_dict(seed.state_dict())  # a seed checkpoint loads, strictly
+    ours.load_state_dict(theirs.state_dict())  # the classifier's checkpoint loads, strictly
     x1 = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
-    p1, a1 = seed(x1)
+    p1, a1 = theirs(x1)
     p2, a2 = ours(x2)
     torch.testing.assert_close(p2, p1)
     torch.testing.assert_close(a2, a1)
     gp, ga = torch.randn_like(p1), torch.randn_like(a1)
-    g1 = torch.autograd.grad((p1 * gp).sum() + (a1 * ga).sum(), [x1, *seed.parameters()])
+    g1 = torch.autograd.grad((p1 * gp).sum() + (a1 * ga).sum(), [x1, *theirs.parameters()])
     g2 = torch.autograd.grad((p2 * gp).sum() + (a2 * ga).sum(), [x2, *ours.parameters()])
     for a, b in zip(g1, g2):
         torch.testing.assert_close(b, a)
 
 
-def test_parameters_are_the_seeds():
+def test_parameters_are_the_thermal_face_classifiers():
     m = SpatialAttentionPool(512)
     names = [n for n, _ in m.named_parameters()]
     assert names == [

@@ -1,9 +1,9 @@
 """Ops called from several Python threads at once agree with the single-thread result, and a long
-loop of calls keeps resident memory flat (issue #7, point 5).
+loop of calls keeps resident memory flat.
 
 The leak loop runs MASKATTN_LEAK_ITERS calls of each op (forward + backward) after a warm-up of
 MASKATTN_LEAK_WARMUP calls. The defaults (500 after 200) keep the default run short and still
-catch a leak of 8 KiB per call; the issue's run of 10,000 calls after a 1,000-call warm-up is
+catch a leak of 8 KiB per call; the long run, 10,000 calls after a 1,000-call warm-up, is
     MASKATTN_LEAK_ITERS=10000 MASKATTN_LEAK_WARMUP=1000 python -m pytest tests/test_threads_leaks.py -k leak -s
 """
 
@@ -69,6 +69,20 @@ def _case_packed():
     logits, feats = r(20, grad=True), r(20, 8, grad=True)
     offsets = torch.tensor([0, 5, 5, 20])
     return lambda: _grads(maskattn.masked_attention_pool_packed(logits, feats, offsets), (logits, feats))
+
+
+def _case_channel_pool():
+    g, r = _inputs(13)
+    logits, feats = r(3, 17, 8, grad=True), r(3, 17, 8, grad=True)
+    mask = torch.rand(3, 17, generator=g) > 0.3
+    return lambda: _grads(maskattn.masked_channel_attention_pool(logits, feats, mask), (logits, feats))
+
+
+def _case_channel_packed():
+    _, r = _inputs(14)
+    logits, feats = r(20, 8, grad=True), r(20, 8, grad=True)
+    offsets = torch.tensor([0, 5, 5, 20])
+    return lambda: _grads(maskattn.masked_channel_attention_pool_packed(logits, feats, offsets), (logits, feats))
 
 
 def _case_softmax():
@@ -156,6 +170,8 @@ def _case_spatial():
 CASES = {
     "masked_attention_pool": _case_pool,
     "masked_attention_pool_packed": _case_packed,
+    "masked_channel_attention_pool": _case_channel_pool,
+    "masked_channel_attention_pool_packed": _case_channel_packed,
     "masked_softmax": _case_softmax,
     "patch_mask": _case_patch_mask,
     "patch_mask_to_image": _case_patch_mask_to_image,

@@ -1,8 +1,5 @@
 #include "common/cpu_alloc.h"
 
-#include <ATen/EmptyTensor.h>
-#include <c10/core/Allocator.h>
-
 #include <cstdlib>
 
 #if defined(__linux__)
@@ -19,42 +16,56 @@ void free_huge(void* p) {
   std::free(p);
 }
 
-// An allocator (rather than from_blob with a deleter) so the tensor's storage stays resizable and
-// behaves like any other CPU tensor's.
-struct HugePageAllocator final : c10::Allocator {
-  c10::DataPtr allocate(size_t n) override {
-    if (n == 0) return {nullptr, nullptr, &free_huge, c10::Device(c10::kCPU)};
-    const size_t bytes = (n + kHugePage - 1) / kHugePage * kHugePage;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHugePage, bytes) != 0 || p == nullptr) {
-      TORCH_CHECK(false, "maskattn: out of memory allocating ", n, " bytes on the CPU");
-    }
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p, bytes, MADV_HUGEPAGE);  // advisory: without THP support this is a no-op
-#endif
-    return {p, p, &free_huge, c10::Device(c10::kCPU)};
+// Bytes per element of the dtypes whose gradients come through here (the floating ones); 0 for
+// any other, which then takes the plain allocation.
+size_t element_size(st::ScalarType s) {
+  switch (s) {
+    case st::ScalarType::Double:
+      return 8;
+    case st::ScalarType::Float:
+      return 4;
+    case st::ScalarType::Half:
+    case st::ScalarType::BFloat16:
+      return 2;
+    default:
+      return 0;
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &free_huge; }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-};
-
-HugePageAllocator g_allocator;
+}
 
 }  // namespace
 
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  int64_t numel = 1;
-  for (auto s : sizes) numel *= s;
-  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(options.dtype().toScalarType());
+st::Tensor empty_large(const int64_t* sizes, int64_t ndim, st::ScalarType dtype, const st::Device& device) {
 #if defined(__linux__)
-  if (options.device().is_cpu() && bytes >= 4 * kHugePage) {
-    return at::detail::empty_generic(sizes, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                     options.dtype().toScalarType(), c10::MemoryFormat::Contiguous);
+  int64_t numel = 1;
+  for (int64_t d = 0; d < ndim; ++d) numel *= sizes[d];
+  const size_t bytes = static_cast<size_t>(numel) * element_size(dtype);
+  if (device.type() == torch::headeronly::DeviceType::CPU && bytes >= 4 * kHugePage) {
+    // No stable c10::Allocator exists: the buffer is handed over with its deleter (from_blob,
+    // torch 2.11), so this storage, unlike an at::empty one, cannot be resized in place.
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = nullptr;
+    MASKATTN_CHECK(posix_memalign(&p, kHugePage, rounded) == 0 && p != nullptr,
+                   "maskattn: out of memory allocating ", bytes, " bytes on the CPU");
+#if defined(MADV_HUGEPAGE)
+    madvise(p, rounded, MADV_HUGEPAGE);  // advisory: without THP support this is a no-op
+#endif
+    int64_t strides[st::kMaxDims];
+    int64_t s = 1;
+    for (int64_t d = ndim - 1; d >= 0; --d) {
+      strides[d] = s;
+      s *= sizes[d] > 1 ? sizes[d] : 1;
+    }
+    try {
+      return torch::stable::from_blob(p, torch::headeronly::IntHeaderOnlyArrayRef(sizes, ndim),
+                                      torch::headeronly::IntHeaderOnlyArrayRef(strides, ndim), device, dtype,
+                                      &free_huge);
+    } catch (...) {
+      std::free(p);
+      throw;
+    }
   }
 #endif
-  return at::empty(sizes, options);
+  return st::empty(sizes, ndim, dtype, device);
 }
 
 }  // namespace cpu

@@ -231,5 +231,136 @@ void axpy_rows_f32(float* acc, const float* const* rows, const float* w, int nro
   }
 }
 
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// One group of eight channels (k < 8 of them in the tail, the rest padded with -inf logits) of
+// channel_softmax_block_f32. The block's rows are read twice, for the max and for the sums; a block
+// is short enough (masked_channel_attention_pool's kBlockRows) to still be in cache the second time.
+template <bool CAREFUL, bool TAIL>
+__attribute__((always_inline)) inline void channel_group(const float* const* l, const float* const* f,
+                                                         int nrows, int64_t d, int k, float* m, float* s,
+                                                         float* a, v8si& tiny) {
+  auto ld = [&](const float* p, float pad) {
+    if constexpr (!TAIL) {
+      return load8(p + d);
+    } else {
+      v8sf x = splat(pad);
+      for (int i = 0; i < k; ++i) x[i] = p[d + i];
+      return x;
+    }
+  };
+  v8sf mx = ld(l[0], kNegInf);
+  for (int j = 1; j < nrows; ++j) {
+    const v8sf v = ld(l[j], kNegInf);
+    mx = ((v > mx) | (v != v)) ? v : mx;  // NaN wins: a NaN logit poisons its channel
+  }
+  v8sf ss = splat(0.0f), aa = splat(0.0f);
+  for (int j = 0; j < nrows; ++j) {
+    const v8sf e = exp_diff<CAREFUL>(ld(l[j], kNegInf), mx, tiny);
+    ss += e;
+    aa += (e != splat(0.0f)) ? e * ld(f[j], 0.0f) : splat(0.0f);
+  }
+  const v8si empty = mx == splat(kNegInf);  // no row, or only -inf: -inf - -inf is NaN above
+  ss = empty ? splat(0.0f) : ss;
+  aa = empty ? splat(0.0f) : aa;
+  if constexpr (!TAIL) {
+    store8(m + d, mx);
+    store8(s + d, ss);
+    store8(a + d, aa);
+  } else {
+    for (int i = 0; i < k; ++i) {
+      m[d + i] = mx[i];
+      s[d + i] = ss[i];
+      a[d + i] = aa[i];
+    }
+  }
+}
+
+template <bool CAREFUL>
+__attribute__((always_inline)) inline bool channel_block_t(const float* const* l, const float* const* f,
+                                                           int nrows, int64_t n, float* m, float* s,
+                                                           float* a) {
+  v8si tiny = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) channel_group<CAREFUL, false>(l, f, nrows, d, 8, m, s, a, tiny);
+  if (d < n) channel_group<CAREFUL, true>(l, f, nrows, d, static_cast<int>(n - d), m, s, a, tiny);
+  bool any = false;
+  for (int k = 0; k < 8; ++k) any = any || tiny[k] != 0;
+  return !CAREFUL && any;
+}
+
+template <bool CAREFUL>
+__attribute__((always_inline)) inline bool channel_weights_t(const float* l, const float* m, const float* inv,
+                                                             int64_t n, float* w) {
+  v8si tiny = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    store8(w + d, exp_diff<CAREFUL>(load8(l + d), load8(m + d), tiny) * load8(inv + d));
+  if (d < n) {
+    v8sf x = splat(kNegInf), mm = splat(0.0f), iv = splat(0.0f);
+    for (int64_t k = 0; d + k < n; ++k) {
+      x[k] = l[d + k];
+      mm[k] = m[d + k];
+      iv[k] = inv[d + k];
+    }
+    const v8sf r = exp_diff<CAREFUL>(x, mm, tiny) * iv;
+    for (int64_t k = 0; d + k < n; ++k) w[d + k] = r[k];
+  }
+  bool any = false;
+  for (int k = 0; k < 8; ++k) any = any || tiny[k] != 0;
+  return !CAREFUL && any;
+}
+
+}  // namespace
+
+MASKATTN_CLONES
+bool channel_softmax_block_f32(const float* const* l, const float* const* f, int nrows, int64_t n, float* m,
+                               float* s, float* a, bool careful) {
+  return careful ? channel_block_t<true>(l, f, nrows, n, m, s, a)
+                 : channel_block_t<false>(l, f, nrows, n, m, s, a);
+}
+
+MASKATTN_CLONES
+void channel_state_merge_f32(const float* x, const float* y, float* out, int64_t n, int64_t stride) {
+  const float *m1 = x, *s1 = x + stride, *a1 = x + 2 * stride;
+  const float *m2 = y, *s2 = y + stride, *a2 = y + 2 * stride;
+  float *mo = out, *so = out + stride, *ao = out + 2 * stride;
+  v8si unused = {0, 0, 0, 0, 0, 0, 0, 0};
+  const v8sf zero = splat(0.0f), ninf = splat(kNegInf);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const v8sf p = load8(m1 + d), q = load8(m2 + d);
+    const v8sf mx = ((q > p) | (q != q)) ? q : p;
+    // a state at -inf holds nothing (and -inf - -inf would be NaN): its scale is 0
+    const v8sf c1 = p == ninf ? zero : exp_diff<true>(p, mx, unused);
+    const v8sf c2 = q == ninf ? zero : exp_diff<true>(q, mx, unused);
+    const v8si u1 = c1 != zero, u2 = c2 != zero;
+    const v8sf ss = (u1 ? load8(s1 + d) * c1 : zero) + (u2 ? load8(s2 + d) * c2 : zero);
+    const v8sf aa = (u1 ? load8(a1 + d) * c1 : zero) + (u2 ? load8(a2 + d) * c2 : zero);
+    store8(mo + d, mx);
+    store8(so + d, ss);
+    store8(ao + d, aa);
+  }
+  for (; d < n; ++d) {
+    const float p = m1[d], q = m2[d];
+    const float mx = (q > p || q != q) ? q : p;
+    const float c1 = p == kNegInf ? 0.0f : exp_diff(p, mx);
+    const float c2 = q == kNegInf ? 0.0f : exp_diff(q, mx);
+    const float ss = (c1 != 0.0f ? s1[d] * c1 : 0.0f) + (c2 != 0.0f ? s2[d] * c2 : 0.0f);
+    const float aa = (c1 != 0.0f ? a1[d] * c1 : 0.0f) + (c2 != 0.0f ? a2[d] * c2 : 0.0f);
+    mo[d] = mx;
+    so[d] = ss;
+    ao[d] = aa;
+  }
+}
+
+MASKATTN_CLONES
+bool channel_weights_row_f32(const float* l, const float* m, const float* inv, int64_t n, float* w,
+                             bool careful) {
+  return careful ? channel_weights_t<true>(l, m, inv, n, w) : channel_weights_t<false>(l, m, inv, n, w);
+}
+
 }  // namespace cpu
 }  // namespace maskattn

@@ -43,6 +43,27 @@ inline T exp_diff(T v, T m) {
 float exp_sum_f32(float* v, int64_t n, float mx, bool* tiny);
 float exp_sum_careful_f32(float* v, int64_t n, float mx);
 
+// masked_channel_attention_pool's softmax runs per channel (one per bag and feature), so these
+// vectors span channels, not rows.
+//
+// One block of a bag's rows: for each channel d < n, over rows j < nrows (nrows >= 1),
+// m[d] = max_j l[j][d] (NaN wins), s[d] = sum_j e^(l[j][d] - m[d]) (exp as in exp_sum_f32) and
+// a[d] = sum_j e * f[j][d], where a row whose e is 0 is selected away, not multiplied (0 * NaN). A
+// channel whose max is -inf gets s = a = 0. careful = false writes 0 for a subnormal e and returns
+// true; the caller then redoes the block with careful = true, which keeps them.
+bool channel_softmax_block_f32(const float* const* l, const float* const* f, int nrows, int64_t n, float* m,
+                               float* s, float* a, bool careful);
+
+// Merges two such states, each m, s, a of n channels at x, x + stride, x + 2 * stride, into out
+// (which may be x or y): both rescaled to the larger max (a state whose scale is 0 contributes
+// nothing, even inf / NaN in a).
+void channel_state_merge_f32(const float* x, const float* y, float* out, int64_t n, int64_t stride);
+
+// w[d] = e^(l[d] - m[d]) * inv[d], d < n: one row's weights from its bag's final channel max and
+// 1 / sum. Returns true when careful is false and some e was subnormal (written as 0).
+bool channel_weights_row_f32(const float* l, const float* m, const float* inv, int64_t n, float* w,
+                             bool careful);
+
 // Generic versions for the other dtypes: eight independent partial sums, which compilers turn
 // into vector code without being allowed to reassociate.
 template <typename acc_t, typename scalar_t>

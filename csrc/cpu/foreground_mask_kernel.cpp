@@ -1,4 +1,4 @@
-// CPU kernels of foreground_mask: the content-based face mask of seed 004, one image per task.
+// CPU kernels of foreground_mask: the content-based face mask of a thermal-face pipeline, one image per task.
 //
 // Stages, all on one image's HxW buffers (they stay in L2 for 224-256 px crops):
 //   grey + threshold -> opening -> closing -> largest 8-connected component -> hole filling
@@ -7,17 +7,12 @@
 // the compiler vectorises. Connected components are labelled on runs (row segments), not pixels:
 // a face is a few hundred runs, so union-find touches a few hundred nodes instead of 65k pixels,
 // and runs are found eight bytes at a time.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/stable.h"
 #include "common/parallel.h"
 #include "foreground_mask.h"
 
@@ -333,25 +328,26 @@ void threshold_image(const scalar_t* base, int64_t C, int64_t H, int64_t W, int6
 #pragma GCC pop_options
 #endif
 
-std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images, double threshold,
+std::tuple<st::Tensor, st::Tensor> foreground_mask_cpu(const st::Tensor& images, double threshold,
                                                        int64_t open_radius, int64_t close_radius,
                                                        bool fill_holes, double sigma) {
   const ForegroundParams p{threshold, open_radius, close_radius, fill_holes, sigma};
-  const at::Tensor im = check_foreground_inputs(images, p);
-  const int64_t B = im.size(0), C = im.size(1), H = im.size(2), W = im.size(3);
+  const st::View im = check_foreground_inputs(images, p);
+  const int64_t B = im.size[0], C = im.size[1], H = im.size[2], W = im.size[3];
   // The per-image stages index rows, runs and labels with int (half the memory of int64 in the
   // union-find); an image of 2^31 pixels or more would overflow them, so refuse it up front.
-  TORCH_CHECK(H * W <= INT32_MAX, "foreground_mask: images of ", H, "x", W,
-              " pixels are too large (at most 2^31 - 1 pixels per image)");
-  auto opts = im.options().dtype(at::kFloat);
-  at::Tensor mask = at::empty({B, H, W}, opts);
-  at::Tensor coverage = at::empty({B}, opts);
+  MASKATTN_CHECK(H * W <= INT32_MAX, "foreground_mask: images of ", H, "x", W,
+                 " pixels are too large (at most 2^31 - 1 pixels per image)");
+  const int64_t mask_sizes[3] = {B, H, W};
+  st::Tensor mask = st::empty(mask_sizes, 3, st::ScalarType::Float, images.device());
+  st::Tensor coverage = st::empty(&B, 1, st::ScalarType::Float, images.device());
   if (B == 0) return {mask, coverage};
+  float* cp = coverage.mutable_data_ptr<float>();
   if (H == 0 || W == 0) {
-    coverage.zero_();
+    std::fill(cp, cp + B, 0.f);
     return {mask, coverage};
   }
-  const bool is_u8 = im.scalar_type() == at::kByte;
+  const bool is_u8 = images.scalar_type() == st::ScalarType::Byte;
   const double cut = foreground_cut(threshold, is_u8 ? 255.0 : 1.0);
   std::vector<double> cw(C);
   grey_weights(C, cw.data());
@@ -359,48 +355,53 @@ std::tuple<at::Tensor, at::Tensor> foreground_mask_cpu(const at::Tensor& images,
   const int gr = static_cast<int>(gw.size() / 2);
   const std::vector<int> tx = reflect101_table(static_cast<int>(W), gr);
   const std::vector<int> ty = reflect101_table(static_cast<int>(H), gr);
-  float* mp = mask.data_ptr<float>();
-  float* cp = coverage.data_ptr<float>();
+  float* mp = mask.mutable_data_ptr<float>();
+  const void* data = images.const_data_ptr();
   const int Hi = static_cast<int>(H), Wi = static_cast<int>(W);
 
-  AT_DISPATCH_FLOATING_TYPES_AND3(
-      at::kByte, at::kHalf, at::kBFloat16, im.scalar_type(), "foreground_mask_cpu", [&] {
-        const scalar_t* ip = im.const_data_ptr<scalar_t>();
-        // One image per task: the stages are sequential within an image, independent across images.
-        // Images are handed out one at a time from a shared counter rather than in fixed halves, so a
-        // core that is busy with something else (a data loader shares the machine) takes fewer images
-        // instead of holding back the whole batch. Each image's result does not depend on which
-        // thread computes it, so the output stays deterministic.
-        std::atomic<int64_t> next{0};
-        // A batch of little work stays on the calling thread (common/parallel.h); each pixel goes
-        // through a few tens of operations across the stages.
-        const int64_t workers = B * H * W * 32 < kParallelGrainWork
-                                    ? int64_t(1)
-                                    : std::min<int64_t>(B, std::max<int64_t>(1, at::get_num_threads()));
-        at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-          std::vector<uint8_t> bin(H * W), tmp(H * W);
-          std::vector<float> ftmp(H * W);
-          std::vector<double> acc(W);
-          std::vector<uint8_t> uniform(H);
-          std::vector<int64_t> area;
-          RunLabels L;
-          for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
-            threshold_image(ip + b * im.stride(0), C, H, W, im.stride(1), im.stride(2), im.stride(3),
-                            cw.data(), cut, bin.data(), acc.data());
-            morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi,
-                                static_cast<int>(open_radius));  // opening: erode,
-            morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi,
-                               static_cast<int>(open_radius));  // then dilate
-            morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi,
-                               static_cast<int>(close_radius));  // closing: dilate,
-            morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi,
-                                static_cast<int>(close_radius));  // then erode
-            const int64_t count = largest_component_one(bin.data(), Hi, Wi, fill_holes, L, area);
-            cp[b] = static_cast<float>(static_cast<double>(count) / static_cast<double>(H * W));
-            gaussian_smooth(bin.data(), mp + b * H * W, ftmp.data(), uniform, Hi, Wi, gw, tx, ty);
-          }
-        });
-      });
+  // A generic lambda outside the dispatch macro: commas in its body would split the macro's arguments.
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* ip = static_cast<const scalar_t*>(data);
+    // One image per task: the stages are sequential within an image, independent across
+    // images. Images are handed out one at a time from a shared counter rather than in fixed
+    // halves, so a core that is busy with something else (a data loader shares the machine)
+    // takes fewer images instead of holding back the whole batch. Each image's result does
+    // not depend on which thread computes it, so the output stays deterministic.
+    std::atomic<int64_t> next{0};
+    // A batch of little work stays on the calling thread (common/parallel.h); each pixel goes
+    // through a few tens of operations across the stages.
+    const int64_t workers =
+        B * H * W * 32 < kParallelGrainWork
+            ? int64_t(1)
+            : std::min<int64_t>(B, std::max<int64_t>(1, torch::stable::get_num_threads()));
+    torch::stable::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      std::vector<uint8_t> bin(H * W), tmp(H * W);
+      std::vector<float> ftmp(H * W);
+      std::vector<double> acc(W);
+      std::vector<uint8_t> uniform(H);
+      std::vector<int64_t> area;
+      RunLabels L;
+      for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
+        threshold_image(ip + b * im.stride[0], C, H, W, im.stride[1], im.stride[2], im.stride[3], cw.data(),
+                        cut, bin.data(), acc.data());
+        morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi,
+                            static_cast<int>(open_radius));  // opening: erode,
+        morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi,
+                           static_cast<int>(open_radius));  // then dilate
+        morph_square<true>(bin.data(), tmp.data(), uniform, Hi, Wi,
+                           static_cast<int>(close_radius));  // closing: dilate,
+        morph_square<false>(bin.data(), tmp.data(), uniform, Hi, Wi,
+                            static_cast<int>(close_radius));  // then erode
+        const int64_t count = largest_component_one(bin.data(), Hi, Wi, fill_holes, L, area);
+        cp[b] = static_cast<float>(static_cast<double>(count) / static_cast<double>(H * W));
+        gaussian_smooth(bin.data(), mp + b * H * W, ftmp.data(), uniform, Hi, Wi, gw, tx, ty);
+      }
+    });
+  };
+  THO_DISPATCH_V2(images.scalar_type(), "foreground_mask_cpu", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Byte, st::ScalarType::Half,
+                  st::ScalarType::BFloat16);
   return {mask, coverage};
 }
 
@@ -412,9 +413,9 @@ void largest_component_cpu(uint8_t* masks, int64_t B, int64_t H, int64_t W, bool
     for (int64_t b = 0; b < B; ++b) coverage[b] = 0.f;
     return;
   }
-  TORCH_CHECK(H * W <= INT32_MAX, "foreground_mask: images of ", H, "x", W,
-              " pixels are too large (at most 2^31 - 1 pixels per image)");  // int run labels, see above
-  at::parallel_for(0, B, grain_for(H * W * 8), [&](int64_t b0, int64_t b1) {
+  MASKATTN_CHECK(H * W <= INT32_MAX, "foreground_mask: images of ", H, "x", W,
+                 " pixels are too large (at most 2^31 - 1 pixels per image)");  // int run labels, see above
+  torch::stable::parallel_for(0, B, grain_for(H * W * 8), [&](int64_t b0, int64_t b1) {
     RunLabels L;
     std::vector<int64_t> area;
     for (int64_t b = b0; b < b1; ++b) {
@@ -427,6 +428,6 @@ void largest_component_cpu(uint8_t* masks, int64_t B, int64_t H, int64_t W, bool
 
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
-  m.impl("foreground_mask", &maskattn::foreground_mask_cpu);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
+  m.impl("foreground_mask", TORCH_BOX(&maskattn::foreground_mask_cpu));
 }

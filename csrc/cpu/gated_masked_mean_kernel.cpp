@@ -4,12 +4,6 @@
 // product is ever stored); the backward reads it once (for the gate gradient) and writes the
 // feature gradient once, an outer product of two small tensors. Both channels-first (pixels
 // contiguous) and channels-last (channels contiguous) features are read in place.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -17,7 +11,7 @@
 
 #include "common/cascade_sum.h"
 #include "common/parallel.h"
-#include "common/checks.h"
+#include "common/stable.h"
 #include "gated_masked_mean.h"
 
 namespace maskattn {
@@ -146,20 +140,20 @@ inline acc_t dot(const acc_t* a, const scalar_t* x, int64_t n) {
 
 // How the kernels walk the features: pixel stride ps within a channel plane, channel stride cs.
 struct FeatLayout {
-  at::Tensor f;
+  st::Tensor f;
   bool planar;  // ps == 1: each (b, c) plane is a contiguous row of H*W
   int64_t ps, cs, bs;
 };
 
-FeatLayout feature_layout(const at::Tensor& features) {
+FeatLayout feature_layout(const st::Tensor& features) {
   const int64_t C = features.size(1), HW = features.size(2) * features.size(3);
-  int64_t ps = HW <= 1 ? 1 : pixel_stride(features);
+  int64_t ps = HW <= 1 ? 1 : pixel_stride(st::View::of(features));
   const bool chlast = ps > 0 && (C <= 1 || features.stride(1) == 1);
   FeatLayout L;
   if (ps == 1 || chlast) {
     L.f = features;
   } else {
-    L.f = features.contiguous();  // a rare layout: one copy, then the planar kernels
+    L.f = torch::stable::contiguous(features);  // a rare layout: one copy, then the planar kernels
     ps = 1;
   }
   L.planar = ps == 1;
@@ -171,7 +165,7 @@ FeatLayout feature_layout(const at::Tensor& features) {
 
 // 1 / #valid pixels per sample (0 when none is valid), in the accumulation type.
 template <typename acc_t>
-std::vector<acc_t> inverse_counts(const at::Tensor& mask, int64_t B, int64_t H, int64_t W) {
+std::vector<acc_t> inverse_counts(const st::Tensor& mask, int64_t B, int64_t H, int64_t W) {
   std::vector<acc_t> inv(B, acc_t(0));
   if (!mask.defined()) {
     std::fill(inv.begin(), inv.end(), H * W > 0 ? acc_t(1) / static_cast<acc_t>(H * W) : acc_t(0));
@@ -179,7 +173,7 @@ std::vector<acc_t> inverse_counts(const at::Tensor& mask, int64_t B, int64_t H, 
   }
   const bool* m = mask.const_data_ptr<bool>();
   const int64_t s0 = mask.stride(0), s1 = mask.stride(1), s2 = mask.stride(2);
-  at::parallel_for(0, B, grain_for(H * W), [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, B, grain_for(H * W), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t n = 0;
       for (int64_t y = 0; y < H; ++y) {
@@ -194,195 +188,208 @@ std::vector<acc_t> inverse_counts(const at::Tensor& mask, int64_t B, int64_t H, 
 
 // Chunks of channels per sample so that a small batch still keeps every thread busy.
 int64_t channel_chunks(int64_t B, int64_t C) {
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nt = std::max<int64_t>(1, static_cast<int64_t>(torch::stable::get_num_threads()));
   const int64_t want = (2 * nt + std::max<int64_t>(B, 1) - 1) / std::max<int64_t>(B, 1);
   return std::max<int64_t>(1, std::min<int64_t>(want, (C + 15) / 16));
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cpu(const at::Tensor& features,
-                                                         const at::Tensor& gate_logits,
-                                                         const std::optional<at::Tensor>& mask) {
+std::tuple<st::Tensor, st::Tensor> gated_masked_mean_cpu(const st::Tensor& features,
+                                                         const st::Tensor& gate_logits,
+                                                         const std::optional<st::Tensor>& mask) {
   GatedInputs in = check_gated_inputs(features, gate_logits, mask, "gated_masked_mean");
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t HW = H * W;
-  at::Tensor gate = at::empty({B, H, W}, gate_logits.options());
-  at::Tensor pooled = at::empty({B, C}, features.options());
+  // [B, 1, H, W] when the logits are: allocated so, not a view (an op output that is a view cannot be
+  // modified in place under autograd); the kernels index it as [B, H*W] either way.
+  const st::Device dev = features.device();
+  st::Tensor gate = gate_logits.dim() == 4 ? st::empty({B, 1, H, W}, gate_logits.scalar_type(), dev)
+                                           : st::empty({B, H, W}, gate_logits.scalar_type(), dev);
+  st::Tensor pooled = st::empty({B, C}, features.scalar_type(), dev);
   const FeatLayout L = feature_layout(features);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const std::vector<acc_t> inv = inverse_counts<acc_t>(in.mask, B, H, W);
-        // w[b,p] = gate / #valid: the pooling weights, so the features pass is a plain weighted sum.
-        std::vector<acc_t> wbuf(B * HW);
-        acc_t* w = wbuf.data();
-        const scalar_t* lg = in.logits.const_data_ptr<scalar_t>();
-        const int64_t l0 = in.logits.stride(0), l1 = in.logits.stride(1), l2 = in.logits.stride(2);
-        const bool* mp = in.mask.defined() ? in.mask.const_data_ptr<bool>() : nullptr;
-        const int64_t m0 = mp ? in.mask.stride(0) : 0, m1 = mp ? in.mask.stride(1) : 0,
-                      m2 = mp ? in.mask.stride(2) : 0;
-        scalar_t* gp = gate.data_ptr<scalar_t>();
-        at::parallel_for(0, B, grain_for(HW), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) {
-            for (int64_t y = 0; y < H; ++y) {
-              for (int64_t x = 0; x < W; ++x) {
-                const int64_t p = b * HW + y * W + x;
-                const bool valid = mp == nullptr || mp[b * m0 + y * m1 + x * m2];
-                const acc_t s =
-                    acc_t(1) / (acc_t(1) + std::exp(-static_cast<acc_t>(lg[b * l0 + y * l1 + x * l2])));
-                const scalar_t g = valid ? static_cast<scalar_t>(s) : scalar_t(0);
-                gp[p] = g;
-                // Weights from the rounded gate, so that half-precision outputs and weights agree.
-                w[p] = static_cast<acc_t>(g) * inv[b];
-              }
-            }
+  // A generic lambda outside the dispatch macro: commas in its body would split the macro's arguments.
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    const std::vector<acc_t> inv = inverse_counts<acc_t>(in.mask, B, H, W);
+    // w[b,p] = gate / #valid: the pooling weights, so the features pass is a plain weighted sum.
+    std::vector<acc_t> wbuf(B * HW);
+    acc_t* w = wbuf.data();
+    const scalar_t* lg = in.logits.const_data_ptr<scalar_t>();
+    const int64_t l0 = in.lv.stride[0], l1 = in.lv.stride[1], l2 = in.lv.stride[2];
+    const bool* mp = in.mask.defined() ? in.mask.const_data_ptr<bool>() : nullptr;
+    const int64_t m0 = mp ? in.mask.stride(0) : 0, m1 = mp ? in.mask.stride(1) : 0,
+                  m2 = mp ? in.mask.stride(2) : 0;
+    scalar_t* gp = gate.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, B, grain_for(HW), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t y = 0; y < H; ++y) {
+          for (int64_t x = 0; x < W; ++x) {
+            const int64_t p = b * HW + y * W + x;
+            const bool valid = mp == nullptr || mp[b * m0 + y * m1 + x * m2];
+            const acc_t s =
+                acc_t(1) / (acc_t(1) + std::exp(-static_cast<acc_t>(lg[b * l0 + y * l1 + x * l2])));
+            const scalar_t g = valid ? static_cast<scalar_t>(s) : scalar_t(0);
+            gp[p] = g;
+            // Weights from the rounded gate, so that half-precision outputs and weights agree.
+            w[p] = static_cast<acc_t>(g) * inv[b];
           }
-        });
-        const scalar_t* f = L.f.const_data_ptr<scalar_t>();
-        scalar_t* out = pooled.data_ptr<scalar_t>();
-        if (L.planar) {
-          at::parallel_for(0, B * C, grain_for(HW), [&](int64_t i0, int64_t i1) {
-            for (int64_t i = i0; i < i1; ++i) {
-              const int64_t b = i / C, c = i % C;
-              const scalar_t* __restrict__ row = f + b * L.bs + c * L.cs;
-              const acc_t* __restrict__ wb = w + b * HW;
-              // The plain dot vectorises, the select does not (3x slower at 7x7): take the select
-              // only for the rare plane whose plain dot is not finite, which may be a zero-weight
-              // pixel holding inf/NaN (0 * inf). Zero-weight pixels (padding, and valid pixels whose
-              // gate is 0) never reach the result, as on CUDA (docs/numerics.md, the zero-gate rule).
-              acc_t v = dot<scalar_t, acc_t>(wb, row, HW);
-              if (!std::isfinite(v)) v = masked_dot<scalar_t, acc_t>(wb, row, HW);
-              out[i] = static_cast<scalar_t>(v);
-            }
-          });
-        } else {
-          // Pixels summed kSumBlock at a time, the blocks added pairwise (common/cascade_sum.h).
-          const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
-          at::parallel_for(0, B * nch, grain_for(csz * HW), [&](int64_t t0, int64_t t1) {
-            std::vector<acc_t> total(csz);
-            for (int64_t t = t0; t < t1; ++t) {
-              const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
-              if (c0 >= c1) continue;
-              cpu::ArrayCascade<acc_t> cascade(c1 - c0);
-              for (int64_t p0 = 0; p0 < HW; p0 += cpu::kSumBlock) {
-                acc_t* __restrict__ a = cascade.block();
-                for (int64_t p = p0; p < std::min(HW, p0 + cpu::kSumBlock); ++p) {
-                  const acc_t wp = w[b * HW + p];
-                  if (wp == acc_t(0)) continue;
-                  const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps + c0;
-                  for (int64_t c = 0; c < c1 - c0; ++c) a[c] += wp * static_cast<acc_t>(row[c]);
-                }
-                cascade.add_block(a);
-              }
-              cascade.total(total.data());
-              for (int64_t c = c0; c < c1; ++c) out[b * C + c] = static_cast<scalar_t>(total[c - c0]);
-            }
-          });
+        }
+      }
+    });
+    const scalar_t* f = L.f.const_data_ptr<scalar_t>();
+    scalar_t* out = pooled.mutable_data_ptr<scalar_t>();
+    if (L.planar) {
+      torch::stable::parallel_for(0, B * C, grain_for(HW), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t b = i / C, c = i % C;
+          const scalar_t* __restrict__ row = f + b * L.bs + c * L.cs;
+          const acc_t* __restrict__ wb = w + b * HW;
+          // The plain dot vectorises, the select does not (3x slower at 7x7): take the select
+          // only for the rare plane whose plain dot is not finite, which may be a zero-weight
+          // pixel holding inf/NaN (0 * inf). Zero-weight pixels (padding, and valid pixels whose
+          // gate is 0) never reach the result, as on CUDA (docs/numerics.md, the zero-gate rule).
+          acc_t v = dot<scalar_t, acc_t>(wb, row, HW);
+          if (!std::isfinite(v)) v = masked_dot<scalar_t, acc_t>(wb, row, HW);
+          out[i] = static_cast<scalar_t>(v);
         }
       });
-  // [B, 1, H, W] in place, not through a view: an op output that is a view cannot be modified in
-  // place under autograd.
-  if (gate_logits.dim() == 4) gate.unsqueeze_(1);
+    } else {
+      // Pixels summed kSumBlock at a time, the blocks added pairwise (common/cascade_sum.h).
+      const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
+      torch::stable::parallel_for(0, B * nch, grain_for(csz * HW), [&](int64_t t0, int64_t t1) {
+        std::vector<acc_t> total(csz);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
+          if (c0 >= c1) continue;
+          cpu::ArrayCascade<acc_t> cascade(c1 - c0);
+          for (int64_t p0 = 0; p0 < HW; p0 += cpu::kSumBlock) {
+            acc_t* __restrict__ a = cascade.block();
+            for (int64_t p = p0; p < std::min(HW, p0 + cpu::kSumBlock); ++p) {
+              const acc_t wp = w[b * HW + p];
+              if (wp == acc_t(0)) continue;
+              const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps + c0;
+              for (int64_t c = 0; c < c1 - c0; ++c) a[c] += wp * static_cast<acc_t>(row[c]);
+            }
+            cascade.add_block(a);
+          }
+          cascade.total(total.data());
+          for (int64_t c = c0; c < c1; ++c) out[b * C + c] = static_cast<scalar_t>(total[c - c0]);
+        }
+      });
+    }
+  };
+  THO_DISPATCH_V2(features.scalar_type(), "gated_masked_mean_cpu", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return {pooled, gate};
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cpu(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_gate, const at::Tensor& features,
-    const at::Tensor& gate, const std::optional<at::Tensor>& mask, std::array<bool, 2> output_mask) {
+std::tuple<st::Tensor, st::Tensor> gated_masked_mean_backward_cpu(
+    const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_gate, const st::Tensor& features,
+    const st::Tensor& gate, const std::optional<st::Tensor>& mask, std::vector<bool> output_mask) {
   GatedGrads g = check_gated_grads(grad_pooled, grad_gate, features, gate, mask);
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t HW = H * W;
-  const at::Tensor bmask = g.mask;
-  const bool need_f = output_mask[0], need_l = output_mask[1];
-  at::Tensor grad_features =
-      need_f ? at::empty({B, C, H, W}, features.options()) : at::empty({0}, features.options());
-  at::Tensor grad_logits = need_l ? at::empty({B, H, W}, gate.options()) : at::empty({0}, gate.options());
+  const st::Tensor bmask = g.mask;
+  const bool need_f = output_mask.size() > 0 && output_mask[0],
+             need_l = output_mask.size() > 1 && output_mask[1];
+  const st::Device dev = features.device();
+  const st::ScalarType dt = features.scalar_type();
+  st::Tensor grad_features = need_f ? st::empty({B, C, H, W}, dt, dev) : st::empty({0}, dt, dev);
+  // The gate's shape ([B, 1, H, W] or [B, H, W]); the kernels index it as [B, H*W].
+  const st::View gv = st::View::of(gate);
+  st::Tensor grad_logits =
+      need_l ? st::empty(gv.size, gv.ndim, gate.scalar_type(), dev) : st::empty({0}, gate.scalar_type(), dev);
   if (!need_f && !need_l) return {grad_features, grad_logits};
-  const auto acc_type = at::toOpMathType(features.scalar_type());
+  const st::ScalarType acc_type = st::acc_dtype(dt);
   // Small operands (B*C, B*H*W): normalised once; opcheck passes expanded (zero-stride) grads.
-  const at::Tensor gpd = g.grad_pooled.to(acc_type).contiguous();
-  const at::Tensor ggd = g.grad_gate.defined() ? g.grad_gate.to(acc_type).contiguous() : at::Tensor();
-  const at::Tensor gate_c = g.gate.contiguous();
+  const st::Tensor gpd = torch::stable::contiguous(torch::stable::to(grad_pooled, acc_type));
+  const st::Tensor ggd = g.grad_gate.defined()
+                             ? torch::stable::contiguous(torch::stable::to(g.grad_gate, acc_type))
+                             : st::Tensor();
+  const st::Tensor gate_c = torch::stable::contiguous(gate);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const std::vector<acc_t> inv = inverse_counts<acc_t>(bmask, B, H, W);
-        const acc_t* gpp = gpd.const_data_ptr<acc_t>();
-        const scalar_t* gt = gate_c.const_data_ptr<scalar_t>();
-        // d pooled[b,c] / d f[b,c,p] = gate[b,p] / #valid(b): an outer product, one write pass. For
-        // channels-first features it is fused into the gate-gradient pass below (same (b, c) rows).
-        const FeatLayout L = need_l ? feature_layout(features) : FeatLayout{};
-        scalar_t* gf = need_f ? grad_features.data_ptr<scalar_t>() : nullptr;
-        const bool fuse = need_f && need_l && L.planar;
-        if (need_f && !fuse) {
-          at::parallel_for(0, B * C, grain_for(HW), [&](int64_t i0, int64_t i1) {
-            for (int64_t i = i0; i < i1; ++i) {
-              const int64_t b = i / C;
-              scale_row<scalar_t, acc_t>(gf + i * HW, gt + b * HW, gpp[i] * inv[b], HW);
-            }
-          });
+  // A generic lambda outside the dispatch macro: commas in its body would split the macro's arguments.
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    const std::vector<acc_t> inv = inverse_counts<acc_t>(bmask, B, H, W);
+    const acc_t* gpp = gpd.const_data_ptr<acc_t>();
+    const scalar_t* gt = gate_c.const_data_ptr<scalar_t>();
+    // d pooled[b,c] / d f[b,c,p] = gate[b,p] / #valid(b): an outer product, one write pass. For
+    // channels-first features it is fused into the gate-gradient pass below (same (b, c) rows).
+    const FeatLayout L = need_l ? feature_layout(features) : FeatLayout{};
+    scalar_t* gf = need_f ? grad_features.mutable_data_ptr<scalar_t>() : nullptr;
+    const bool fuse = need_f && need_l && L.planar;
+    if (need_f && !fuse) {
+      torch::stable::parallel_for(0, B * C, grain_for(HW), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t b = i / C;
+          scale_row<scalar_t, acc_t>(gf + i * HW, gt + b * HW, gpp[i] * inv[b], HW);
         }
-        if (!need_l || B * HW == 0) return;
-        // dots[b,p] = sum_c grad_pooled[b,c] * f[b,c,p]
-        const scalar_t* f = L.f.const_data_ptr<scalar_t>();
-        std::vector<acc_t> dots(B * HW, acc_t(0));
-        if (L.planar) {
-          const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
-          std::vector<acc_t> part(B * nch * HW, acc_t(0));
-          at::parallel_for(0, B * nch, grain_for(csz * HW), [&](int64_t t0, int64_t t1) {
-            for (int64_t t = t0; t < t1; ++t) {
-              const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
-              acc_t* __restrict__ a = part.data() + t * HW;
-              for (int64_t c = c0; c < c1; ++c) {
-                const acc_t gc = gpp[b * C + c];
-                if (fuse) scale_row<scalar_t, acc_t>(gf + (b * C + c) * HW, gt + b * HW, gc * inv[b], HW);
-                axpy_row<scalar_t, acc_t>(a, f + b * L.bs + c * L.cs, gc, HW);
-              }
-            }
-          });
-          // Fixed-order reduction of the chunks: the result does not depend on the thread schedule.
-          at::parallel_for(0, B, grain_for(nch * HW), [&](int64_t b0, int64_t b1) {
-            for (int64_t b = b0; b < b1; ++b) {
-              acc_t* __restrict__ d = dots.data() + b * HW;
-              for (int64_t k = 0; k < nch; ++k) {
-                const acc_t* __restrict__ a = part.data() + (b * nch + k) * HW;
-                for (int64_t p = 0; p < HW; ++p) d[p] += a[p];
-              }
-            }
-          });
-        } else {
-          at::parallel_for(0, B * HW, grain_for(C), [&](int64_t i0, int64_t i1) {
-            for (int64_t i = i0; i < i1; ++i) {
-              const int64_t b = i / HW, p = i % HW;
-              const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps;
-              const acc_t* __restrict__ gb = gpp + b * C;
-              dots[i] = dot<scalar_t, acc_t>(gb, row, C);
-            }
-          });
-        }
-        // d/d logit = s (1 - s) * (dots / #valid + grad_gate); padding (gate 0) gets exactly 0.
-        const acc_t* gg = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
-        scalar_t* gl = grad_logits.data_ptr<scalar_t>();
-        at::parallel_for(0, B, grain_for(HW), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) {
-            for (int64_t p = 0; p < HW; ++p) {
-              const int64_t i = b * HW + p;
-              const acc_t s = static_cast<acc_t>(gt[i]);
-              const acc_t up = dots[i] * inv[b] + (gg ? gg[i] : acc_t(0));
-              gl[i] = s != acc_t(0) ? static_cast<scalar_t>(s * (acc_t(1) - s) * up) : scalar_t(0);
-            }
-          }
-        });
       });
-  if (need_l && gate.dim() == 4) grad_logits.unsqueeze_(1);
+    }
+    if (!need_l || B * HW == 0) return;
+    // dots[b,p] = sum_c grad_pooled[b,c] * f[b,c,p]
+    const scalar_t* f = L.f.const_data_ptr<scalar_t>();
+    std::vector<acc_t> dots(B * HW, acc_t(0));
+    if (L.planar) {
+      const int64_t nch = channel_chunks(B, C), csz = (C + nch - 1) / nch;
+      std::vector<acc_t> part(B * nch * HW, acc_t(0));
+      torch::stable::parallel_for(0, B * nch, grain_for(csz * HW), [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / nch, c0 = (t % nch) * csz, c1 = std::min(C, c0 + csz);
+          acc_t* __restrict__ a = part.data() + t * HW;
+          for (int64_t c = c0; c < c1; ++c) {
+            const acc_t gc = gpp[b * C + c];
+            if (fuse) scale_row<scalar_t, acc_t>(gf + (b * C + c) * HW, gt + b * HW, gc * inv[b], HW);
+            axpy_row<scalar_t, acc_t>(a, f + b * L.bs + c * L.cs, gc, HW);
+          }
+        }
+      });
+      // Fixed-order reduction of the chunks: the result does not depend on the thread schedule.
+      torch::stable::parallel_for(0, B, grain_for(nch * HW), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          acc_t* __restrict__ d = dots.data() + b * HW;
+          for (int64_t k = 0; k < nch; ++k) {
+            const acc_t* __restrict__ a = part.data() + (b * nch + k) * HW;
+            for (int64_t p = 0; p < HW; ++p) d[p] += a[p];
+          }
+        }
+      });
+    } else {
+      torch::stable::parallel_for(0, B * HW, grain_for(C), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t b = i / HW, p = i % HW;
+          const scalar_t* __restrict__ row = f + b * L.bs + p * L.ps;
+          const acc_t* __restrict__ gb = gpp + b * C;
+          dots[i] = dot<scalar_t, acc_t>(gb, row, C);
+        }
+      });
+    }
+    // d/d logit = s (1 - s) * (dots / #valid + grad_gate); padding (gate 0) gets exactly 0.
+    const acc_t* gg = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, B, grain_for(HW), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t p = 0; p < HW; ++p) {
+          const int64_t i = b * HW + p;
+          const acc_t s = static_cast<acc_t>(gt[i]);
+          const acc_t up = dots[i] * inv[b] + (gg ? gg[i] : acc_t(0));
+          gl[i] = s != acc_t(0) ? static_cast<scalar_t>(s * (acc_t(1) - s) * up) : scalar_t(0);
+        }
+      }
+    });
+  };
+  THO_DISPATCH_V2(dt, "gated_masked_mean_backward_cpu", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return {grad_features, grad_logits};
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
-  m.impl("gated_masked_mean", &maskattn::gated_masked_mean_cpu);
-  m.impl("_gated_masked_mean_backward", &maskattn::gated_masked_mean_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
+  m.impl("gated_masked_mean", TORCH_BOX(&maskattn::gated_masked_mean_cpu));
+  m.impl("_gated_masked_mean_backward", TORCH_BOX(&maskattn::gated_masked_mean_backward_cpu));
 }

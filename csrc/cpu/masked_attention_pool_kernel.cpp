@@ -3,22 +3,18 @@
 // Both layouts reduce to a list of bags, each a run of rows with its own base offsets, so one set
 // of kernels serves both. The features tensor, the only large one, is streamed exactly once in
 // the forward and once in the backward; everything else is O(B*N*K).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common/cascade_sum.h"
-#include "common/parallel.h"
-#include "common/checks.h"
 #include "common/cpu_alloc.h"
 #include "common/cpu_vec.h"
+#include "common/parallel.h"
+#include "common/stable.h"
 #include "masked_attention_pool.h"
 
 namespace maskattn {
@@ -55,7 +51,7 @@ int64_t total_rows(const std::vector<Bag>& bags) {
 // sums (K*D floats each) stay negligible next to the features.
 std::vector<Chunk> make_chunks(const std::vector<Bag>& bags, std::vector<int64_t>& first_chunk) {
   const int64_t total = total_rows(bags);
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nt = std::max<int64_t>(1, static_cast<int64_t>(torch::stable::get_num_threads()));
   const int64_t rows = std::max<int64_t>(64, (total + 4 * nt - 1) / (4 * nt));
   std::vector<Chunk> chunks;
   first_chunk.assign(bags.size() + 1, 0);
@@ -111,7 +107,7 @@ void bag_softmax(const scalar_t* logits, const bool* mask, const std::vector<Bag
   const int64_t K = L.K;
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const int64_t nb = static_cast<int64_t>(bags.size());
-  at::parallel_for(0, nb, grain_for(total_rows(bags) * K, nb), [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, nb, grain_for(total_rows(bags) * K, nb), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> buf;  // one branch's column when K > 1, so the exp runs on contiguous values
     for (int64_t b = b0; b < b1; ++b) {
       const Bag& bag = bags[b];
@@ -232,7 +228,7 @@ void pool_chunk(const scalar_t* f, const acc_t* w, const Bag& bag, const Chunk& 
 }
 
 // Bags and strides for the padded layout.
-std::vector<Bag> padded_bags(const at::Tensor& logits, const at::Tensor& features, const at::Tensor& mask) {
+std::vector<Bag> padded_bags(const st::Tensor& logits, const st::Tensor& features, const st::Tensor& mask) {
   const int64_t B = features.size(0), N = features.size(1), K = logits.size(2);
   std::vector<Bag> bags(B);
   for (int64_t b = 0; b < B; ++b) {
@@ -242,8 +238,8 @@ std::vector<Bag> padded_bags(const at::Tensor& logits, const at::Tensor& feature
   return bags;
 }
 
-std::vector<Bag> packed_bags(const at::Tensor& logits, const at::Tensor& features,
-                             const at::Tensor& offsets) {
+std::vector<Bag> packed_bags(const st::Tensor& logits, const st::Tensor& features,
+                             const st::Tensor& offsets) {
   const int64_t B = offsets.size(0) - 1, K = logits.size(1);
   const int64_t* o = offsets.const_data_ptr<int64_t>();
   std::vector<Bag> bags(B);
@@ -255,13 +251,13 @@ std::vector<Bag> packed_bags(const at::Tensor& logits, const at::Tensor& feature
 
 // Features whose last dim is not unit-stride and whose row dim is not either are copied once;
 // the two common layouts are read in place.
-at::Tensor readable_features(const at::Tensor& f) {
+st::Tensor readable_features(const st::Tensor& f) {
   const int64_t nd = f.dim();
   if (f.stride(nd - 1) == 1 || f.stride(nd - 2) == 1 || f.numel() == 0) return f;
-  return f.contiguous();
+  return torch::stable::contiguous(f);
 }
 
-Layout make_layout(const at::Tensor& logits, const at::Tensor& features, const at::Tensor& mask) {
+Layout make_layout(const st::Tensor& logits, const st::Tensor& features, const st::Tensor& mask) {
   const int64_t nd = features.dim();
   Layout L;
   L.K = logits.size(-1);
@@ -277,265 +273,269 @@ Layout make_layout(const at::Tensor& logits, const at::Tensor& features, const a
   return L;
 }
 
-// weights: [rows, K] in the logits' dtype; pooled: [B, K, D] in the features' dtype.
-std::tuple<at::Tensor, at::Tensor> pool_forward(const at::Tensor& logits, const at::Tensor& features,
-                                                const at::Tensor& mask, const std::vector<Bag>& bags,
-                                                at::IntArrayRef weights_shape) {
+// weights: [rows, K] in the logits' dtype; pooled: [B, K, D] in the features' dtype. With squeeze_k
+// (K == 1) both are allocated without their K dim, [rows] and [B, D]: the same memory, and an op
+// output that is a view cannot be modified in place under autograd (pooled += bias), so every output
+// is a tensor of its own.
+std::tuple<st::Tensor, st::Tensor> pool_forward(const st::Tensor& logits, const st::Tensor& features,
+                                                const st::Tensor& mask, const std::vector<Bag>& bags,
+                                                bool squeeze_k) {
   const Layout L = make_layout(logits, features, mask);
   const int64_t B = static_cast<int64_t>(bags.size()), K = L.K, D = L.D;
-  auto weights = at::empty(weights_shape, logits.options());
-  auto pooled = at::zeros({B, K, D}, features.options());
-  const auto acc_type = at::toOpMathType(features.scalar_type());
+  const st::Device dev = features.device();
+  st::View ws = st::View::of(logits);
+  if (squeeze_k) ws = ws.drop(ws.ndim - 1);
+  st::Tensor weights = st::empty(ws.size, ws.ndim, logits.scalar_type(), dev);
+  st::Tensor pooled = squeeze_k ? st::zeros({B, D}, features.scalar_type(), dev)
+                                : st::zeros({B, K, D}, features.scalar_type(), dev);
+  const st::ScalarType acc_type = st::acc_dtype(features.scalar_type());
   // The features pass reads weights in the accumulation type; for float/double that is the output.
-  auto w_acc =
-      acc_type == logits.scalar_type() ? weights : at::empty(weights_shape, logits.options().dtype(acc_type));
+  const bool separate = acc_type != logits.scalar_type();
+  st::Tensor w_acc = separate ? st::empty(ws.size, ws.ndim, acc_type, dev) : weights;
   if (weights.numel() == 0) return {pooled, weights};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        acc_t* w = w_acc.data_ptr<acc_t>();
-        bag_softmax<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(),
-                                     mask.defined() ? mask.const_data_ptr<bool>() : nullptr, bags, L, w);
-        if (D == 0) return;
-        std::vector<int64_t> first;
-        const auto chunks = make_chunks(bags, first);
-        std::vector<acc_t> parts(chunks.size() * K * D);
-        const scalar_t* f = features.const_data_ptr<scalar_t>();
-        const int64_t nc_all = static_cast<int64_t>(chunks.size());
-        at::parallel_for(0, nc_all, grain_for(total_rows(bags) * K * D, nc_all), [&](int64_t c0, int64_t c1) {
+  // A generic lambda outside the dispatch macro: a top-level comma in its body would split the
+  // macro's arguments.
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    acc_t* w = w_acc.mutable_data_ptr<acc_t>();
+    bag_softmax<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(),
+                                 mask.defined() ? mask.const_data_ptr<bool>() : nullptr, bags, L, w);
+    if (D == 0) return;
+    std::vector<int64_t> first;
+    const auto chunks = make_chunks(bags, first);
+    std::vector<acc_t> parts(chunks.size() * K * D);
+    const scalar_t* f = features.const_data_ptr<scalar_t>();
+    const int64_t nc_all = static_cast<int64_t>(chunks.size());
+    torch::stable::parallel_for(
+        0, nc_all, grain_for(total_rows(bags) * K * D, nc_all), [&](int64_t c0, int64_t c1) {
           for (int64_t c = c0; c < c1; ++c) {
             pool_chunk(f, w, bags[chunks[c].bag], chunks[c], L, parts.data() + c * K * D);
           }
         });
-        // Chunks are summed pairwise in a fixed order: results do not depend on the thread
-        // schedule. A bag without rows has no chunk and keeps its zeros.
-        scalar_t* out = pooled.data_ptr<scalar_t>();
-        at::parallel_for(0, B * K, grain_for(nc_all * D, std::max<int64_t>(1, B)),
-                         [&](int64_t i0, int64_t i1) {
-                           for (int64_t i = i0; i < i1; ++i) {
-                             const int64_t b = i / K, k = i % K, nc = first[b + 1] - first[b];
-                             if (nc == 0) continue;
-                             acc_t* p0 = parts.data() + (first[b] * K + k) * D;
-                             cpu::pairwise_reduce_inplace(p0, nc, K * D, D);
-                             for (int64_t d = 0; d < D; ++d) out[i * D + d] = static_cast<scalar_t>(p0[d]);
-                           }
-                         });
-      });
-  if (!w_acc.is_same(weights)) weights.copy_(w_acc);
+    // Chunks are summed pairwise in a fixed order: results do not depend on the thread
+    // schedule. A bag without rows has no chunk and keeps its zeros.
+    scalar_t* out = pooled.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, B * K, grain_for(nc_all * D, std::max<int64_t>(1, B)),
+                                [&](int64_t i0, int64_t i1) {
+                                  for (int64_t i = i0; i < i1; ++i) {
+                                    const int64_t b = i / K, k = i % K, nc = first[b + 1] - first[b];
+                                    if (nc == 0) continue;
+                                    acc_t* p0 = parts.data() + (first[b] * K + k) * D;
+                                    cpu::pairwise_reduce_inplace(p0, nc, K * D, D);
+                                    for (int64_t d = 0; d < D; ++d)
+                                      out[i * D + d] = static_cast<scalar_t>(p0[d]);
+                                  }
+                                });
+  };
+  THO_DISPATCH_V2(features.scalar_type(), "masked_attention_pool_cpu", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
+  if (separate) torch::stable::copy_(weights, w_acc);
   return {pooled, weights};
 }
 
 // grad_logits (like weights) and grad_features (contiguous, like features' shape); either may be
 // skipped, and then nothing of its size is allocated or written.
-std::tuple<at::Tensor, at::Tensor> pool_backward(const PoolGrads& g, const at::Tensor& features,
+std::tuple<st::Tensor, st::Tensor> pool_backward(const PoolGrads& g, const st::Tensor& features,
                                                  const std::vector<Bag>& bags, bool need_logits,
                                                  bool need_features) {
-  const auto acc_type = at::toOpMathType(features.scalar_type());
-  const at::Tensor w_acc = g.weights.to(acc_type).contiguous();
-  const at::Tensor gp = g.grad_pooled.to(acc_type).contiguous();
-  const at::Tensor gw = g.grad_weights.defined() ? g.grad_weights.to(acc_type).contiguous() : at::Tensor();
-  Layout L = make_layout(g.weights, features, at::Tensor());
+  const st::ScalarType acc_type = st::acc_dtype(features.scalar_type());
+  const st::Tensor w_acc = acc_contiguous(g.weights, acc_type);
+  const st::Tensor gp = acc_contiguous(g.grad_pooled, acc_type);
+  const st::Tensor gw = g.grad_weights.defined() ? acc_contiguous(g.grad_weights, acc_type) : st::Tensor();
+  Layout L = make_layout(g.weights, features, st::Tensor());
   const int64_t K = L.K, D = L.D;
-  at::Tensor grad_logits =
-      need_logits ? at::zeros(g.weights.sizes(), g.weights.options()) : at::empty({0}, g.weights.options());
-  at::Tensor grad_features = need_features ? cpu::empty_large(features.sizes(), features.options())
-                                           : at::empty({0}, features.options());
+  const st::Device dev = features.device();
+  const st::ScalarType wt = g.weights.scalar_type(), ft = features.scalar_type();
+  // grad_logits has the weights' shape as passed (without the K dim when they had none).
+  st::View ws = st::View::of(g.weights);
+  if (g.squeeze_k) ws = ws.drop(ws.ndim - 1);
+  const st::View fs = st::View::of(features);
+  st::Tensor grad_logits = need_logits ? st::zeros(ws.size, ws.ndim, wt, dev) : st::empty({0}, wt, dev);
+  st::Tensor grad_features =
+      need_features ? cpu::empty_large(fs.size, fs.ndim, ft, dev) : st::empty({0}, ft, dev);
   if (!need_logits && !need_features) return {grad_logits, grad_features};
   if (g.weights.numel() == 0) {
     // No weights (B, N or K is 0): every feature row has weight 0.
-    if (need_features) grad_features.zero_();
+    if (need_features) torch::stable::fill_(grad_features, 0.0);
     return {grad_logits, grad_features};
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const acc_t* w = w_acc.const_data_ptr<acc_t>();
-        const acc_t* gpp = gp.const_data_ptr<acc_t>();
-        const acc_t* gwp = gw.defined() ? gw.const_data_ptr<acc_t>() : nullptr;
-        const scalar_t* f = features.const_data_ptr<scalar_t>();
-        scalar_t* gf = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
-        // gsum[row,k] = dL/dw[row,k] in total: the incoming weight gradient plus <grad_pooled, row>.
-        std::vector<acc_t> gsum(need_logits ? w_acc.numel() : 0);
-        std::vector<int64_t> first;
-        const auto chunks = make_chunks(bags, first);
-        const int64_t gf_row = D;  // grad_features is contiguous
-        const int64_t nc_all = static_cast<int64_t>(chunks.size());
-        at::parallel_for(
-            0, nc_all, grain_for(total_rows(bags) * K * (D + 1), nc_all), [&](int64_t c0, int64_t c1) {
-              std::vector<acc_t> col;
-              for (int64_t ci = c0; ci < c1; ++ci) {
-                const Chunk& c = chunks[ci];
-                const Bag& bag = bags[c.bag];
-                const acc_t* gpb = gpp + c.bag * K * D;
-                // grad_features rows are contiguous [rows, D]; the row index is the bag's row base.
-                const int64_t row_base = bag.w_off / K;
-                if (need_features) {
-                  for (int64_t r = c.r0; r < c.r1; ++r) {
-                    scalar_t* out = gf + (row_base + r) * gf_row;
-                    const acc_t* wr = w + bag.w_off + r * K;
-                    if (K == 1) {
-                      const acc_t a = wr[0];
-                      if (a == acc_t(0)) {
-                        std::fill(out, out + D, scalar_t(0));
-                      } else {
-                        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(a * gpb[d]);
-                      }
-                    } else {
-                      // Branches whose weight is 0 are selected away, not multiplied: 0 * inf in
-                      // grad_pooled would otherwise reach the row (padding: every branch is 0).
-                      for (int64_t d = 0; d < D; ++d) {
-                        acc_t s = 0;
-                        for (int64_t k = 0; k < K; ++k)
-                          s += wr[k] != acc_t(0) ? wr[k] * gpb[k * D + d] : acc_t(0);
-                        out[d] = static_cast<scalar_t>(s);
-                      }
-                    }
-                  }
-                }
-                if (!need_logits) continue;
-                acc_t* gs = gsum.data() + bag.w_off;
-                if (L.fs_d == 1 && K == 1) {
-                  // live rows (weight != 0) four at a time; padding rows are never read
-                  const scalar_t* rows[4];
-                  int64_t idx[4];
-                  acc_t out[4];
-                  int n = 0;
-                  for (int64_t r = c.r0; r < c.r1; ++r) {
-                    gs[r] = acc_t(0);
-                    if (w[bag.w_off + r] == acc_t(0)) continue;
-                    rows[n] = f + bag.f_off + r * L.fs_n;
-                    idx[n] = r;
-                    if (++n == 4) {
-                      cpu::dot_rows_any(gpb, rows, 4, D, out);
-                      for (int j = 0; j < 4; ++j) gs[idx[j]] = out[j];
-                      n = 0;
-                    }
-                  }
-                  cpu::dot_rows_any(gpb, rows, n, D, out);
-                  for (int j = 0; j < n; ++j) gs[idx[j]] = out[j];
-                } else if (L.fs_d == 1) {
-                  for (int64_t r = c.r0; r < c.r1; ++r) {
-                    const scalar_t* row = f + bag.f_off + r * L.fs_n;
-                    for (int64_t k = 0; k < K; ++k) {
-                      const int64_t i = r * K + k;
-                      gs[i] = w[bag.w_off + i] != acc_t(0) ? cpu::dot_any(gpb + k * D, row, D) : acc_t(0);
-                    }
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    const acc_t* w = w_acc.const_data_ptr<acc_t>();
+    const acc_t* gpp = gp.const_data_ptr<acc_t>();
+    const acc_t* gwp = gw.defined() ? gw.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* f = features.const_data_ptr<scalar_t>();
+    scalar_t* gf = need_features ? grad_features.mutable_data_ptr<scalar_t>() : nullptr;
+    // gsum[row,k] = dL/dw[row,k] in total: the incoming weight gradient plus <grad_pooled, row>.
+    std::vector<acc_t> gsum(need_logits ? w_acc.numel() : 0);
+    std::vector<int64_t> first;
+    const auto chunks = make_chunks(bags, first);
+    const int64_t gf_row = D;  // grad_features is contiguous
+    const int64_t nc_all = static_cast<int64_t>(chunks.size());
+    torch::stable::parallel_for(
+        0, nc_all, grain_for(total_rows(bags) * K * (D + 1), nc_all), [&](int64_t c0, int64_t c1) {
+          std::vector<acc_t> col;
+          for (int64_t ci = c0; ci < c1; ++ci) {
+            const Chunk& c = chunks[ci];
+            const Bag& bag = bags[c.bag];
+            const acc_t* gpb = gpp + c.bag * K * D;
+            // grad_features rows are contiguous [rows, D]; the row index is the bag's row base.
+            const int64_t row_base = bag.w_off / K;
+            if (need_features) {
+              for (int64_t r = c.r0; r < c.r1; ++r) {
+                scalar_t* out = gf + (row_base + r) * gf_row;
+                const acc_t* wr = w + bag.w_off + r * K;
+                if (K == 1) {
+                  const acc_t a = wr[0];
+                  if (a == acc_t(0)) {
+                    std::fill(out, out + D, scalar_t(0));
+                  } else {
+                    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(a * gpb[d]);
                   }
                 } else {
-                  // Rows contiguous: accumulate the dot products column by column, vectorised over rows.
-                  const int64_t n = c.r1 - c.r0;
-                  col.assign(n * K, acc_t(0));
+                  // Branches whose weight is 0 are selected away, not multiplied: 0 * inf in
+                  // grad_pooled would otherwise reach the row (padding: every branch is 0).
                   for (int64_t d = 0; d < D; ++d) {
-                    const scalar_t* fc = f + bag.f_off + d * L.fs_d + c.r0;
-                    for (int64_t k = 0; k < K; ++k) {
-                      const acc_t gd = gpb[k * D + d];
-                      acc_t* ck = col.data() + k * n;
-                      for (int64_t r = 0; r < n; ++r) ck[r] += gd * static_cast<acc_t>(fc[r]);
-                    }
-                  }
-                  for (int64_t r = 0; r < n; ++r) {
-                    for (int64_t k = 0; k < K; ++k) {
-                      const int64_t i = (c.r0 + r) * K + k;
-                      gs[i] = w[bag.w_off + i] != acc_t(0) ? col[k * n + r] : acc_t(0);
-                    }
+                    acc_t s = 0;
+                    for (int64_t k = 0; k < K; ++k)
+                      s += wr[k] != acc_t(0) ? wr[k] * gpb[k * D + d] : acc_t(0);
+                    out[d] = static_cast<scalar_t>(s);
                   }
                 }
               }
-            });
-        if (!need_logits) return;
-        // Softmax backward per bag and branch: dl = w * (g - sum(w * g)).
-        scalar_t* gl = grad_logits.data_ptr<scalar_t>();
-        const int64_t nb = static_cast<int64_t>(bags.size());
-        at::parallel_for(0, nb, grain_for(total_rows(bags) * K, nb), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) {
-            const Bag& bag = bags[b];
-            for (int64_t k = 0; k < K; ++k) {
-              // sum(w * g) over a long bag: blocks of eight running sums, added pairwise
-              cpu::Cascade<acc_t> csum;
-              for (int64_t r0 = 0; r0 < bag.len; r0 += cpu::kSumBlock) {
-                const int64_t r1 = std::min(bag.len, r0 + cpu::kSumBlock);
-                acc_t s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                for (int64_t r = r0; r < r1; ++r) {
-                  const int64_t i = bag.w_off + r * K + k;
-                  if (w[i] != acc_t(0)) {
-                    gsum[i] += gwp ? gwp[i] : acc_t(0);
-                    s8[(r - r0) & 7] += w[i] * gsum[i];
-                  }
+            }
+            if (!need_logits) continue;
+            acc_t* gs = gsum.data() + bag.w_off;
+            if (L.fs_d == 1 && K == 1) {
+              // live rows (weight != 0) four at a time; padding rows are never read
+              const scalar_t* rows[4];
+              int64_t idx[4];
+              acc_t out[4];
+              int n = 0;
+              for (int64_t r = c.r0; r < c.r1; ++r) {
+                gs[r] = acc_t(0);
+                if (w[bag.w_off + r] == acc_t(0)) continue;
+                rows[n] = f + bag.f_off + r * L.fs_n;
+                idx[n] = r;
+                if (++n == 4) {
+                  cpu::dot_rows_any(gpb, rows, 4, D, out);
+                  for (int j = 0; j < 4; ++j) gs[idx[j]] = out[j];
+                  n = 0;
                 }
-                csum.add(tree8(s8));
               }
-              const acc_t c = csum.total();
-              for (int64_t r = 0; r < bag.len; ++r) {
-                const int64_t i = bag.w_off + r * K + k;
-                gl[i] = w[i] != acc_t(0) ? static_cast<scalar_t>(w[i] * (gsum[i] - c)) : scalar_t(0);
+              cpu::dot_rows_any(gpb, rows, n, D, out);
+              for (int j = 0; j < n; ++j) gs[idx[j]] = out[j];
+            } else if (L.fs_d == 1) {
+              for (int64_t r = c.r0; r < c.r1; ++r) {
+                const scalar_t* row = f + bag.f_off + r * L.fs_n;
+                for (int64_t k = 0; k < K; ++k) {
+                  const int64_t i = r * K + k;
+                  gs[i] = w[bag.w_off + i] != acc_t(0) ? cpu::dot_any(gpb + k * D, row, D) : acc_t(0);
+                }
+              }
+            } else {
+              // Rows contiguous: accumulate the dot products column by column, vectorised over rows.
+              const int64_t n = c.r1 - c.r0;
+              col.assign(n * K, acc_t(0));
+              for (int64_t d = 0; d < D; ++d) {
+                const scalar_t* fc = f + bag.f_off + d * L.fs_d + c.r0;
+                for (int64_t k = 0; k < K; ++k) {
+                  const acc_t gd = gpb[k * D + d];
+                  acc_t* ck = col.data() + k * n;
+                  for (int64_t r = 0; r < n; ++r) ck[r] += gd * static_cast<acc_t>(fc[r]);
+                }
+              }
+              for (int64_t r = 0; r < n; ++r) {
+                for (int64_t k = 0; k < K; ++k) {
+                  const int64_t i = (c.r0 + r) * K + k;
+                  gs[i] = w[bag.w_off + i] != acc_t(0) ? col[k * n + r] : acc_t(0);
+                }
               }
             }
           }
         });
-      });
+    if (!need_logits) return;
+    // Softmax backward per bag and branch: dl = w * (g - sum(w * g)).
+    scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
+    const int64_t nb = static_cast<int64_t>(bags.size());
+    torch::stable::parallel_for(0, nb, grain_for(total_rows(bags) * K, nb), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const Bag& bag = bags[b];
+        for (int64_t k = 0; k < K; ++k) {
+          // sum(w * g) over a long bag: blocks of eight running sums, added pairwise
+          cpu::Cascade<acc_t> csum;
+          for (int64_t r0 = 0; r0 < bag.len; r0 += cpu::kSumBlock) {
+            const int64_t r1 = std::min(bag.len, r0 + cpu::kSumBlock);
+            acc_t s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t r = r0; r < r1; ++r) {
+              const int64_t i = bag.w_off + r * K + k;
+              if (w[i] != acc_t(0)) {
+                gsum[i] += gwp ? gwp[i] : acc_t(0);
+                s8[(r - r0) & 7] += w[i] * gsum[i];
+              }
+            }
+            csum.add(tree8(s8));
+          }
+          const acc_t c = csum.total();
+          for (int64_t r = 0; r < bag.len; ++r) {
+            const int64_t i = bag.w_off + r * K + k;
+            gl[i] = w[i] != acc_t(0) ? static_cast<scalar_t>(w[i] * (gsum[i] - c)) : scalar_t(0);
+          }
+        }
+      }
+    });
+  };
+  THO_DISPATCH_V2(features.scalar_type(), "masked_attention_pool_backward_cpu",
+                  AT_WRAP([&] { body(scalar_t{}); }), AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half,
+                  st::ScalarType::BFloat16);
   return {grad_logits, grad_features};
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cpu(const at::Tensor& logits,
-                                                             const at::Tensor& features,
-                                                             const std::optional<at::Tensor>& mask) {
+std::tuple<st::Tensor, st::Tensor> masked_attention_pool_cpu(const st::Tensor& logits,
+                                                             const st::Tensor& features,
+                                                             const std::optional<st::Tensor>& mask) {
   PoolInputs in = check_pool_inputs(logits, features, mask);
-  const at::Tensor f = readable_features(in.features);
-  auto [pooled, weights] =
-      pool_forward(in.logits, f, in.mask, padded_bags(in.logits, f, in.mask), in.logits.sizes());
-  // Squeezed in place, not through a view: an op output that is a view cannot be modified in place
-  // under autograd (pooled += bias), so every output is a tensor of its own.
-  if (in.squeeze_k) {
-    pooled.squeeze_(1);
-    weights.squeeze_(-1);
-  }
-  return {pooled, weights};
+  const st::Tensor f = readable_features(in.features);
+  return pool_forward(in.logits, f, in.mask, padded_bags(in.logits, f, in.mask), in.squeeze_k);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cpu(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
-    const at::Tensor& features, std::array<bool, 2> output_mask) {
-  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, features.size(0), false);
-  const at::Tensor f = readable_features(features);
-  auto [gl, gf] =
-      pool_backward(g, f, padded_bags(g.weights, f, at::Tensor()), output_mask[0], output_mask[1]);
-  if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
-  return {gl, gf};
+std::tuple<st::Tensor, st::Tensor> masked_attention_pool_backward_cpu(
+    const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& weights,
+    const st::Tensor& features, std::vector<bool> output_mask) {
+  check_output_mask(output_mask);
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, std::nullopt);
+  const st::Tensor f = readable_features(features);
+  return pool_backward(g, f, padded_bags(g.weights, f, st::Tensor()), output_mask[0], output_mask[1]);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_cpu(const at::Tensor& logits,
-                                                                    const at::Tensor& features,
-                                                                    const at::Tensor& offsets) {
+std::tuple<st::Tensor, st::Tensor> masked_attention_pool_packed_cpu(const st::Tensor& logits,
+                                                                    const st::Tensor& features,
+                                                                    const st::Tensor& offsets) {
   PackedInputs in = check_packed_inputs(logits, features, offsets);
-  const at::Tensor f = readable_features(in.features);
-  auto [pooled, weights] =
-      pool_forward(in.logits, f, at::Tensor(), packed_bags(in.logits, f, in.offsets), in.logits.sizes());
-  if (in.squeeze_k) {
-    pooled.squeeze_(1);
-    weights.squeeze_(-1);
-  }
-  return {pooled, weights};
+  const st::Tensor f = readable_features(in.features);
+  return pool_forward(in.logits, f, st::Tensor(), packed_bags(in.logits, f, in.offsets), in.squeeze_k);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_backward_cpu(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
-    const at::Tensor& features, const at::Tensor& offsets, std::array<bool, 2> output_mask) {
-  const at::Tensor o = offsets.contiguous();
-  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, o.size(0) - 1, true);
-  const at::Tensor f = readable_features(features);
-  auto [gl, gf] = pool_backward(g, f, packed_bags(g.weights, f, o), output_mask[0], output_mask[1]);
-  if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
-  return {gl, gf};
+std::tuple<st::Tensor, st::Tensor> masked_attention_pool_packed_backward_cpu(
+    const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& weights,
+    const st::Tensor& features, const st::Tensor& offsets, std::vector<bool> output_mask) {
+  check_output_mask(output_mask);
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, offsets);
+  const st::Tensor f = readable_features(features);
+  return pool_backward(g, f, packed_bags(g.weights, f, g.offsets), output_mask[0], output_mask[1]);
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
-  m.impl("masked_attention_pool", &maskattn::masked_attention_pool_cpu);
-  m.impl("_masked_attention_pool_backward", &maskattn::masked_attention_pool_backward_cpu);
-  m.impl("masked_attention_pool_packed", &maskattn::masked_attention_pool_packed_cpu);
-  m.impl("_masked_attention_pool_packed_backward", &maskattn::masked_attention_pool_packed_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
+  m.impl("masked_attention_pool", TORCH_BOX(&maskattn::masked_attention_pool_cpu));
+  m.impl("_masked_attention_pool_backward", TORCH_BOX(&maskattn::masked_attention_pool_backward_cpu));
+  m.impl("masked_attention_pool_packed", TORCH_BOX(&maskattn::masked_attention_pool_packed_cpu));
+  m.impl("_masked_attention_pool_packed_backward",
+         TORCH_BOX(&maskattn::masked_attention_pool_packed_backward_cpu));
 }

@@ -6,12 +6,6 @@
 // its pairwise sum (common/cpu_vec) are a branch-free polynomial over vectors; x86-64 builds carry
 // an AVX+FMA clone of the hot loops, picked at load time, because the package is built for
 // baseline x86-64 (SSE2).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,8 +14,8 @@
 #include <vector>
 
 #include "common/cascade_sum.h"
-#include "common/checks.h"
 #include "common/cpu_vec.h"
+#include "common/stable.h"
 #include "masked_softmax.h"
 
 // The 8-float vector type below changes the calling convention between the clones; every
@@ -180,17 +174,16 @@ int64_t row_grain(int64_t N) {
 }
 
 template <typename scalar_t>
-void softmax_forward(const SoftmaxArgs& a, const at::Tensor& out_moved, double scale_d) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor ts[3] = {a.x, a.y, out_moved};
-  const RowLayout L = make_row_layout(ts, 3);
-  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
-  const uint8_t* m = reinterpret_cast<const uint8_t*>(a.y.const_data_ptr<bool>());
-  scalar_t* y = out_moved.data_ptr<scalar_t>();
+void softmax_forward(const SoftmaxArgs& a, const st::View& out_moved, scalar_t* y, double scale_d) {
+  using acc_t = st::acc_t<scalar_t>;
+  const st::View vs[3] = {a.x, a.y, out_moved};
+  const RowLayout L = make_row_layout(vs, 3);
+  const scalar_t* x = a.xt.const_data_ptr<scalar_t>();
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(a.yt.const_data_ptr<bool>());
   const int64_t N = a.N, xs = L.inner[0], ms = L.inner[1], ys = L.inner[2];
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  at::parallel_for(0, a.rows, row_grain(N), [&](int64_t r0, int64_t r1) {
+  torch::stable::parallel_for(0, a.rows, row_grain(N), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> buf(N);
     acc_t* v = buf.data();
     for (int64_t r = r0; r < r1; ++r) {
@@ -253,16 +246,15 @@ void softmax_forward(const SoftmaxArgs& a, const at::Tensor& out_moved, double s
 // grad_in = scale * y * (g - <g, y>), and exactly 0 wherever y is 0 (masked positions, fully
 // masked rows) whatever the incoming gradient holds there.
 template <typename scalar_t>
-void softmax_backward(const SoftmaxArgs& a, const at::Tensor& out_moved, double scale_d) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor ts[3] = {a.x, a.y, out_moved};
-  const RowLayout L = make_row_layout(ts, 3);
-  const scalar_t* g = a.x.const_data_ptr<scalar_t>();
-  const scalar_t* y = a.y.const_data_ptr<scalar_t>();
-  scalar_t* o = out_moved.data_ptr<scalar_t>();
+void softmax_backward(const SoftmaxArgs& a, const st::View& out_moved, scalar_t* o, double scale_d) {
+  using acc_t = st::acc_t<scalar_t>;
+  const st::View vs[3] = {a.x, a.y, out_moved};
+  const RowLayout L = make_row_layout(vs, 3);
+  const scalar_t* g = a.xt.const_data_ptr<scalar_t>();
+  const scalar_t* y = a.yt.const_data_ptr<scalar_t>();
   const int64_t N = a.N, gs = L.inner[0], ys = L.inner[1], os = L.inner[2];
   const acc_t scale = static_cast<acc_t>(scale_d);
-  at::parallel_for(0, a.rows, row_grain(N), [&](int64_t r0, int64_t r1) {
+  torch::stable::parallel_for(0, a.rows, row_grain(N), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> buf(2 * N);
     acc_t* bg = buf.data();
     acc_t* by = buf.data() + N;
@@ -298,32 +290,37 @@ void softmax_backward(const SoftmaxArgs& a, const at::Tensor& out_moved, double 
 
 // Output is contiguous in the input's shape (what the fake kernel promises); the kernels write it
 // through the dim-moved view, so no transpose copy is needed for dim != -1.
-at::Tensor masked_softmax_cpu(const at::Tensor& scores, const at::Tensor& mask, int64_t dim, double scale) {
+st::Tensor masked_softmax_cpu(const st::Tensor& scores, const st::Tensor& mask, int64_t dim, double scale) {
   const SoftmaxArgs a = check_masked_softmax(scores, mask, dim, scale);
-  auto out = at::empty(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
+  const st::View sv = st::View::of(scores);
+  st::Tensor out = st::empty(sv.size, sv.ndim, scores.scalar_type(), scores.device());
   if (out.numel() == 0) return out;
-  const at::Tensor om = out.movedim(a.dim, -1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "masked_softmax_cpu",
-                                  [&] { softmax_forward<scalar_t>(a, om, scale); });
+  const st::View om = st::View::of(out).move_last(static_cast<int>(a.dim));
+  void* o = out.mutable_data_ptr();
+  THO_DISPATCH_V2(scores.scalar_type(), "masked_softmax_cpu",
+                  AT_WRAP([&] { softmax_forward<scalar_t>(a, om, static_cast<scalar_t*>(o), scale); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return out;
 }
 
-at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
+st::Tensor masked_softmax_backward_cpu(const st::Tensor& grad_output, const st::Tensor& output, int64_t dim,
                                        double scale) {
   const SoftmaxArgs a = check_masked_softmax_backward(grad_output, output, dim, scale);
-  auto out = at::empty(output.sizes(), output.options().memory_format(at::MemoryFormat::Contiguous));
+  const st::View ov = st::View::of(output);
+  st::Tensor out = st::empty(ov.size, ov.ndim, output.scalar_type(), output.device());
   if (out.numel() == 0) return out;
-  const at::Tensor om = out.movedim(a.dim, -1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(),
-                                  "masked_softmax_backward_cpu",
-                                  [&] { softmax_backward<scalar_t>(a, om, scale); });
+  const st::View om = st::View::of(out).move_last(static_cast<int>(a.dim));
+  void* o = out.mutable_data_ptr();
+  THO_DISPATCH_V2(output.scalar_type(), "masked_softmax_backward_cpu",
+                  AT_WRAP([&] { softmax_backward<scalar_t>(a, om, static_cast<scalar_t*>(o), scale); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return out;
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
-  m.impl("masked_softmax", &maskattn::masked_softmax_cpu);
-  m.impl("_masked_softmax_backward", &maskattn::masked_softmax_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
+  m.impl("masked_softmax", TORCH_BOX(&maskattn::masked_softmax_cpu));
+  m.impl("_masked_softmax_backward", TORCH_BOX(&maskattn::masked_softmax_backward_cpu));
 }

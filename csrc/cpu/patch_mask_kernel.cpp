@@ -1,30 +1,33 @@
 // CPU kernel of patch_mask: counts the valid pixels of every p x p patch in one streaming pass over
 // the image mask, in its own dtype (no float copy, no bool copy), row by row of pixels.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/stable.h"
 #include "patch_mask.h"
 
 namespace maskattn {
 namespace {
 
-// Valid pixels in n consecutive elements starting at x (element stride s).
+// Valid pixels in n consecutive elements starting at x (element stride s). The total is int64: a
+// patch of p x p pixels holds more than 2^31 of them from p = 46341 on. Runs of at most 2^30
+// elements are counted in int32, which the compiler vectorises best over bytes.
 template <typename T>
-inline int32_t count_valid(const T* __restrict__ x, int64_t n, int64_t s) {
-  int32_t c = 0;
-  if (s == 1) {
-    for (int64_t k = 0; k < n; ++k) c += x[k] != T(0);
-  } else {
-    for (int64_t k = 0; k < n; ++k) c += x[k * s] != T(0);
+inline int64_t count_valid(const T* __restrict__ x, int64_t n, int64_t s) {
+  constexpr int64_t kRun = int64_t(1) << 30;
+  int64_t total = 0;
+  for (int64_t k0 = 0; k0 < n; k0 += kRun) {
+    const int64_t k1 = std::min(n, k0 + kRun);
+    int32_t c = 0;
+    if (s == 1) {
+      for (int64_t k = k0; k < k1; ++k) c += x[k] != T(0);
+    } else {
+      for (int64_t k = k0; k < k1; ++k) c += x[k * s] != T(0);
+    }
+    total += c;
   }
-  return c;
+  return total;
 }
 
 // bool is read as its byte: a nonzero byte is a valid pixel, which is what comparing to false does,
@@ -39,16 +42,16 @@ struct Storage<bool> {
 };
 
 template <typename T>
-void patch_mask_kernel(const PatchMaskInputs& in, int64_t min_count, bool* out) {
+void patch_mask_kernel(const void* data, const PatchMaskInputs& in, int64_t min_count, bool* out) {
   using S = typename Storage<T>::type;
-  const at::Tensor& m = in.mask;
-  const S* base = reinterpret_cast<const S*>(m.const_data_ptr<T>());
-  const int64_t B = m.size(0), p = in.p, nh = in.nh, nw = in.nw;
-  const int64_t sb = m.stride(0), sh = m.stride(1), sw = m.stride(2);
+  const S* base = static_cast<const S*>(data);
+  const st::View& m = in.mask;
+  const int64_t B = m.size[0], p = in.p, nh = in.nh, nw = in.nw;
+  const int64_t sb = m.stride[0], sh = m.stride[1], sw = m.stride[2];
   // One task = one row of patches: p pixel rows, W * p pixels.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p * p * nw));
-  at::parallel_for(0, B * nh, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<int32_t> cnt(nw);
+  torch::stable::parallel_for(0, B * nh, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> cnt(nw);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nh, i = t % nh;
       std::fill(cnt.begin(), cnt.end(), 0);
@@ -62,20 +65,24 @@ void patch_mask_kernel(const PatchMaskInputs& in, int64_t min_count, bool* out) 
   });
 }
 
-at::Tensor patch_mask_cpu(const at::Tensor& image_mask, int64_t patch_size, double threshold) {
+st::Tensor patch_mask_cpu(const st::Tensor& image_mask, int64_t patch_size, double threshold) {
   const PatchMaskInputs in = check_patch_mask_inputs(image_mask, patch_size, threshold);
-  const int64_t B = in.mask.size(0);
-  auto out = at::empty({B, in.nh * in.nw}, image_mask.options().dtype(at::kBool));
+  const int64_t sizes[2] = {in.mask.size[0], in.nh * in.nw};
+  st::Tensor out = st::empty(sizes, 2, st::ScalarType::Bool, image_mask.device());
   if (out.numel() == 0) return out;
   const int64_t min_count = patch_min_count(patch_size, threshold);
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, in.mask.scalar_type(), "patch_mask_cpu",
-                             [&] { patch_mask_kernel<scalar_t>(in, min_count, out.data_ptr<bool>()); });
+  const void* data = image_mask.const_data_ptr();
+  bool* o = out.mutable_data_ptr<bool>();
+  THO_DISPATCH_V2(image_mask.scalar_type(), "patch_mask_cpu",
+                  AT_WRAP([&] { patch_mask_kernel<scalar_t>(data, in, min_count, o); }),
+                  AT_EXPAND(AT_ALL_TYPES), st::ScalarType::Bool, st::ScalarType::Half,
+                  st::ScalarType::BFloat16);
   return out;
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
-  m.impl("patch_mask", &maskattn::patch_mask_cpu);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
+  m.impl("patch_mask", TORCH_BOX(&maskattn::patch_mask_cpu));
 }

@@ -6,16 +6,9 @@
 // copied to the CPU, labelled there by the same run-based union-find as the CPU backend (parallel
 // over the batch) and copied back. That copy synchronises the stream; it is documented in
 // maskattn.masks.content_based. Results are identical to the CPU backend's.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
 
-#include "common/checks.h"
+#include "common/stable_cuda.h"
 #include "foreground_mask.h"
 
 namespace maskattn {
@@ -112,84 +105,99 @@ __global__ void to_float_kernel(const uint8_t* __restrict__ in, float* __restric
 }
 
 template <bool kMax>
-void morph(at::Tensor& bin, at::Tensor& tmp, int64_t H, int64_t W, int r, cudaStream_t stream) {
+void morph(st::Tensor& bin, st::Tensor& tmp, int64_t H, int64_t W, int r, cudaStream_t stream) {
   if (r <= 0) return;
   const int64_t total = bin.numel();
   morph_pass_kernel<kMax, true><<<grid_for(total), kThreads, 0, stream>>>(
-      bin.const_data_ptr<uint8_t>(), tmp.data_ptr<uint8_t>(), H, W, r, total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bin.const_data_ptr<uint8_t>(), tmp.mutable_data_ptr<uint8_t>(), H, W, r, total);
+  MASKATTN_CUDA_LAUNCH_CHECK();
   morph_pass_kernel<kMax, false><<<grid_for(total), kThreads, 0, stream>>>(
-      tmp.const_data_ptr<uint8_t>(), bin.data_ptr<uint8_t>(), H, W, r, total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      tmp.const_data_ptr<uint8_t>(), bin.mutable_data_ptr<uint8_t>(), H, W, r, total);
+  MASKATTN_CUDA_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> foreground_mask_cuda(const at::Tensor& images, double threshold,
+// A launch of its own: the commas of <<<...>>> would split THO_DISPATCH_V2's body argument.
+template <typename scalar_t>
+void launch_threshold(const void* data, const st::View& im, const Channels& cw, double cut, uint8_t* bin,
+                      cudaStream_t stream) {
+  const int64_t C = im.size[1], H = im.size[2], W = im.size[3];
+  const int64_t total = im.size[0] * H * W;
+  threshold_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
+      static_cast<const scalar_t*>(data), im.stride[0], im.stride[1], im.stride[2], im.stride[3], C, H, W, cw,
+      cut, total, bin);
+  MASKATTN_CUDA_LAUNCH_CHECK();
+}
+
+std::tuple<st::Tensor, st::Tensor> foreground_mask_cuda(const st::Tensor& images, double threshold,
                                                         int64_t open_radius, int64_t close_radius,
                                                         bool fill_holes, double sigma) {
   const ForegroundParams prm{threshold, open_radius, close_radius, fill_holes, sigma};
-  const at::Tensor im = check_foreground_inputs(images, prm);
-  const c10::cuda::CUDAGuard guard(images.device());
-  const int64_t B = im.size(0), C = im.size(1), H = im.size(2), W = im.size(3);
-  auto fopts = im.options().dtype(at::kFloat);
-  at::Tensor mask = at::empty({B, H, W}, fopts);
-  at::Tensor coverage = at::empty({B}, fopts);
+  const st::View im = check_foreground_inputs(images, prm);
+  const int32_t dev = images.get_device_index();
+  const st::DeviceGuard guard(dev);
+  const int64_t B = im.size[0], C = im.size[1], H = im.size[2], W = im.size[3];
+  const st::Device device = images.device();
+  const int64_t sizes[3] = {B, H, W};
+  st::Tensor mask = st::empty(sizes, 3, st::ScalarType::Float, device);
+  st::Tensor coverage = st::empty(&B, 1, st::ScalarType::Float, device);
   if (B == 0) return {mask, coverage};
   if (H == 0 || W == 0) {
-    coverage.zero_();
+    torch::stable::zero_(coverage);
     return {mask, coverage};
   }
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = st::current_stream(dev);
   const int64_t total = B * H * W;
-  at::Tensor bin = at::empty({B, H, W}, im.options().dtype(at::kByte));
-  at::Tensor tmp = at::empty_like(bin);
+  st::Tensor bin = st::empty(sizes, 3, st::ScalarType::Byte, device);
+  st::Tensor tmp = st::empty(sizes, 3, st::ScalarType::Byte, device);
   Channels cw{};
   if (C == 3 || C == 4) grey_weights(C, cw.w);
-  const double cut = foreground_cut(threshold, im.scalar_type() == at::kByte ? 255.0 : 1.0);
+  const double cut = foreground_cut(threshold, images.scalar_type() == st::ScalarType::Byte ? 255.0 : 1.0);
 
-  AT_DISPATCH_FLOATING_TYPES_AND3(
-      at::kByte, at::kHalf, at::kBFloat16, im.scalar_type(), "foreground_mask_cuda", [&] {
-        threshold_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
-            im.const_data_ptr<scalar_t>(), im.stride(0), im.stride(1), im.stride(2), im.stride(3), C, H, W,
-            cw, cut, total, bin.data_ptr<uint8_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  const void* data = images.const_data_ptr();
+  uint8_t* bp = bin.mutable_data_ptr<uint8_t>();
+  THO_DISPATCH_V2(images.scalar_type(), "foreground_mask_cuda",
+                  AT_WRAP([&] { launch_threshold<scalar_t>(data, im, cw, cut, bp, stream); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Byte, st::ScalarType::Half,
+                  st::ScalarType::BFloat16);
   morph<false>(bin, tmp, H, W, static_cast<int>(open_radius), stream);  // opening
   morph<true>(bin, tmp, H, W, static_cast<int>(open_radius), stream);
   morph<true>(bin, tmp, H, W, static_cast<int>(close_radius), stream);  // closing
   morph<false>(bin, tmp, H, W, static_cast<int>(close_radius), stream);
 
   // Connected components on the host (see the file comment): D2H, label, H2D.
-  at::Tensor host = bin.to(at::kCPU);
-  at::Tensor host_cov = at::empty({B}, host.options().dtype(at::kFloat));
-  largest_component_cpu(host.data_ptr<uint8_t>(), B, H, W, fill_holes, host_cov.data_ptr<float>());
-  bin.copy_(host);
-  coverage.copy_(host_cov);
+  const st::Device cpu(torch::headeronly::DeviceType::CPU);
+  st::Tensor host = torch::stable::to(bin, cpu);
+  st::Tensor host_cov = st::empty(&B, 1, st::ScalarType::Float, cpu);
+  largest_component_cpu(host.mutable_data_ptr<uint8_t>(), B, H, W, fill_holes,
+                        host_cov.mutable_data_ptr<float>());
+  torch::stable::copy_(bin, host);
+  torch::stable::copy_(coverage, host_cov);
 
   const std::vector<float> gw = gaussian_weights(sigma);
   Taps t{};
   t.r = static_cast<int>(gw.size() / 2);
-  TORCH_CHECK(static_cast<int>(gw.size()) <= kMaxTaps, "foreground_mask: sigma ", sigma,
-              " needs too many taps");
+  MASKATTN_CHECK(static_cast<int>(gw.size()) <= kMaxTaps, "foreground_mask: sigma ", sigma,
+                 " needs too many taps");
   std::copy(gw.begin(), gw.end(), t.w);
   if (t.r == 0) {
     to_float_kernel<<<grid_for(total), kThreads, 0, stream>>>(bin.const_data_ptr<uint8_t>(),
-                                                              mask.data_ptr<float>(), total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                              mask.mutable_data_ptr<float>(), total);
+    MASKATTN_CUDA_LAUNCH_CHECK();
     return {mask, coverage};
   }
-  at::Tensor ftmp = at::empty({B, H, W}, fopts);
+  st::Tensor ftmp = st::empty(sizes, 3, st::ScalarType::Float, device);
   gauss_pass_kernel<uint8_t, true><<<grid_for(total), kThreads, 0, stream>>>(
-      bin.const_data_ptr<uint8_t>(), ftmp.data_ptr<float>(), H, W, t, total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bin.const_data_ptr<uint8_t>(), ftmp.mutable_data_ptr<float>(), H, W, t, total);
+  MASKATTN_CUDA_LAUNCH_CHECK();
   gauss_pass_kernel<float, false><<<grid_for(total), kThreads, 0, stream>>>(
-      ftmp.const_data_ptr<float>(), mask.data_ptr<float>(), H, W, t, total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      ftmp.const_data_ptr<float>(), mask.mutable_data_ptr<float>(), H, W, t, total);
+  MASKATTN_CUDA_LAUNCH_CHECK();
   return {mask, coverage};
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
-  m.impl("foreground_mask", &maskattn::foreground_mask_cuda);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
+  m.impl("foreground_mask", TORCH_BOX(&maskattn::foreground_mask_cuda));
 }

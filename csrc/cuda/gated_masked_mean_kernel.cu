@@ -5,18 +5,10 @@
 // channels-first features, a thread per (b, c) walking the pixels for channels-last, so reads are
 // coalesced either way). Backward: the feature gradient is an outer product written in one pass;
 // the gate gradient reduces grad_pooled . features over channels per pixel.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
 
-#include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/stable_cuda.h"
 #include "gated_masked_mean.h"
 
 namespace maskattn {
@@ -200,16 +192,16 @@ __global__ void grad_logits_strided_kernel(const scalar_t* __restrict__ f, int64
 }
 
 struct Layout {
-  at::Tensor f;
+  st::Tensor f;
   bool planar;
   int64_t bs, cs, ps;
 };
 
-Layout layout_of(const at::Tensor& features) {
+Layout layout_of(const st::Tensor& features) {
   const int64_t C = features.size(1), HW = features.size(2) * features.size(3);
-  int64_t ps = HW <= 1 ? 1 : pixel_stride(features);
+  int64_t ps = HW <= 1 ? 1 : pixel_stride(st::View::of(features));
   Layout L;
-  L.f = ps > 0 ? features : features.contiguous();
+  L.f = ps > 0 ? features : torch::stable::contiguous(features);
   if (ps <= 0) ps = 1;
   L.planar = ps == 1;
   L.ps = ps;
@@ -225,130 +217,140 @@ int64_t blocks_for(int64_t n, int64_t per_block) {
 // These kernels map each block to a fixed slice (no grid-stride loop), so a grid past gridDim.x's
 // limit of 2^31 - 1 must be refused: passing the int64 count straight to <<<>>> would truncate it.
 unsigned grid_x(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks <= INT32_MAX, "gated_masked_mean: ", what, " = ", blocks,
-              " CUDA blocks exceeds the grid limit 2^31 - 1");
+  MASKATTN_CHECK(blocks <= INT32_MAX, "gated_masked_mean: ", what, " = ", blocks,
+                 " CUDA blocks exceeds the grid limit 2^31 - 1");
   return static_cast<unsigned>(blocks);
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_masked_mean_cuda(const at::Tensor& features,
-                                                          const at::Tensor& gate_logits,
-                                                          const std::optional<at::Tensor>& mask) {
+std::tuple<st::Tensor, st::Tensor> gated_masked_mean_cuda(const st::Tensor& features,
+                                                          const st::Tensor& gate_logits,
+                                                          const std::optional<st::Tensor>& mask) {
   GatedInputs in = check_gated_inputs(features, gate_logits, mask, "gated_masked_mean");
-  const c10::cuda::CUDAGuard guard(features.device());
+  const int32_t dev_index = features.get_device_index();
+  const st::DeviceGuard guard(dev_index);
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t HW = H * W;
-  at::Tensor gate = at::empty({B, H, W}, gate_logits.options());
-  at::Tensor pooled = at::empty({B, C}, features.options());
-  // [B, 1, H, W] in place, not through a view: an op output that is a view cannot be modified in
-  // place under autograd.
-  auto ret = [&] {
-    if (gate_logits.dim() == 4) gate.unsqueeze_(1);
-    return std::make_tuple(pooled, gate);
-  };
+  const st::Device dev = features.device();
+  // [B, 1, H, W] when the logits are: allocated so, not a view (an op output that is a view cannot be
+  // modified in place under autograd); the kernels index it as [B, H*W] either way.
+  st::Tensor gate = gate_logits.dim() == 4 ? st::empty({B, 1, H, W}, gate_logits.scalar_type(), dev)
+                                           : st::empty({B, H, W}, gate_logits.scalar_type(), dev);
+  st::Tensor pooled = st::empty({B, C}, features.scalar_type(), dev);
+  auto ret = [&] { return std::make_tuple(pooled, gate); };
   if (B == 0) return ret();
   if (HW == 0) {
-    pooled.zero_();
+    torch::stable::zero_(pooled);
     return ret();
   }
   const Layout L = layout_of(features);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto acc_type = at::toOpMathType(features.scalar_type());
-  at::Tensor w = at::empty({B, HW}, features.options().dtype(acc_type));
+  const cudaStream_t stream = st::current_stream(dev_index);
+  const st::ScalarType acc_type = st::acc_dtype(features.scalar_type());
+  st::Tensor w = st::empty({B, HW}, acc_type, dev);
   const bool* mp = in.mask.defined() ? in.mask.const_data_ptr<bool>() : nullptr;
   const int64_t m0 = mp ? in.mask.stride(0) : 0, m1 = mp ? in.mask.stride(1) : 0,
                 m2 = mp ? in.mask.stride(2) : 0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        gate_weights_kernel<scalar_t, acc_t><<<grid_x(B, "B"), kThreads, 0, stream>>>(
-            in.logits.const_data_ptr<scalar_t>(), in.logits.stride(0), in.logits.stride(1),
-            in.logits.stride(2), mp, m0, m1, m2, H, W, gate.data_ptr<scalar_t>(), w.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (C == 0) return;
-        if (L.planar) {
-          pool_planar_kernel<scalar_t, acc_t>
-              <<<grid_x(blocks_for(B * C, kThreads / 32), "B * C / 8"), kThreads, 0, stream>>>(
-                  L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, w.const_data_ptr<acc_t>(), B, C, HW,
-                  pooled.data_ptr<scalar_t>());
-        } else {
-          const int64_t cblocks = blocks_for(C, kThreads);
-          pool_strided_kernel<scalar_t, acc_t>
-              <<<grid_x(B * cblocks, "B * ceil(C / 256)"), kThreads, 0, stream>>>(
-                  L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, w.const_data_ptr<acc_t>(), C, HW, cblocks,
-                  pooled.data_ptr<scalar_t>());
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  // A generic lambda outside the dispatch macro: the commas of <<<...>>> would split its arguments.
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    gate_weights_kernel<scalar_t, acc_t><<<grid_x(B, "B"), kThreads, 0, stream>>>(
+        in.logits.const_data_ptr<scalar_t>(), in.lv.stride[0], in.lv.stride[1], in.lv.stride[2], mp, m0, m1,
+        m2, H, W, gate.mutable_data_ptr<scalar_t>(), w.mutable_data_ptr<acc_t>());
+    MASKATTN_CUDA_LAUNCH_CHECK();
+    if (C == 0) return;
+    if (L.planar) {
+      pool_planar_kernel<scalar_t, acc_t>
+          <<<grid_x(blocks_for(B * C, kThreads / 32), "B * C / 8"), kThreads, 0, stream>>>(
+              L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, w.const_data_ptr<acc_t>(), B, C, HW,
+              pooled.mutable_data_ptr<scalar_t>());
+    } else {
+      const int64_t cblocks = blocks_for(C, kThreads);
+      pool_strided_kernel<scalar_t, acc_t><<<grid_x(B * cblocks, "B * ceil(C / 256)"), kThreads, 0, stream>>>(
+          L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, w.const_data_ptr<acc_t>(), C, HW, cblocks,
+          pooled.mutable_data_ptr<scalar_t>());
+    }
+    MASKATTN_CUDA_LAUNCH_CHECK();
+  };
+  THO_DISPATCH_V2(features.scalar_type(), "gated_masked_mean_cuda", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return ret();
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_masked_mean_backward_cuda(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_gate, const at::Tensor& features,
-    const at::Tensor& gate, const std::optional<at::Tensor>& mask, std::array<bool, 2> output_mask) {
+std::tuple<st::Tensor, st::Tensor> gated_masked_mean_backward_cuda(
+    const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_gate, const st::Tensor& features,
+    const st::Tensor& gate, const std::optional<st::Tensor>& mask, std::vector<bool> output_mask) {
   GatedGrads g = check_gated_grads(grad_pooled, grad_gate, features, gate, mask);
-  const c10::cuda::CUDAGuard guard(features.device());
+  const int32_t dev_index = features.get_device_index();
+  const st::DeviceGuard guard(dev_index);
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t HW = H * W;
-  const at::Tensor bmask = g.mask;
-  const bool need_f = output_mask[0], need_l = output_mask[1];
-  at::Tensor grad_features =
-      need_f ? at::empty({B, C, H, W}, features.options()) : at::empty({0}, features.options());
-  at::Tensor grad_logits = need_l ? at::empty({B, H, W}, gate.options()) : at::empty({0}, gate.options());
-  auto ret = [&] {
-    if (need_l && gate.dim() == 4) grad_logits.unsqueeze_(1);
-    return std::make_tuple(grad_features, grad_logits);
-  };
+  const st::Tensor bmask = g.mask;
+  const bool need_f = output_mask.size() > 0 && output_mask[0],
+             need_l = output_mask.size() > 1 && output_mask[1];
+  const st::Device dev = features.device();
+  const st::ScalarType dt = features.scalar_type();
+  st::Tensor grad_features = need_f ? st::empty({B, C, H, W}, dt, dev) : st::empty({0}, dt, dev);
+  // The gate's shape ([B, 1, H, W] or [B, H, W]); the kernels index it as [B, H*W].
+  const st::View gv = st::View::of(gate);
+  st::Tensor grad_logits =
+      need_l ? st::empty(gv.size, gv.ndim, gate.scalar_type(), dev) : st::empty({0}, gate.scalar_type(), dev);
+  auto ret = [&] { return std::make_tuple(grad_features, grad_logits); };
   if ((!need_f && !need_l) || B == 0 || HW == 0) return ret();
-  const auto acc_type = at::toOpMathType(features.scalar_type());
-  const at::Tensor gpd = g.grad_pooled.to(acc_type).contiguous();
-  const at::Tensor ggd = g.grad_gate.defined() ? g.grad_gate.to(acc_type).contiguous() : at::Tensor();
-  const at::Tensor gate_c = g.gate.contiguous();
-  at::Tensor inv = at::empty({B}, features.options().dtype(acc_type));
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const st::ScalarType acc_type = st::acc_dtype(dt);
+  const st::Tensor gpd = torch::stable::contiguous(torch::stable::to(grad_pooled, acc_type));
+  const st::Tensor ggd = g.grad_gate.defined()
+                             ? torch::stable::contiguous(torch::stable::to(g.grad_gate, acc_type))
+                             : st::Tensor();
+  const st::Tensor gate_c = torch::stable::contiguous(gate);
+  st::Tensor inv = st::empty({B}, acc_type, dev);
+  const cudaStream_t stream = st::current_stream(dev_index);
   const bool* mp = bmask.defined() ? bmask.const_data_ptr<bool>() : nullptr;
   const int64_t m0 = mp ? bmask.stride(0) : 0, m1 = mp ? bmask.stride(1) : 0, m2 = mp ? bmask.stride(2) : 0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "gated_masked_mean_backward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        inverse_counts_kernel<acc_t>
-            <<<grid_x(B, "B"), kThreads, 0, stream>>>(mp, m0, m1, m2, H, W, inv.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (need_f && C > 0) {
-          const int64_t total = B * C * HW;
-          grad_features_kernel<scalar_t, acc_t>
-              <<<std::min<int64_t>(blocks_for(total, kThreads), 1 << 20), kThreads, 0, stream>>>(
-                  gpd.const_data_ptr<acc_t>(), gate_c.const_data_ptr<scalar_t>(), inv.const_data_ptr<acc_t>(),
-                  C, HW, total, grad_features.data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        if (!need_l) return;
-        const Layout L = layout_of(features);
-        const acc_t* ggp = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
-        if (L.planar) {
-          const int64_t pblocks = blocks_for(HW, 32);
-          grad_logits_planar_kernel<scalar_t, acc_t>
-              <<<grid_x(B * pblocks, "B * ceil(H * W / 32)"), kThreads, 0, stream>>>(
-                  L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, gpd.const_data_ptr<acc_t>(),
-                  gate_c.const_data_ptr<scalar_t>(), ggp, inv.const_data_ptr<acc_t>(), C, HW, pblocks,
-                  grad_logits.data_ptr<scalar_t>());
-        } else {
-          grad_logits_strided_kernel<scalar_t, acc_t>
-              <<<grid_x(blocks_for(B * HW, kThreads / 32), "B * H * W / 8"), kThreads, 0, stream>>>(
-                  L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, gpd.const_data_ptr<acc_t>(),
-                  gate_c.const_data_ptr<scalar_t>(), ggp, inv.const_data_ptr<acc_t>(), B, C, HW,
-                  grad_logits.data_ptr<scalar_t>());
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  // A generic lambda outside the dispatch macro: the commas of <<<...>>> would split its arguments.
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    inverse_counts_kernel<acc_t>
+        <<<grid_x(B, "B"), kThreads, 0, stream>>>(mp, m0, m1, m2, H, W, inv.mutable_data_ptr<acc_t>());
+    MASKATTN_CUDA_LAUNCH_CHECK();
+    if (need_f && C > 0) {
+      const int64_t total = B * C * HW;
+      grad_features_kernel<scalar_t, acc_t>
+          <<<std::min<int64_t>(blocks_for(total, kThreads), 1 << 20), kThreads, 0, stream>>>(
+              gpd.const_data_ptr<acc_t>(), gate_c.const_data_ptr<scalar_t>(), inv.const_data_ptr<acc_t>(), C,
+              HW, total, grad_features.mutable_data_ptr<scalar_t>());
+      MASKATTN_CUDA_LAUNCH_CHECK();
+    }
+    if (!need_l) return;
+    const Layout L = layout_of(features);
+    const acc_t* ggp = ggd.defined() ? ggd.const_data_ptr<acc_t>() : nullptr;
+    if (L.planar) {
+      const int64_t pblocks = blocks_for(HW, 32);
+      grad_logits_planar_kernel<scalar_t, acc_t>
+          <<<grid_x(B * pblocks, "B * ceil(H * W / 32)"), kThreads, 0, stream>>>(
+              L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, gpd.const_data_ptr<acc_t>(),
+              gate_c.const_data_ptr<scalar_t>(), ggp, inv.const_data_ptr<acc_t>(), C, HW, pblocks,
+              grad_logits.mutable_data_ptr<scalar_t>());
+    } else {
+      grad_logits_strided_kernel<scalar_t, acc_t>
+          <<<grid_x(blocks_for(B * HW, kThreads / 32), "B * H * W / 8"), kThreads, 0, stream>>>(
+              L.f.const_data_ptr<scalar_t>(), L.bs, L.cs, L.ps, gpd.const_data_ptr<acc_t>(),
+              gate_c.const_data_ptr<scalar_t>(), ggp, inv.const_data_ptr<acc_t>(), B, C, HW,
+              grad_logits.mutable_data_ptr<scalar_t>());
+    }
+    MASKATTN_CUDA_LAUNCH_CHECK();
+  };
+  THO_DISPATCH_V2(dt, "gated_masked_mean_backward_cuda", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return ret();
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
-  m.impl("gated_masked_mean", &maskattn::gated_masked_mean_cuda);
-  m.impl("_gated_masked_mean_backward", &maskattn::gated_masked_mean_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
+  m.impl("gated_masked_mean", TORCH_BOX(&maskattn::gated_masked_mean_cuda));
+  m.impl("_gated_masked_mean_backward", TORCH_BOX(&maskattn::gated_masked_mean_backward_cuda));
 }

@@ -8,15 +8,14 @@
 //
 // Packed offsets are read on the device and clamped into [0, T], never checked on the host:
 // no synchronisation, and bad offsets cannot send a read or write out of bounds.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
 
-#include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/stable_cuda.h"
 #include "masked_attention_pool.h"
 
 namespace maskattn {
@@ -67,8 +66,9 @@ struct BagGeom {
 template <typename scalar_t, typename acc_t, int VEC, int KB>
 __global__ void __launch_bounds__(THREADS)
     pool_partial_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ features, BagGeom g,
-                        int64_t chunk, int nsplit, int kgroups, int64_t dtiles, acc_t* __restrict__ part_acc,
-                        acc_t* __restrict__ part_m, acc_t* __restrict__ part_s, int64_t nbags) {
+                        int64_t chunk, int nsplit, int64_t kgroups, int64_t dtiles,
+                        acc_t* __restrict__ part_acc, acc_t* __restrict__ part_m, acc_t* __restrict__ part_s,
+                        int64_t nbags) {
   __shared__ acc_t scratch[32];
   __shared__ acc_t s_max[KB];
   extern __shared__ unsigned char smem_raw[];
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t dtile = blockIdx.x % dtiles;
   const int64_t bkg = blockIdx.x / dtiles;
   const int64_t b = bkg / kgroups;
-  const int k0 = static_cast<int>(bkg % kgroups) * KB;
+  const int64_t k0 = (bkg % kgroups) * KB;
   const int kc = static_cast<int>(min(static_cast<int64_t>(KB), g.K - k0));
   int64_t r0, r1;
   g.range(b, r0, r1);
@@ -284,7 +284,7 @@ __global__ void pool_weights_kernel(const scalar_t* __restrict__ logits, BagGeom
   const scalar_t* lb = logits + b * g.ls_b;
   for (int64_t r = r0 + xb * blockDim.x + threadIdx.x; r < r1; r += xblocks * blockDim.x) {
     const bool valid = g.valid(b, r);
-    for (int k = 0; k < g.K; ++k) {
+    for (int64_t k = 0; k < g.K; ++k) {
       const acc_t M = stats[2 * (b * g.K + k)], inv = stats[2 * (b * g.K + k) + 1];
       acc_t w = 0;
       if (valid && M != NEG_INF)
@@ -331,7 +331,7 @@ __global__ void __launch_bounds__(THREADS)
     const acc_t* gp = grad_pooled + b * g.K * g.D;
     const scalar_t* w = weights + row * g.K;
     if (gsum != nullptr) {
-      for (int k = 0; k < g.K; ++k) {
+      for (int64_t k = 0; k < g.K; ++k) {
         const bool live = static_cast<acc_t>(w[k]) != acc_t(0);
         acc_t t = 0;
         if (live) {
@@ -403,16 +403,16 @@ __global__ void pool_backward_softmax_kernel(BagGeom g, const scalar_t* __restri
 // ------------------------------------------------------------------------------------------ host side
 
 template <typename scalar_t>
-int pick_vec(const at::Tensor& f, int64_t D, int64_t fs_b, int64_t fs_n) {
+int pick_vec(const st::Tensor& f, int64_t D, int64_t fs_b, int64_t fs_n) {
   constexpr int V = 16 / sizeof(scalar_t);
   const bool ok = V > 1 && D % V == 0 && fs_n % V == 0 && fs_b % V == 0 &&
-                  reinterpret_cast<uintptr_t>(f.const_data_ptr()) % 16 == 0;
+                  reinterpret_cast<uintptr_t>(f.data_ptr()) % 16 == 0;
   return ok ? V : 1;
 }
 
 // Views the inputs as BagGeom. `features` must have unit stride along D.
-BagGeom make_geom(const at::Tensor& logits, const at::Tensor& features, const at::Tensor& mask,
-                  const at::Tensor& offsets) {
+BagGeom make_geom(const st::Tensor& logits, const st::Tensor& features, const st::Tensor& mask,
+                  const st::Tensor& offsets) {
   BagGeom g{};
   const bool packed = offsets.defined();
   g.offsets = packed ? offsets.const_data_ptr<int64_t>() : nullptr;
@@ -440,228 +440,233 @@ BagGeom make_geom(const at::Tensor& logits, const at::Tensor& features, const at
   return g;
 }
 
-at::Tensor unit_stride_d(const at::Tensor& f) {
-  return f.stride(-1) == 1 ? f : f.contiguous();
+st::Tensor unit_stride_d(const st::Tensor& f) {
+  return f.stride(-1) == 1 ? f : torch::stable::contiguous(f);
 }
 
 // rows_hint: rows per bag the host expects (N padded, T/B packed) to size the split.
 template <typename scalar_t, typename acc_t, int VEC, int KB>
 void launch_partial(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const scalar_t* lp,
-                    const scalar_t* fp, const BagGeom& g, int64_t chunk, int nsplit, int kgroups,
+                    const scalar_t* fp, const BagGeom& g, int64_t chunk, int nsplit, int64_t kgroups,
                     int64_t dtiles, acc_t* pa, acc_t* pm, acc_t* ps, int64_t nbags) {
   pool_partial_kernel<scalar_t, acc_t, VEC, KB>
       <<<grid, block, smem, stream>>>(lp, fp, g, chunk, nsplit, kgroups, dtiles, pa, pm, ps, nbags);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  MASKATTN_CUDA_LAUNCH_CHECK();
 }
 
-// rows_hint: rows per bag the host expects (N padded, T/B packed) to size the split.
-std::tuple<at::Tensor, at::Tensor> pool_forward_cuda(const at::Tensor& logits, const at::Tensor& features,
-                                                     const at::Tensor& mask, const at::Tensor& offsets,
-                                                     int64_t nbags, int64_t rows_hint) {
-  c10::cuda::CUDAGuard guard(features.device());
+// rows_hint: rows per bag the host expects (N padded, T/B packed) to size the split. With squeeze_k
+// (K == 1) the outputs are allocated without their K dim ([B, D], [rows]): the same memory, and an
+// op output that is a view cannot be modified in place under autograd (pooled += bias), so every
+// output is a tensor of its own.
+std::tuple<st::Tensor, st::Tensor> pool_forward_cuda(const st::Tensor& logits, const st::Tensor& features,
+                                                     const st::Tensor& mask, const st::Tensor& offsets,
+                                                     int64_t nbags, int64_t rows_hint, bool squeeze_k) {
+  const int32_t dev_index = features.get_device_index();
+  const st::DeviceGuard guard(dev_index);
   const bool packed = offsets.defined();
   const int64_t K = logits.size(-1), D = features.size(-1);
+  const st::Device dev = features.device();
+  const st::ScalarType lt = logits.scalar_type(), ft = features.scalar_type();
+  st::View ws = st::View::of(logits);
+  if (squeeze_k) ws = ws.drop(ws.ndim - 1);
   // Packed rows outside every (clamped) bag must still read as weight 0: zero-fill.
-  auto weights =
-      packed ? at::zeros(logits.sizes(), logits.options()) : at::empty(logits.sizes(), logits.options());
-  auto pooled = at::empty({nbags, K, D}, features.options());
+  st::Tensor weights = packed ? st::zeros(ws.size, ws.ndim, lt, dev) : st::empty(ws.size, ws.ndim, lt, dev);
+  st::Tensor pooled = squeeze_k ? st::empty({nbags, D}, ft, dev) : st::empty({nbags, K, D}, ft, dev);
   if (nbags == 0 || K == 0) return {pooled, weights};
   if (logits.numel() == 0) {  // no rows at all: empty bags pool to zeros
-    pooled.zero_();
+    torch::stable::fill_(pooled, 0.0);
     return {pooled, weights};
   }
   const BagGeom g = make_geom(logits, features, mask, offsets);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const auto acc_type = at::toOpMathType(features.scalar_type());
+  const cudaStream_t stream = st::current_stream(dev_index);
+  const int sms = st::sm_count(dev_index);
+  const st::ScalarType acc_type = st::acc_dtype(ft);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
-        const int vec = pick_vec<scalar_t>(features, D, g.fs_b, g.fs_n);
-        const int64_t lanes = std::max<int64_t>(1, ceil_div(D, vec));  // D == 0 still computes the weights
-        const int tx = static_cast<int>(std::min<int64_t>(128, ceil_div(lanes, 32) * 32));
-        const int ty = THREADS / tx;
-        const int64_t dtiles = ceil_div(lanes, tx);
-        const int kb = K == 1 ? 1 : KBMAX;
-        const int kgroups = static_cast<int>(ceil_div(K, kb));
-        const int64_t xblocks = dtiles * nbags * kgroups;
-        TORCH_CHECK(xblocks <= INT32_MAX, "masked_attention_pool: B * ceil(K/4) * D-tiles = ", xblocks,
-                    " exceeds the CUDA grid limit");
-        const int64_t min_rows = static_cast<int64_t>(ty) * UNROLL * 4;
-        int64_t nsplit = std::max<int64_t>(1, ceil_div(4LL * sms, xblocks));
-        nsplit = std::min<int64_t>(nsplit, std::max<int64_t>(1, ceil_div(rows_hint, min_rows)));
-        nsplit = std::min<int64_t>(nsplit, 65535);
-        const int64_t chunk = std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows_hint, 1), nsplit));
+  // A generic lambda outside the dispatch macro: the commas of <<<...>>> would split its arguments.
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
+    const int vec = pick_vec<scalar_t>(features, D, g.fs_b, g.fs_n);
+    const int64_t lanes = std::max<int64_t>(1, ceil_div(D, vec));  // D == 0 still computes the weights
+    const int tx = static_cast<int>(std::min<int64_t>(128, ceil_div(lanes, 32) * 32));
+    const int ty = THREADS / tx;
+    const int64_t dtiles = ceil_div(lanes, tx);
+    const int kb = K == 1 ? 1 : KBMAX;
+    // int64: for K past 2^33 the group count must reach the grid check below, not wrap first
+    const int64_t kgroups = ceil_div(K, kb);
+    const int64_t xblocks = dtiles * nbags * kgroups;
+    MASKATTN_CHECK(xblocks <= INT32_MAX, "masked_attention_pool: B * ceil(K/4) * D-tiles = ", xblocks,
+                   " exceeds the CUDA grid limit");
+    const int64_t min_rows = static_cast<int64_t>(ty) * UNROLL * 4;
+    int64_t nsplit = std::max<int64_t>(1, ceil_div(4LL * sms, xblocks));
+    nsplit = std::min<int64_t>(nsplit, std::max<int64_t>(1, ceil_div(rows_hint, min_rows)));
+    nsplit = std::min<int64_t>(nsplit, 65535);
+    const int64_t chunk = std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows_hint, 1), nsplit));
 
-        auto part_acc = at::empty({nsplit, nbags, K, D}, features.options().dtype(acc_type));
-        auto part_ms = at::empty({2, nsplit, nbags, K}, features.options().dtype(acc_type));
-        auto stats = at::empty({nbags, K, 2}, features.options().dtype(acc_type));
-        acc_t* pa = part_acc.data_ptr<acc_t>();
-        acc_t* pm = part_ms.data_ptr<acc_t>();
-        acc_t* ps = pm + nsplit * nbags * K;
+    st::Tensor part_acc = st::empty({nsplit, nbags, K, D}, acc_type, dev);
+    st::Tensor part_ms = st::empty({2, nsplit, nbags, K}, acc_type, dev);
+    st::Tensor stats = st::empty({nbags, K, 2}, acc_type, dev);
+    acc_t* pa = part_acc.mutable_data_ptr<acc_t>();
+    acc_t* pm = part_ms.mutable_data_ptr<acc_t>();
+    acc_t* ps = pm + nsplit * nbags * K;
 
-        const dim3 block(tx, ty);
-        const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(nsplit));
-        const size_t smem = static_cast<size_t>(THREADS) * vec * sizeof(acc_t);
-        const scalar_t* lp = logits.const_data_ptr<scalar_t>();
-        const scalar_t* fp = features.const_data_ptr<scalar_t>();
-        const int ns = static_cast<int>(nsplit);
-        if (vec > 1 && kb == 1) {
-          launch_partial<scalar_t, acc_t, V, 1>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups,
+    const dim3 block(tx, ty);
+    const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(nsplit));
+    const size_t smem = static_cast<size_t>(THREADS) * vec * sizeof(acc_t);
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
+    const scalar_t* fp = features.const_data_ptr<scalar_t>();
+    const int ns = static_cast<int>(nsplit);
+    if (vec > 1 && kb == 1) {
+      launch_partial<scalar_t, acc_t, V, 1>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles,
+                                            pa, pm, ps, nbags);
+    } else if (vec > 1) {
+      launch_partial<scalar_t, acc_t, V, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups,
                                                 dtiles, pa, pm, ps, nbags);
-        } else if (vec > 1) {
-          launch_partial<scalar_t, acc_t, V, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups,
-                                                    dtiles, pa, pm, ps, nbags);
-        } else if (kb == 1) {
-          launch_partial<scalar_t, acc_t, 1, 1>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups,
+    } else if (kb == 1) {
+      launch_partial<scalar_t, acc_t, 1, 1>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups, dtiles,
+                                            pa, pm, ps, nbags);
+    } else {
+      launch_partial<scalar_t, acc_t, 1, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups,
                                                 dtiles, pa, pm, ps, nbags);
-        } else {
-          launch_partial<scalar_t, acc_t, 1, KBMAX>(grid, block, smem, stream, lp, fp, g, chunk, ns, kgroups,
-                                                    dtiles, pa, pm, ps, nbags);
-        }
+    }
 
-        const int64_t dblocks = std::max<int64_t>(1, ceil_div(D, COMBINE_X));
-        TORCH_CHECK(nbags * K * dblocks <= INT32_MAX,
-                    "masked_attention_pool: B * K * ceil(D/32) = ", nbags * K * dblocks,
-                    " exceeds the CUDA grid limit");
-        pool_combine_kernel<scalar_t, acc_t>
-            <<<static_cast<unsigned>(nbags * K * dblocks), dim3(COMBINE_X, COMBINE_Y), 0, stream>>>(
-                pa, pm, ps, ns, nbags * K, D, dblocks, pooled.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t dblocks = std::max<int64_t>(1, ceil_div(D, COMBINE_X));
+    MASKATTN_CHECK(nbags * K * dblocks <= INT32_MAX,
+                   "masked_attention_pool: B * K * ceil(D/32) = ", nbags * K * dblocks,
+                   " exceeds the CUDA grid limit");
+    pool_combine_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(nbags * K * dblocks), dim3(COMBINE_X, COMBINE_Y), 0, stream>>>(
+            pa, pm, ps, ns, nbags * K, D, dblocks, pooled.mutable_data_ptr<scalar_t>(),
+            stats.mutable_data_ptr<acc_t>());
+    MASKATTN_CUDA_LAUNCH_CHECK();
 
-        const int64_t wx =
-            std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows_hint, 256), ceil_div(4LL * sms, nbags)));
-        TORCH_CHECK(nbags * wx <= INT32_MAX, "masked_attention_pool: B = ", nbags,
-                    " exceeds the CUDA grid limit");
-        pool_weights_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * wx), 256, 0, stream>>>(
-            lp, g, stats.data_ptr<acc_t>(), wx, weights.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    const int64_t wx =
+        std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows_hint, 256), ceil_div(4LL * sms, nbags)));
+    MASKATTN_CHECK(nbags * wx <= INT32_MAX, "masked_attention_pool: B = ", nbags,
+                   " exceeds the CUDA grid limit");
+    pool_weights_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * wx), 256, 0, stream>>>(
+        lp, g, stats.const_data_ptr<acc_t>(), wx, weights.mutable_data_ptr<scalar_t>());
+    MASKATTN_CUDA_LAUNCH_CHECK();
+  };
+  THO_DISPATCH_V2(ft, "masked_attention_pool_cuda", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return {pooled, weights};
 }
 
-std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const PoolGrads& pg, const at::Tensor& features_in,
-                                                      const at::Tensor& offsets, int64_t nbags,
+std::tuple<st::Tensor, st::Tensor> pool_backward_cuda(const PoolGrads& pg, const st::Tensor& features_in,
+                                                      const st::Tensor& offsets, int64_t nbags,
                                                       bool need_logits, bool need_features) {
-  c10::cuda::CUDAGuard guard(features_in.device());
-  const at::Tensor features = unit_stride_d(features_in);
-  const at::Tensor weights = pg.weights.contiguous();
+  const int32_t dev_index = features_in.get_device_index();
+  const st::DeviceGuard guard(dev_index);
+  const st::Tensor features = unit_stride_d(features_in);
+  const st::Tensor weights = pg.weights.is_contiguous() ? pg.weights : torch::stable::contiguous(pg.weights);
   const int64_t K = weights.size(-1), D = features.size(-1);
   const int64_t rows_total = offsets.defined() ? features.size(0) : features.size(0) * features.size(1);
-  at::Tensor grad_logits =
-      need_logits ? at::empty(weights.sizes(), weights.options()) : at::empty({0}, weights.options());
-  at::Tensor grad_features =
-      need_features ? at::empty(features.sizes(), features.options()) : at::empty({0}, features.options());
+  const st::Device dev = features.device();
+  const st::ScalarType wt = weights.scalar_type(), ft = features.scalar_type();
+  // grad_logits has the weights' shape as passed (without the K dim when they had none).
+  st::View ws = st::View::of(weights);
+  if (pg.squeeze_k) ws = ws.drop(ws.ndim - 1);
+  const st::View fs = st::View::of(features);
+  st::Tensor grad_logits = need_logits ? st::empty(ws.size, ws.ndim, wt, dev) : st::empty({0}, wt, dev);
+  st::Tensor grad_features = need_features ? st::empty(fs.size, fs.ndim, ft, dev) : st::empty({0}, ft, dev);
   if ((!need_logits && !need_features) || rows_total == 0) return {grad_logits, grad_features};
   // With D == 0 there are no features, but the logits still get the weights' own gradient:
   // only the rows kernel (which would add <grad_pooled, row> = 0) is skipped.
   if (K == 0 || nbags == 0) {
-    if (need_logits) grad_logits.zero_();
-    if (need_features) grad_features.zero_();
+    if (need_logits) torch::stable::fill_(grad_logits, 0.0);
+    if (need_features) torch::stable::fill_(grad_features, 0.0);
     return {grad_logits, grad_features};
   }
-  const auto acc_type = at::toOpMathType(features.scalar_type());
-  const at::Tensor gp = pg.grad_pooled.to(acc_type).contiguous();
-  const at::Tensor gw = pg.grad_weights.defined() ? pg.grad_weights.contiguous() : at::Tensor();
-  const BagGeom g = make_geom(weights, features, at::Tensor(), offsets);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  at::Tensor gsum =
-      need_logits ? at::zeros({rows_total, K}, features.options().dtype(acc_type)) : at::Tensor();
+  const st::ScalarType acc_type = st::acc_dtype(ft);
+  const st::Tensor gp = acc_contiguous(pg.grad_pooled, acc_type);
+  const st::Tensor gw = !pg.grad_weights.defined()        ? st::Tensor()
+                        : pg.grad_weights.is_contiguous() ? pg.grad_weights
+                                                          : torch::stable::contiguous(pg.grad_weights);
+  const BagGeom g = make_geom(weights, features, st::Tensor(), offsets);
+  const cudaStream_t stream = st::current_stream(dev_index);
+  const int sms = st::sm_count(dev_index);
+  st::Tensor gsum = need_logits ? st::zeros({rows_total, K}, acc_type, dev) : st::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "masked_attention_pool_backward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const int vec = pick_vec<scalar_t>(features, D, g.fs_b, g.fs_n);
-        const int64_t blocks = std::min<int64_t>(ceil_div(rows_total, THREADS / 32), 32LL * sms);
-        acc_t* gs = need_logits ? gsum.data_ptr<acc_t>() : nullptr;
-        scalar_t* gf = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
-        if (D == 0) {
-          // gsum stays 0; grad_features is empty
-        } else if (vec > 1) {
-          constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
-          pool_backward_rows_kernel<scalar_t, acc_t, V><<<blocks, THREADS, 0, stream>>>(
-              features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
-              gp.const_data_ptr<acc_t>(), gs, gf);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else {
-          pool_backward_rows_kernel<scalar_t, acc_t, 1><<<blocks, THREADS, 0, stream>>>(
-              features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
-              gp.const_data_ptr<acc_t>(), gs, gf);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        if (need_logits) {
-          // Rows no bag covers (only with bad packed offsets) keep a zero gradient.
-          if (offsets.defined()) grad_logits.zero_();
-          TORCH_CHECK(nbags * K <= INT32_MAX, "masked_attention_pool backward: B * K = ", nbags * K,
-                      " exceeds the CUDA grid limit");
-          pool_backward_softmax_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * K), 256, 0, stream>>>(
-              g, weights.const_data_ptr<scalar_t>(), gs,
-              gw.defined() ? gw.const_data_ptr<scalar_t>() : nullptr, grad_logits.data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      });
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    const int vec = pick_vec<scalar_t>(features, D, g.fs_b, g.fs_n);
+    const int64_t blocks = std::min<int64_t>(ceil_div(rows_total, THREADS / 32), 32LL * sms);
+    acc_t* gs = need_logits ? gsum.mutable_data_ptr<acc_t>() : nullptr;
+    scalar_t* gf = need_features ? grad_features.mutable_data_ptr<scalar_t>() : nullptr;
+    if (D == 0) {
+      // gsum stays 0; grad_features is empty
+    } else if (vec > 1) {
+      constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
+      pool_backward_rows_kernel<scalar_t, acc_t, V><<<blocks, THREADS, 0, stream>>>(
+          features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
+          gp.const_data_ptr<acc_t>(), gs, gf);
+      MASKATTN_CUDA_LAUNCH_CHECK();
+    } else {
+      pool_backward_rows_kernel<scalar_t, acc_t, 1><<<blocks, THREADS, 0, stream>>>(
+          features.const_data_ptr<scalar_t>(), g, nbags, rows_total, weights.const_data_ptr<scalar_t>(),
+          gp.const_data_ptr<acc_t>(), gs, gf);
+      MASKATTN_CUDA_LAUNCH_CHECK();
+    }
+    if (need_logits) {
+      // Rows no bag covers (only with bad packed offsets) keep a zero gradient.
+      if (offsets.defined()) torch::stable::fill_(grad_logits, 0.0);
+      MASKATTN_CHECK(nbags * K <= INT32_MAX, "masked_attention_pool backward: B * K = ", nbags * K,
+                     " exceeds the CUDA grid limit");
+      pool_backward_softmax_kernel<scalar_t, acc_t><<<static_cast<unsigned>(nbags * K), 256, 0, stream>>>(
+          g, weights.const_data_ptr<scalar_t>(), gs, gw.defined() ? gw.const_data_ptr<scalar_t>() : nullptr,
+          grad_logits.mutable_data_ptr<scalar_t>());
+      MASKATTN_CUDA_LAUNCH_CHECK();
+    }
+  };
+  THO_DISPATCH_V2(ft, "masked_attention_pool_backward_cuda", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return {grad_logits, grad_features};
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_pool_cuda(const at::Tensor& logits,
-                                                              const at::Tensor& features,
-                                                              const std::optional<at::Tensor>& mask) {
+std::tuple<st::Tensor, st::Tensor> masked_attention_pool_cuda(const st::Tensor& logits,
+                                                              const st::Tensor& features,
+                                                              const std::optional<st::Tensor>& mask) {
   PoolInputs in = check_pool_inputs(logits, features, mask);
-  const at::Tensor f = unit_stride_d(in.features);
-  auto [pooled, weights] = pool_forward_cuda(in.logits, f, in.mask, at::Tensor(), f.size(0), f.size(1));
-  // Squeezed in place, not through a view: an op output that is a view cannot be modified in place
-  // under autograd (pooled += bias), so every output is a tensor of its own.
-  if (in.squeeze_k) {
-    pooled.squeeze_(1);
-    weights.squeeze_(-1);
-  }
-  return {pooled, weights};
+  const st::Tensor f = unit_stride_d(in.features);
+  return pool_forward_cuda(in.logits, f, in.mask, st::Tensor(), f.size(0), f.size(1), in.squeeze_k);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_pool_backward_cuda(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
-    const at::Tensor& features, std::array<bool, 2> output_mask) {
-  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, features.size(0), false);
-  auto [gl, gf] =
-      pool_backward_cuda(g, features, at::Tensor(), features.size(0), output_mask[0], output_mask[1]);
-  if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
-  return {gl, gf};
+std::tuple<st::Tensor, st::Tensor> masked_attention_pool_backward_cuda(
+    const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& weights,
+    const st::Tensor& features, std::vector<bool> output_mask) {
+  check_output_mask(output_mask);
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, std::nullopt);
+  return pool_backward_cuda(g, features, st::Tensor(), features.size(0), output_mask[0], output_mask[1]);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_cuda(const at::Tensor& logits,
-                                                                     const at::Tensor& features,
-                                                                     const at::Tensor& offsets) {
+std::tuple<st::Tensor, st::Tensor> masked_attention_pool_packed_cuda(const st::Tensor& logits,
+                                                                     const st::Tensor& features,
+                                                                     const st::Tensor& offsets) {
   PackedInputs in = check_packed_inputs(logits, features, offsets);
-  const at::Tensor f = unit_stride_d(in.features);
+  const st::Tensor f = unit_stride_d(in.features);
   const int64_t nbags = in.offsets.size(0) - 1;
-  auto [pooled, weights] = pool_forward_cuda(in.logits, f, at::Tensor(), in.offsets, nbags,
-                                             nbags > 0 ? ceil_div(f.size(0), nbags) : 0);
-  if (in.squeeze_k) {
-    pooled.squeeze_(1);
-    weights.squeeze_(-1);
-  }
-  return {pooled, weights};
+  return pool_forward_cuda(in.logits, f, st::Tensor(), in.offsets, nbags,
+                           nbags > 0 ? ceil_div(f.size(0), nbags) : 0, in.squeeze_k);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_pool_packed_backward_cuda(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& weights,
-    const at::Tensor& features, const at::Tensor& offsets, std::array<bool, 2> output_mask) {
-  const at::Tensor o = offsets.contiguous();
-  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, o.size(0) - 1, true);
-  auto [gl, gf] = pool_backward_cuda(g, features, o, o.size(0) - 1, output_mask[0], output_mask[1]);
-  if (g.squeeze_k && output_mask[0]) gl.squeeze_(-1);
-  return {gl, gf};
+std::tuple<st::Tensor, st::Tensor> masked_attention_pool_packed_backward_cuda(
+    const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& weights,
+    const st::Tensor& features, const st::Tensor& offsets, std::vector<bool> output_mask) {
+  check_output_mask(output_mask);
+  PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, offsets);
+  return pool_backward_cuda(g, features, g.offsets, g.offsets.size(0) - 1, output_mask[0], output_mask[1]);
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
-  m.impl("masked_attention_pool", &maskattn::masked_attention_pool_cuda);
-  m.impl("_masked_attention_pool_backward", &maskattn::masked_attention_pool_backward_cuda);
-  m.impl("masked_attention_pool_packed", &maskattn::masked_attention_pool_packed_cuda);
-  m.impl("_masked_attention_pool_packed_backward", &maskattn::masked_attention_pool_packed_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
+  m.impl("masked_attention_pool", TORCH_BOX(&maskattn::masked_attention_pool_cuda));
+  m.impl("_masked_attention_pool_backward", TORCH_BOX(&maskattn::masked_attention_pool_backward_cuda));
+  m.impl("masked_attention_pool_packed", TORCH_BOX(&maskattn::masked_attention_pool_packed_cuda));
+  m.impl("_masked_attention_pool_packed_backward",
+         TORCH_BOX(&maskattn::masked_attention_pool_packed_backward_cuda));
 }

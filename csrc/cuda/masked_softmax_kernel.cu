@@ -6,21 +6,13 @@
 // row, the row staged in shared memory while it fits (one read, one write), and an online
 // max/sum pass plus a second read beyond that. The mask is read through its own strides - stride
 // 0 on the dims it is broadcast over - so a [B,1,1,N] key mask is never materialised.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 
-#include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/stable_cuda.h"
 #include "masked_softmax.h"
 
 namespace maskattn {
@@ -371,9 +363,9 @@ constexpr int max_vec() {
   return std::is_same_v<scalar_t, double> ? 1 : static_cast<int>(16 / sizeof(scalar_t));
 }
 
-bool rows_aligned(const at::Tensor& t, const RowLayout& L, int ti, int64_t N, int vec, size_t elem) {
+bool rows_aligned(const void* data, const RowLayout& L, int ti, int64_t N, int vec, size_t elem) {
   if (vec == 1) return true;
-  if (N % vec != 0 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (vec * elem) != 0) return false;
+  if (N % vec != 0 || reinterpret_cast<uintptr_t>(data) % (vec * elem) != 0) return false;
   for (int d = 0; d < L.ndim; ++d) {
     if (L.stride[ti][d] % vec != 0) return false;
   }
@@ -432,7 +424,7 @@ void launch_rows(int64_t rows, int64_t N, bool vec, WarpLaunch&& warp, BlockLaun
     with_vec([&](auto vec_c) {
       dispatch_elems<scalar_t, decltype(vec_c)::value>(warp_elems(N), [&](auto e_c) {
         warp(vec_c, e_c, grid, block);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        MASKATTN_CUDA_LAUNCH_CHECK();
       });
     });
     return;
@@ -440,23 +432,27 @@ void launch_rows(int64_t rows, int64_t N, bool vec, WarpLaunch&& warp, BlockLaun
   const auto grid = static_cast<unsigned>(std::min(rows, kMaxGrid));
   with_vec([&](auto vec_c) {
     block_rows(vec_c, grid, block_threads(N));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    MASKATTN_CUDA_LAUNCH_CHECK();
   });
 }
 
+// A tensor's data seen through a view of it.
+struct Rows {
+  const void* data;
+  st::View view;
+};
+
 // x: [..., N] with unit inner stride; mask: bool, any strides; y: contiguous [rows, N].
 template <typename scalar_t>
-void launch_forward(const at::Tensor& x, const at::Tensor& mask, at::Tensor& y, int64_t rows, int64_t N,
-                    double scale_d) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor ts[2] = {x, mask};
-  const RowLayout L = make_row_layout(ts, 2);
-  const bool vec = rows_aligned(x, L, 0, N, max_vec<scalar_t>(), sizeof(scalar_t));
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const bool* mp = mask.const_data_ptr<bool>();
-  scalar_t* yp = y.data_ptr<scalar_t>();
+void launch_forward(const Rows& x, const Rows& mask, scalar_t* yp, int64_t rows, int64_t N, double scale_d,
+                    cudaStream_t stream) {
+  using acc_t = st::acc_t<scalar_t>;
+  const st::View vs[2] = {x.view, mask.view};
+  const RowLayout L = make_row_layout(vs, 2);
+  const bool vec = rows_aligned(x.data, L, 0, N, max_vec<scalar_t>(), sizeof(scalar_t));
+  const scalar_t* xp = static_cast<const scalar_t*>(x.data);
+  const bool* mp = static_cast<const bool*>(mask.data);
   const acc_t scale = static_cast<acc_t>(scale_d);
-  auto stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = static_cast<size_t>(N) * sizeof(acc_t);
   // 48 KB is the launch limit without opt-in for static (the reduction scratch) plus dynamic memory.
   const bool use_smem = smem + 32 * sizeof(acc_t) <= 48 * 1024;
@@ -480,19 +476,17 @@ void launch_forward(const at::Tensor& x, const at::Tensor& mask, at::Tensor& y, 
 }
 
 template <typename scalar_t>
-void launch_backward(const at::Tensor& g, const at::Tensor& y, at::Tensor& out, int64_t rows, int64_t N,
-                     double scale_d) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor ts[2] = {g, y};
-  const RowLayout L = make_row_layout(ts, 2);
+void launch_backward(const Rows& g, const Rows& y, scalar_t* op, int64_t rows, int64_t N, double scale_d,
+                     cudaStream_t stream) {
+  using acc_t = st::acc_t<scalar_t>;
+  const st::View vs[2] = {g.view, y.view};
+  const RowLayout L = make_row_layout(vs, 2);
   constexpr int VMAX = max_vec<scalar_t>();
-  const bool vec =
-      rows_aligned(g, L, 0, N, VMAX, sizeof(scalar_t)) && rows_aligned(y, L, 1, N, VMAX, sizeof(scalar_t));
-  const scalar_t* gp = g.const_data_ptr<scalar_t>();
-  const scalar_t* yp = y.const_data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
+  const bool vec = rows_aligned(g.data, L, 0, N, VMAX, sizeof(scalar_t)) &&
+                   rows_aligned(y.data, L, 1, N, VMAX, sizeof(scalar_t));
+  const scalar_t* gp = static_cast<const scalar_t*>(g.data);
+  const scalar_t* yp = static_cast<const scalar_t*>(y.data);
   const acc_t scale = static_cast<acc_t>(scale_d);
-  auto stream = c10::cuda::getCurrentCUDAStream();
   launch_rows<scalar_t>(
       rows, N, vec,
       [&](auto vec_c, auto e_c, unsigned grid, dim3 block) {
@@ -506,46 +500,68 @@ void launch_backward(const at::Tensor& g, const at::Tensor& y, at::Tensor& out, 
       });
 }
 
-// Rows must be unit-stride for coalesced loads; the rare other layouts are copied once. The
-// kernels write a contiguous [rows, N]; for dim != -1 it is transposed back into the contiguous
-// output the fake kernel promises.
-at::Tensor unit_rows(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+// Rows must be unit-stride for coalesced loads; the rare other layouts are copied once (`keep` owns
+// the copy). The kernels write a contiguous [rows, N]; for dim != -1 it is transposed back into the
+// contiguous output the fake kernel promises.
+Rows unit_rows(const st::Tensor& t, const st::View& v, st::Tensor& keep) {
+  const int last = v.ndim - 1;
+  if (v.size[last] <= 1 || v.stride[last] == 1) return {t.const_data_ptr(), v};
+  keep = torch::stable::contiguous(st::as_strided(t, v));
+  return {keep.const_data_ptr(), st::View::of(keep)};
 }
 
-at::Tensor finish(at::Tensor moved_out, int64_t dim, int64_t nd) {
-  if (dim == nd - 1) return moved_out;
-  return moved_out.movedim(-1, dim).contiguous();
+st::Tensor finish(const st::Tensor& moved_out, int64_t dim, const st::View& shape, st::ScalarType dtype,
+                  const st::Device& device) {
+  if (dim == shape.ndim - 1) return moved_out;
+  st::Tensor out = st::empty(shape.size, shape.ndim, dtype, device);
+  st::Tensor dst = st::as_strided(out, st::View::of(out).move_last(static_cast<int>(dim)));
+  torch::stable::copy_(dst, moved_out);
+  return out;
 }
 
-at::Tensor masked_softmax_cuda(const at::Tensor& scores, const at::Tensor& mask, int64_t dim, double scale) {
+st::Tensor masked_softmax_cuda(const st::Tensor& scores, const st::Tensor& mask, int64_t dim, double scale) {
   const SoftmaxArgs a = check_masked_softmax(scores, mask, dim, scale);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  const at::Tensor x = unit_rows(a.x);
-  auto out = at::empty(a.x.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return finish(out, a.dim, scores.dim());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "masked_softmax_cuda",
-                                  [&] { launch_forward<scalar_t>(x, a.y, out, a.rows, a.N, scale); });
-  return finish(out, a.dim, scores.dim());
+  const int32_t dev = scores.get_device_index();
+  const st::DeviceGuard guard(dev);
+  st::Tensor keep_x;
+  const Rows x = unit_rows(a.xt, a.x, keep_x);
+  const Rows m{a.yt.const_data_ptr(), a.y};
+  st::Tensor out = st::empty(a.x.size, a.x.ndim, scores.scalar_type(), scores.device());
+  const st::View shape = st::View::of(scores);
+  if (out.numel() == 0) return finish(out, a.dim, shape, scores.scalar_type(), scores.device());
+  void* o = out.mutable_data_ptr();
+  const cudaStream_t stream = st::current_stream(dev);
+  THO_DISPATCH_V2(scores.scalar_type(), "masked_softmax_cuda", AT_WRAP([&] {
+                    launch_forward<scalar_t>(x, m, static_cast<scalar_t*>(o), a.rows, a.N, scale, stream);
+                  }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
+  return finish(out, a.dim, shape, scores.scalar_type(), scores.device());
 }
 
-at::Tensor masked_softmax_backward_cuda(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
+st::Tensor masked_softmax_backward_cuda(const st::Tensor& grad_output, const st::Tensor& output, int64_t dim,
                                         double scale) {
   const SoftmaxArgs a = check_masked_softmax_backward(grad_output, output, dim, scale);
-  const c10::cuda::CUDAGuard guard(output.device());
-  const at::Tensor g = unit_rows(a.x), y = unit_rows(a.y);
-  auto out = at::empty(a.y.sizes(), output.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return finish(out, a.dim, output.dim());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(),
-                                  "masked_softmax_backward_cuda",
-                                  [&] { launch_backward<scalar_t>(g, y, out, a.rows, a.N, scale); });
-  return finish(out, a.dim, output.dim());
+  const int32_t dev = output.get_device_index();
+  const st::DeviceGuard guard(dev);
+  st::Tensor keep_g, keep_y;
+  const Rows g = unit_rows(a.xt, a.x, keep_g);
+  const Rows y = unit_rows(a.yt, a.y, keep_y);
+  st::Tensor out = st::empty(a.y.size, a.y.ndim, output.scalar_type(), output.device());
+  const st::View shape = st::View::of(output);
+  if (out.numel() == 0) return finish(out, a.dim, shape, output.scalar_type(), output.device());
+  void* o = out.mutable_data_ptr();
+  const cudaStream_t stream = st::current_stream(dev);
+  THO_DISPATCH_V2(output.scalar_type(), "masked_softmax_backward_cuda", AT_WRAP([&] {
+                    launch_backward<scalar_t>(g, y, static_cast<scalar_t*>(o), a.rows, a.N, scale, stream);
+                  }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
+  return finish(out, a.dim, shape, output.scalar_type(), output.device());
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
-  m.impl("masked_softmax", &maskattn::masked_softmax_cuda);
-  m.impl("_masked_softmax_backward", &maskattn::masked_softmax_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
+  m.impl("masked_softmax", TORCH_BOX(&maskattn::masked_softmax_cuda));
+  m.impl("_masked_softmax_backward", TORCH_BOX(&maskattn::masked_softmax_backward_cuda));
 }

@@ -1,19 +1,12 @@
 // CUDA kernel of patch_mask: one thread per patch counts its p x p pixels, reading the image mask
 // once in its own dtype. Neighbouring threads read neighbouring patches of the same pixel rows, so
 // every mask sector is fetched from DRAM once and the rest of the warp finds it in L1.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
-#include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/stable_cuda.h"
 #include "patch_mask.h"
 
 namespace maskattn {
@@ -28,7 +21,7 @@ struct Storage<bool> {
   using type = uint8_t;  // a nonzero byte is a valid pixel
 };
 
-// Half types compare through float: torch builds device code without c10::Half operators.
+// Half types compare through float.
 template <typename S>
 __device__ __forceinline__ bool nonzero(S v) {
   if constexpr (std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>) {
@@ -56,31 +49,41 @@ __global__ void patch_mask_kernel(const S* __restrict__ m, bool* __restrict__ ou
   }
 }
 
-at::Tensor patch_mask_cuda(const at::Tensor& image_mask, int64_t patch_size, double threshold) {
+// A launch of its own: the commas of <<<...>>> would split THO_DISPATCH_V2's body argument.
+template <typename S>
+void launch(const void* data, const PatchMaskInputs& in, int64_t min_count, bool* out, int64_t total,
+            cudaStream_t stream) {
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>(cuda::ceil_div(total, threads), int64_t(1) << 20);
+  const st::View& m = in.mask;
+  patch_mask_kernel<S><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      static_cast<const S*>(data), out, total, in.nh, in.nw, in.p, m.stride[0], m.stride[1], m.stride[2],
+      min_count);
+  MASKATTN_CUDA_LAUNCH_CHECK();
+}
+
+st::Tensor patch_mask_cuda(const st::Tensor& image_mask, int64_t patch_size, double threshold) {
   const PatchMaskInputs in = check_patch_mask_inputs(image_mask, patch_size, threshold);
-  const c10::cuda::CUDAGuard guard(image_mask.device());
-  const int64_t B = in.mask.size(0);
-  auto out = at::empty({B, in.nh * in.nw}, image_mask.options().dtype(at::kBool));
+  const int32_t dev = image_mask.get_device_index();
+  const st::DeviceGuard guard(dev);
+  const int64_t sizes[2] = {in.mask.size[0], in.nh * in.nw};
+  st::Tensor out = st::empty(sizes, 2, st::ScalarType::Bool, image_mask.device());
   const int64_t total = out.numel();
   if (total == 0) return out;
   const int64_t min_count = patch_min_count(patch_size, threshold);
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>(cuda::ceil_div(total, threads), int64_t(1) << 20);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor& m = in.mask;
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, m.scalar_type(), "patch_mask_cuda", [&] {
-    using S = typename Storage<scalar_t>::type;
-    patch_mask_kernel<S><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        reinterpret_cast<const S*>(m.const_data_ptr<scalar_t>()), out.data_ptr<bool>(), total, in.nh, in.nw,
-        in.p, m.stride(0), m.stride(1), m.stride(2), min_count);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  const cudaStream_t stream = st::current_stream(dev);
+  const void* data = image_mask.const_data_ptr();
+  bool* o = out.mutable_data_ptr<bool>();
+  THO_DISPATCH_V2(
+      image_mask.scalar_type(), "patch_mask_cuda",
+      AT_WRAP([&] { launch<typename Storage<scalar_t>::type>(data, in, min_count, o, total, stream); }),
+      AT_EXPAND(AT_ALL_TYPES), st::ScalarType::Bool, st::ScalarType::Half, st::ScalarType::BFloat16);
   return out;
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
-  m.impl("patch_mask", &maskattn::patch_mask_cuda);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
+  m.impl("patch_mask", TORCH_BOX(&maskattn::patch_mask_cuda));
 }

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <cstdint>
 #include <limits>
 
 #include "common/cuda_utils.cuh"
@@ -48,13 +49,14 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
-// Index of the largest v across the warp (lowest index on ties); INT_MAX when no lane has one.
-template <typename T>
-__device__ __forceinline__ int warp_argmax(T v, int j) {
+// Index of the largest v across the warp (lowest index on ties); the lanes' own j (INT_MAX /
+// INT64_MAX) when no lane has one. I is int64_t where key indices may pass 2^31 (the GEMM path).
+template <typename T, typename I>
+__device__ __forceinline__ I warp_argmax(T v, I j) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) {
     const T ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oj = __shfl_xor_sync(0xffffffffu, j, o);
+    const I oj = __shfl_xor_sync(0xffffffffu, j, o);
     if (ov > v || (ov == v && oj < j)) {
       v = ov;
       j = oj;
@@ -416,7 +418,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t qn = qnrm ? qnrm[r] : acc_t(1);
     const acc_t qinv = qnrm ? inv_norm(qn) : acc_t(1);
     acc_t s = 0, best = acc_t(-1);
-    int bestj = INT_MAX;
+    int64_t bestj = INT64_MAX;
     for (int64_t j = lane; j < Lk; j += kWarp) {
       const acc_t a = static_cast<acc_t>(attn[r * Lk + j]);
       if (a != acc_t(0)) {
@@ -424,12 +426,12 @@ __global__ void __launch_bounds__(kThreads)
                   (gattn ? static_cast<acc_t>(gattn[r * Lk + j]) : acc_t(0)));
         if (a > best) {
           best = a;
-          bestj = static_cast<int>(j);
+          bestj = j;
         }
       }
     }
     s = warp_sum(s);
-    const int jm = warp_argmax(best, bestj);
+    const int64_t jm = warp_argmax(best, bestj);
     // minus the float sum of the softmax gradient goes to the arg-max key (see the fused kernel)
     acc_t dsum = 0;
     for (int64_t j = lane; j < Lk; j += kWarp) {

@@ -22,6 +22,7 @@ from ._chunked import (
 from ._ops.foreground_mask import foreground_mask
 from ._ops.gated_masked_mean import gated_masked_mean
 from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
+from ._ops.masked_channel_attention_pool import masked_channel_attention_pool, masked_channel_attention_pool_packed
 from ._ops.masked_softmax import masked_softmax
 from ._ops.patch_mask import patch_mask, patch_mask_to_image
 from ._ops.scaled_cross_attention import scaled_cross_attention
@@ -38,6 +39,8 @@ __all__ = [
     "cuda_available",
     "masked_attention_pool",
     "masked_attention_pool_packed",
+    "masked_channel_attention_pool",
+    "masked_channel_attention_pool_packed",
     "attention_pool_partial",
     "attention_pool_partial_packed",
     "attention_pool_merge",

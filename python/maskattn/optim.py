@@ -21,7 +21,7 @@ _NORM_TYPES = tuple(
 
 
 def _is_logit_scale(name: str) -> bool:
-    # logit_scale_log (maskattn, the few-shot seed), logit_scale (CLIP / open_clip).
+    # logit_scale_log (maskattn, the few-shot SAP layer), logit_scale (CLIP / open_clip).
     return name.split(".")[-1].startswith("logit_scale")
 
 

@@ -1,4 +1,4 @@
-"""Dataset transforms: the seed's preprocessing mask (face kept, background set to a value) in one line.
+"""Dataset transforms: a thermal-face loader's preprocessing mask (face kept, background set to a value) in one line.
 
 transform = Compose([FaceMask("content_based"), ...])        # on tensors, ndarrays or PIL images
 """
@@ -42,11 +42,11 @@ def apply_face_mask(images: Tensor, mask: Tensor, background: float = 0.0) -> Te
 
 
 class FaceMask:
-    """Mask the background of face images the way seed 004's data loader does.
+    """Mask the background of face images the way a thermal-face classifier's data loader does.
 
     Args:
         mask_type: ``"content_based"`` (default), ``"ellipse"``, ``"rectangle"`` or ``"adaptive"``.
-        background: value given to the background (the seed's ``background_value``, 0 by default),
+        background: value given to the background (the loader's ``background_value``, 0 by default),
             in the image's units.
         **mask_kwargs: passed to ``maskattn.masks.content_based`` (threshold, radii, sigma,
             coverage bounds, fallback).

@@ -1,4 +1,4 @@
-"""foreground_mask: the content-based face mask of seed 004 as one batched op (wrapper + fake kernel)."""
+"""foreground_mask: the thermal-face classifier's content-based face mask as one batched op (wrapper + fake kernel)."""
 
 from typing import Tuple
 
@@ -53,6 +53,10 @@ def _(images, threshold=0.1, open_radius=1, close_radius=2, fill_holes=True, sig
     torch._check(
         images.dim() in (3, 4),
         lambda: f"foreground_mask: images must be [B, C, H, W] or [B, H, W], got {tuple(images.shape)}",
+    )
+    torch._check(
+        images.dtype in (torch.uint8, torch.float32, torch.float64, torch.float16, torch.bfloat16),
+        lambda: f"foreground_mask: images must be uint8, float32, float64, float16 or bfloat16, got {images.dtype}",
     )
     B, H, W = images.shape[0], images.shape[-2], images.shape[-1]
     mask = images.new_empty((B, H, W), dtype=torch.float32)

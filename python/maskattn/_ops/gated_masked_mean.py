@@ -48,6 +48,28 @@ def _(features, gate_logits, mask=None):
 
 @torch.library.register_fake("maskattn::_gated_masked_mean_backward")
 def _(grad_pooled, grad_gate, features, gate, mask, output_mask):
+    op = "_gated_masked_mean_backward"
+    for t, n in (("grad_pooled", grad_pooled), ("grad_gate", grad_gate), ("gate", gate), ("mask", mask)):
+        _checks.same_device(n, f"{op}: {t}", features, "features")
+    torch._check(features.dim() == 4, lambda: f"{op}: features must be [B, C, H, W], got shape {list(features.shape)}")
+    _checks.floating(op, features, "features")
+    B, C, H, W = features.shape
+    _checks.shape(op, grad_pooled, "grad_pooled", (B, C))
+    torch._check(
+        gate.dim() in (3, 4) and tuple(gate.shape) in ((B, H, W), (B, 1, H, W)),
+        lambda: (
+            f"{op}: gate must be [B, 1, H, W] or [B, H, W] matching features {list(features.shape)}, "
+            f"got shape {list(gate.shape)}"
+        ),
+    )
+    _checks.same_dtype(op, grad_pooled, "grad_pooled", features, "features")
+    _checks.same_dtype(op, gate, "gate", features, "features")
+    if grad_gate is not None:
+        _checks.shape(op, grad_gate, "grad_gate", gate.shape)
+        _checks.same_dtype(op, grad_gate, "grad_gate", gate, "gate")
+    if mask is not None:
+        _checks.shape(op, mask, "mask", (B, H, W))
+        _checks.mask_dtype(op, mask, "mask")
     gf = features.new_empty(features.shape) if output_mask[0] else features.new_empty((0,))
     gl = gate.new_empty(gate.shape) if output_mask[1] else gate.new_empty((0,))
     return gf, gl

@@ -102,16 +102,54 @@ def _(logits, features, offsets):
         lambda: f"masked_attention_pool_packed: features must be [T, D], got {tuple(features.shape)}",
     )
     torch._check(
+        logits.dim() in (1, 2),
+        lambda: f"masked_attention_pool_packed: logits must be [T] or [T, K], got {tuple(logits.shape)}",
+    )
+    torch._check(
         logits.dtype == features.dtype,
         lambda: "masked_attention_pool_packed: logits and features must have the same dtype",
     )
+    _checks.offsets("masked_attention_pool_packed", offsets, features)
     batch = offsets.shape[0] - 1
     pooled = features.new_empty(_pooled_shape(logits, features, batch, logits.dim() == 2))
     weights = logits.new_empty(logits.shape)
     return pooled, weights
 
 
-def _backward_fake(grad_pooled, grad_weights, weights, features, output_mask):
+def _backward_fake(op, grad_pooled, grad_weights, weights, features, offsets, output_mask):
+    # the checks of check_pool_grads (csrc/masked_attention_pool.cpp), in its order where it matters
+    packed = offsets is not None
+    for t, n in (("grad_pooled", grad_pooled), ("grad_weights", grad_weights), ("weights", weights)):
+        _checks.same_device(n, f"{op}: {t}", features, "features")
+    fdim = 2 if packed else 3
+    torch._check(
+        features.dim() == fdim,
+        lambda: f"{op}: features must be {'[T, D]' if packed else '[B, N, D]'}, got shape {list(features.shape)}",
+    )
+    torch._check(
+        weights.dim() in (fdim - 1, fdim),
+        lambda: (
+            f"{op}: weights must be {'[T] or [T, K]' if packed else '[B, N] or [B, N, K]'}, got {list(weights.shape)}"
+        ),
+    )
+    _checks.floating(op, features, "features")
+    _checks.same_dtype(op, weights, "weights", features, "features")
+    _checks.same_dtype(op, grad_pooled, "grad_pooled", features, "features")
+    torch._check(
+        tuple(weights.shape[: fdim - 1]) == tuple(features.shape[: fdim - 1]),
+        lambda: f"{op}: weights {list(weights.shape)} does not match features {list(features.shape)}",
+    )
+    if packed:
+        _checks.offsets(op, offsets, features)
+        batch = offsets.shape[0] - 1
+    else:
+        batch = features.shape[0]
+    has_k = weights.dim() == fdim
+    _checks.shape(op, grad_pooled, "grad_pooled", _pooled_shape(weights, features, batch, has_k))
+    if grad_weights is not None:
+        _checks.shape(op, grad_weights, "grad_weights", weights.shape)
+        _checks.same_dtype(op, grad_weights, "grad_weights", weights, "weights")
+    # both kernels return contiguous gradients
     gl = weights.new_empty(weights.shape) if output_mask[0] else weights.new_empty((0,))
     gf = features.new_empty(features.shape) if output_mask[1] else features.new_empty((0,))
     return gl, gf
@@ -119,12 +157,16 @@ def _backward_fake(grad_pooled, grad_weights, weights, features, output_mask):
 
 @torch.library.register_fake("maskattn::_masked_attention_pool_backward")
 def _(grad_pooled, grad_weights, weights, features, output_mask):
-    return _backward_fake(grad_pooled, grad_weights, weights, features, output_mask)
+    return _backward_fake(
+        "_masked_attention_pool_backward", grad_pooled, grad_weights, weights, features, None, output_mask
+    )
 
 
 @torch.library.register_fake("maskattn::_masked_attention_pool_packed_backward")
 def _(grad_pooled, grad_weights, weights, features, offsets, output_mask):
-    return _backward_fake(grad_pooled, grad_weights, weights, features, output_mask)
+    return _backward_fake(
+        "_masked_attention_pool_packed_backward", grad_pooled, grad_weights, weights, features, offsets, output_mask
+    )
 
 
 # ---- autograd: only the weights (an output) and the features (an input) are saved ----

@@ -1,5 +1,7 @@
 """masked_softmax: softmax over the valid positions of a broadcastable mask; wrapper, fake, autograd."""
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -64,10 +66,19 @@ def _(scores, mask, dim=-1, scale=1.0):
 
 @torch.library.register_fake("maskattn::_masked_softmax_backward")
 def _(grad_output, output, dim, scale):
-    _wrap(dim, output.dim())
+    op = "_masked_softmax_backward"
+    _checks.same_device(grad_output, f"{op}: grad_output", output, "output")
     torch._check(
-        grad_output.shape == output.shape, lambda: "_masked_softmax_backward: grad_output must have the shape of output"
+        grad_output.shape == output.shape,
+        lambda: f"{op}: grad_output {list(grad_output.shape)} must have the shape of output {list(output.shape)}",
     )
+    _checks.same_dtype(op, grad_output, "grad_output", output, "output")
+    _checks.floating(op, output, "output")
+    torch._check(
+        output.dim() >= 1 and -output.dim() <= dim < output.dim(),
+        lambda: f"{op}: dim = {dim} is out of range for output of shape {list(output.shape)}",
+    )
+    torch._check(math.isfinite(scale), lambda: f"{op}: scale must be finite, got {scale}")
     return torch.empty(output.shape, dtype=output.dtype, device=output.device)
 
 

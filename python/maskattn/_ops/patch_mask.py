@@ -79,6 +79,10 @@ def _check_fake(image_mask, patch_size, threshold):
         image_mask.dim() == 3 or (image_mask.dim() == 4 and image_mask.shape[1] == 1),
         lambda: f"patch_mask: image_mask must be [B, H, W] or [B, 1, H, W], got {tuple(image_mask.shape)}",
     )
+    torch._check(
+        not image_mask.is_complex(),
+        lambda: f"patch_mask: image_mask must be a bool, integer or floating tensor, got {image_mask.dtype}",
+    )
     torch._check(patch_size > 0, lambda: f"patch_mask: patch_size must be positive, got {patch_size}")
     torch._check(0.0 <= threshold <= 1.0, lambda: f"patch_mask: threshold must be in [0, 1], got {threshold}")
     h, w = image_mask.shape[-2], image_mask.shape[-1]

@@ -1,5 +1,6 @@
 """scaled_cross_attention: wrapper, fake kernels, autograd."""
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -50,39 +51,68 @@ def scaled_cross_attention(
 # ---- fake kernels: shapes, dtypes and strides exactly as the real kernels return them ----
 
 
-@torch.library.register_fake("maskattn::scaled_cross_attention")
-def _(query, key, value, logit_scale_log, max_scale=100.0, key_mask=None, normalize=False):
+def _forward_shapes(op, query, key, value, logit_scale_log, max_scale, key_mask):
+    """check_xattn_inputs (csrc/scaled_cross_attention.cpp) on fakes: (out shape, attn shape)."""
     for t, n in ((key, "key"), (value, "value"), (logit_scale_log, "logit_scale_log"), (key_mask, "key_mask")):
-        _checks.same_device(t, f"scaled_cross_attention: {n}", query, "query")
-    torch._check(
-        query.dim() in (2, 3),
-        lambda: f"scaled_cross_attention: query must be [B, Lq, D] or [B, D], got {tuple(query.shape)}",
-    )
-    torch._check(
-        key.dim() in (2, 3),
-        lambda: f"scaled_cross_attention: key must be [B, Lk, D] or [Lk, D], got {tuple(key.shape)}",
-    )
-    torch._check(
-        value.dim() in (2, 3),
-        lambda: f"scaled_cross_attention: value must be [B, Lk, Dv] or [Lk, Dv], got {tuple(value.shape)}",
-    )
+        _checks.same_device(t, f"{op}: {n}", query, "query")
+    torch._check(query.dim() in (2, 3), lambda: f"{op}: query must be [B, Lq, D] or [B, D], got {list(query.shape)}")
+    torch._check(key.dim() in (2, 3), lambda: f"{op}: key must be [B, Lk, D] or [Lk, D], got {list(key.shape)}")
+    torch._check(value.dim() in (2, 3), lambda: f"{op}: value must be [B, Lk, Dv] or [Lk, Dv], got {list(value.shape)}")
+    _checks.floating(op, query, "query")
     torch._check(
         key.dtype == query.dtype and value.dtype == query.dtype,
-        lambda: "scaled_cross_attention: query, key and value must have the same dtype",
+        lambda: f"{op}: query ({query.dtype}), key ({key.dtype}) and value ({value.dtype}) must have the same dtype",
     )
-    torch._check(logit_scale_log.dim() == 0, lambda: "scaled_cross_attention: logit_scale_log must be a 0-dim tensor")
-    torch._check(key.shape[-1] == query.shape[-1], lambda: "scaled_cross_attention: key and query must have the same D")
-    torch._check(value.shape[-2] == key.shape[-2], lambda: "scaled_cross_attention: value must have Lk rows")
-    B, Lk, Dv = query.shape[0], key.shape[-2], value.shape[-1]
+    torch._check(
+        logit_scale_log.dim() == 0,
+        lambda: f"{op}: logit_scale_log must be a 0-dim tensor, got shape {list(logit_scale_log.shape)}",
+    )
+    _checks.floating(op, logit_scale_log, "logit_scale_log")
+    torch._check(
+        not math.isnan(max_scale) and max_scale > 0, lambda: f"{op}: max_scale must be positive, got {max_scale}"
+    )
+    B, D = query.shape[0], query.shape[-1]
+    Lk, Dv = key.shape[-2], value.shape[-1]
+    torch._check(key.shape[-1] == D, lambda: f"{op}: key and query must have the same feature size D")
+    torch._check(key.dim() == 2 or key.shape[0] == B, lambda: f"{op}: key must have batch size B = {B} of query")
+    torch._check(value.shape[-2] == Lk, lambda: f"{op}: value must have Lk = {Lk} rows, one per key")
+    torch._check(value.dim() == 2 or value.shape[0] == B, lambda: f"{op}: value must have batch size B = {B} of query")
+    if key_mask is not None:
+        _checks.mask_dtype(op, key_mask, "key_mask")
+        torch._check(
+            tuple(key_mask.shape) in ((Lk,), (B, Lk)),
+            lambda: f"{op}: key_mask must be [B, Lk] = [{B}, {Lk}] or [Lk] = [{Lk}], got shape {list(key_mask.shape)}",
+        )
     if query.dim() == 2:
-        return query.new_empty((B, Dv)), query.new_empty((B, Lk))
+        return (B, Dv), (B, Lk)
     Lq = query.shape[1]
-    return query.new_empty((B, Lq, Dv)), query.new_empty((B, Lq, Lk))
+    return (B, Lq, Dv), (B, Lq, Lk)
+
+
+@torch.library.register_fake("maskattn::scaled_cross_attention")
+def _(query, key, value, logit_scale_log, max_scale=100.0, key_mask=None, normalize=False):
+    out_shape, attn_shape = _forward_shapes(
+        "scaled_cross_attention", query, key, value, logit_scale_log, max_scale, key_mask
+    )
+    return query.new_empty(out_shape), query.new_empty(attn_shape)
 
 
 @torch.library.register_fake("maskattn::_scaled_cross_attention_backward")
 def _(grad_out, grad_attn, query, key, value, logit_scale_log, attn, max_scale, normalize, output_mask):
-    def grad(t, needed):
+    op = "_scaled_cross_attention_backward"
+    for t, n in (("grad_out", grad_out), ("grad_attn", grad_attn), ("attn", attn)):
+        _checks.same_device(n, f"{op}: {t}", query, "query")
+    # query, key, value and the scale as the forward checks them; the outputs' shapes follow
+    out_shape, attn_shape = _forward_shapes(op, query, key, value, logit_scale_log, max_scale, None)
+    _checks.shape(op, grad_out, "grad_out", out_shape)
+    _checks.shape(op, attn, "attn", attn_shape)
+    _checks.same_dtype(op, grad_out, "grad_out", query, "query")
+    _checks.same_dtype(op, attn, "attn", query, "query")
+    if grad_attn is not None:
+        _checks.shape(op, grad_attn, "grad_attn", attn.shape)
+        _checks.same_dtype(op, grad_attn, "grad_attn", attn, "attn")
+
+    def grad(t, needed):  # contiguous, as the kernels return them
         return t.new_empty(t.shape) if needed else t.new_empty((0,))
 
     return (

@@ -24,6 +24,7 @@ from . import _harness as H
 # docstring describes what a suite module defines.
 SUITES = [
     "masked_attention_pool",
+    "masked_channel_attention_pool",
     "attention_pooling",
     "masked_softmax",
     "scaled_cross_attention",

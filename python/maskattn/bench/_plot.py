@@ -11,7 +11,7 @@ def check_matplotlib() -> None:
     except ImportError as e:
         raise SystemExit(
             "--plot needs matplotlib, which is not installed: pip install matplotlib "
-            "(or pip install maskattn[plot]); run without --plot for the text report"
+            '(from a clone of maskattn: pip install --no-build-isolation ".[plot]"); run without --plot for the text report'
         ) from e
 
 

@@ -1,4 +1,4 @@
-"""Face masks of the thermal-face classifier (seed 004): geometric and content-based."""
+"""Face masks of a thermal-face classifier: geometric and content-based."""
 
 from .content import content_based
 from .geometric import adaptive, ellipse, geometric, rectangle

@@ -1,4 +1,4 @@
-"""Content-based face masks (seed 004's generate_smart_face_mask), batched on CPU or CUDA."""
+"""Content-based face masks (a thermal-face pipeline's generate_smart_face_mask), batched on CPU or CUDA."""
 
 from typing import Union
 
@@ -45,7 +45,7 @@ def content_based(
 
     Per image: grey level ``> threshold`` of full scale -> opening (``2*open_radius+1`` square) ->
     closing (``2*close_radius+1`` square) -> largest 8-connected component -> hole filling ->
-    Gaussian-smoothed edges (``sigma``). The defaults are the seed's (0.1, 3x3, 5x5, holes filled,
+    Gaussian-smoothed edges (``sigma``). The defaults are that pipeline's (0.1, 3x3, 5x5, holes filled,
     sigma 1). When the binary mask covers less than ``min_coverage`` or more than ``max_coverage``
     of the image (a blank, failed or all-foreground image) the image gets ``fallback`` instead:
     ``"ellipse"`` (default), ``"rectangle"``, ``"adaptive"``, an ``[H, W]`` or ``[B, H, W]``

@@ -1,4 +1,4 @@
-"""Geometric face masks of seed 004 (ellipse, rectangle, adaptive), on any device and dtype.
+"""Geometric face masks of a thermal-face classifier (ellipse, rectangle, adaptive), any device/dtype.
 
 Pixel (i, j) is sampled at its centre ``(j + 0.5, i + 0.5)`` and the shapes are centred on
 ``(w / 2, h / 2)``, so every mask is symmetric under flips and does not shift by half a pixel
@@ -50,7 +50,7 @@ def ellipse(
 ) -> Tensor:
     """``[h, w]`` mask of the centred ellipse with semi-axes ``ax * w`` (horizontal) and ``ay * h``.
 
-    The seed's default covers ``pi * 0.35 * 0.40 ~ 44%`` of the image. 1 inside, 0 outside, in
+    The classifier's default covers ``pi * 0.35 * 0.40 ~ 44%`` of the image. 1 inside, 0 outside, in
     ``dtype`` (bool allowed).
     """
     _check("ellipse", h, w, ax=ax, ay=ay)
@@ -60,7 +60,7 @@ def ellipse(
 def rectangle(
     h: int, w: int, fx: float = 0.70, fy: float = 0.80, *, device=None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """``[h, w]`` mask of the central ``fx * w`` by ``fy * h`` rectangle (the seed's 70% x 80%: 56%)."""
+    """``[h, w]`` mask of the central ``fx * w`` by ``fy * h`` rectangle (the classifier's 70% x 80%: 56%)."""
     _check("rectangle", h, w, fx=fx, fy=fy)
     return _rectangle_bool(h, w, fx, fy, device).to(dtype)
 
@@ -80,7 +80,7 @@ def adaptive(
     """``[h, w]`` ellipse core plus rectangle extension: 1 inside the ellipse, ``extension`` in the
     rectangle outside it, 0 elsewhere.
 
-    The seed describes "adaptive" as an ellipse core with a rectangular extension. With the default
+    The classifier describes "adaptive" as an ellipse core with a rectangular extension. With the default
     sizes the ellipse is inscribed in the rectangle, so a binary union would just be the rectangle;
     the extension therefore gets a lower weight (0.5 by default): the face centre counts fully, the
     corners of the central rectangle half. ``extension=1`` gives the plain union; a bool ``dtype``
@@ -101,7 +101,7 @@ _GEOMETRIC = {"ellipse": ellipse, "rectangle": rectangle, "adaptive": adaptive}
 
 
 def geometric(kind: str, h: int, w: int, *, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The seed's ``generate_face_mask((h, w), mask_type=kind)`` with default sizes."""
+    """The classifier's ``generate_face_mask((h, w), mask_type=kind)`` with default sizes."""
     if not isinstance(kind, str) or kind not in _GEOMETRIC:
         raise ValueError(f"masks.geometric: kind must be one of {sorted(_GEOMETRIC)}, got {kind!r}")
     return _GEOMETRIC[kind](h, w, device=device, dtype=dtype)

@@ -40,7 +40,7 @@ class LearnableScaleCrossAttention(nn.Module):
         normalize: cosine logits (L2-normalise queries and prototypes first).
         clamp: where the cap is applied.
 
-            * ``"forward"`` (the seed's recipe): ``min(exp(p), max_scale)`` inside the forward
+            * ``"forward"`` (the few-shot SAP layer's recipe): ``min(exp(p), max_scale)`` inside the forward
               pass. Exactly the original layer, but above the cap the parameter's gradient is zero
               (that is what ``torch.clamp`` gives), so a scale that an optimizer step (momentum,
               a large learning rate) pushes past the cap stays stuck there, as weight decay is

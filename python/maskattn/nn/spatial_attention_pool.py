@@ -51,16 +51,16 @@ def _more_than(count: Tensor, area: Tensor, threshold: float) -> Tensor:
 
 
 class SpatialAttentionPool(nn.Module):
-    """Spatial attention gate + global average pooling of seed 004, fused and mask-aware.
+    """Spatial attention gate + global average pooling of a thermal-face classifier, fused and mask-aware.
 
-    The seed computes ``attention = attention_conv(features)`` (conv 3x3 -> ReLU -> conv 1x1 ->
+    The classifier computes ``attention = attention_conv(features)`` (conv 3x3 -> ReLU -> conv 1x1 ->
     sigmoid), then ``adaptive_avg_pool2d(features * attention, 1)``. Here the two convolutions give
     the gate logits and one fused op (``torch.ops.maskattn.gated_masked_mean``) applies the sigmoid
     and pools, never materialising ``features * attention``.
 
     Args:
         channels: feature channels C (512 for a ResNet-18/34 trunk).
-        hidden: hidden channels of the gate (the seed's 256).
+        hidden: hidden channels of the gate (the classifier's 256).
         mask_threshold: in [0, 1]. An image-resolution mask is reduced to feature resolution by
             counting: a feature cell is valid when *more than* this fraction of its pixels are
             valid (nonzero), ``patch_mask``'s rule. The cells are ``adaptive_avg_pool2d``'s regions
@@ -69,12 +69,12 @@ class SpatialAttentionPool(nn.Module):
             blurred edge) is as valid as 1 there.
 
     Parameters are ``attention_conv.0`` (Conv2d C->hidden, 3x3, padding 1) and ``attention_conv.2``
-    (Conv2d hidden->1, 1x1), exactly the seed's ``attention_conv`` Sequential, so its checkpoint
-    loads unchanged (``attention_conv.3`` is the seed's parameter-free Sigmoid, kept for that
+    (Conv2d hidden->1, 1x1), exactly the classifier's ``attention_conv`` Sequential, so its checkpoint
+    loads unchanged (``attention_conv.3`` is its parameter-free Sigmoid, kept for that
     numbering and used only when calling ``attention_conv`` directly).
 
     ``forward(features [B, C, H, W], mask=None)`` returns ``(pooled [B, C], attention [B, 1, H, W])``.
-    Without a mask it equals the seed's module. ``mask`` is ``[B, H, W]`` (or ``[B, 1, H, W]``) of
+    Without a mask it equals the classifier's module. ``mask`` is ``[B, H, W]`` (or ``[B, 1, H, W]``) of
     any bool, integer or floating dtype (nonzero = valid), at feature resolution or larger (image
     resolution); pooled averages ``attention * features`` over the valid cells only, attention is
     0 at invalid cells, and a sample with no valid cell pools to zeros.
