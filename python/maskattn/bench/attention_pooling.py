@@ -278,5 +278,5 @@ def _pyg_cases(args, x, offsets, n_bags, L, H, median, T):
             detail = f"{gate_name}, {'trainable' if trainable else 'frozen'} features"
             case = f"{n_bags} bags median {median} (T={T}) F={L}"
             yield Case(PYG_LAYER, case, "fwd+bwd", impls, detail=detail)
-            if AttentionalAggregation is None or pyg_gb > getattr(args, "mil_max_pyg_gb", 4.0):
+            if AttentionalAggregation is None:
                 return  # one row says why, not four
