@@ -240,3 +240,18 @@ def unfold(x: Tensor, size: int) -> Tensor:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels accumulate in: float32 for half types."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def concat_offsets(offsets, od, rows: int, V: int, op: str):
+    """V examples' offsets ``[B+1]`` over ``rows`` rows each -> offsets of the V * B bags back to back
+    (the packed ops' vmap rules run the V examples as one packed call)."""
+    o = batched(offsets, od, V)  # [V, B+1]
+    if o.device.type == "cpu":
+        # the op checks the joined offsets; a bad first or last entry of one example would only
+        # shift bags between examples
+        torch._check(
+            bool((o[:, 0] == 0).all()) and bool((o[:, -1] == rows).all()),
+            lambda: f"{op}: every offsets must start at 0 and end at T = {rows}",
+        )
+    shift = torch.arange(V, device=o.device, dtype=o.dtype).unsqueeze(1) * rows
+    return torch.cat([(o[:, :-1] + shift).reshape(-1), o.new_full((1,), V * rows)])

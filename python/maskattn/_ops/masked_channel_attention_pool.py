@@ -251,20 +251,6 @@ def _vmap_padded(info, in_dims, logits, features, mask):
     return (_autograd.unfold(pooled, V), _autograd.unfold(weights, V)), (0, 0)
 
 
-def _concat_offsets(offsets: Tensor, od, rows: int, V: int) -> Tensor:
-    """V examples' offsets ``[B+1]`` over ``rows`` rows each -> offsets of the V * B bags back to back."""
-    o = _autograd.batched(offsets, od, V)  # [V, B+1]
-    if o.device.type == "cpu":
-        # the op checks the joined offsets; a bad first or last entry of one example would only
-        # shift bags between examples
-        torch._check(
-            bool((o[:, 0] == 0).all()) and bool((o[:, -1] == rows).all()),
-            lambda: f"{_PACKED}: every offsets must start at 0 and end at T = {rows}",
-        )
-    shift = torch.arange(V, device=o.device, dtype=o.dtype).unsqueeze(1) * rows
-    return torch.cat([(o[:, :-1] + shift).reshape(-1), o.new_full((1,), V * rows)])
-
-
 def _vmap_packed(info, in_dims, logits, features, offsets):
     ld, fd, od = in_dims
     V = info.batch_size
@@ -273,7 +259,7 @@ def _vmap_packed(info, in_dims, logits, features, offsets):
     pooled, weights = _ops.masked_channel_attention_pool_packed(
         _autograd.fold(logits, ld, V),
         f.reshape((V * rows,) + tuple(f.shape[2:])),
-        _concat_offsets(offsets, od, rows, V),
+        _autograd.concat_offsets(offsets, od, rows, V, _PACKED),
     )
     return (_autograd.unfold(pooled, V), _autograd.unfold(weights, V)), (0, 0)
 
@@ -303,7 +289,7 @@ def _vmap_backward_packed(info, in_dims, grad_pooled, grad_weights, pooled, weig
         _autograd.fold(pooled, in_dims[2], V),
         _autograd.fold(weights, in_dims[3], V),
         f.reshape((V * rows,) + tuple(f.shape[2:])),
-        _concat_offsets(offsets, in_dims[5], rows, V),
+        _autograd.concat_offsets(offsets, in_dims[5], rows, V, _PACKED),
         output_mask,
     )
     return _grad_outputs(grads, output_mask, V)
