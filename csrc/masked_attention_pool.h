@@ -47,13 +47,6 @@ PoolGrads check_pool_grads(const st::Tensor& grad_pooled, const std::optional<st
                            const st::Tensor& weights, const st::Tensor& features,
                            const std::optional<st::Tensor>& offsets);
 
-// A bool[2] argument arrives as a list of any length; the unstable API's conversion to
-// std::array<bool, 2> refused any other length with this message, and the kernels index [0] and [1].
-inline void check_output_mask(const std::vector<bool>& output_mask) {
-  MASKATTN_CHECK(output_mask.size() == 2, "Tried to convert a List with ", output_mask.size(),
-                 " elements to a fixed-size array of size 2");
-}
-
 // Tensor.unsqueeze(d) as a tensor of its own handle: one C call (st::as_strided), not a boxed
 // dispatcher call.
 inline st::Tensor unsqueezed(const st::Tensor& t, int d) {

@@ -257,7 +257,9 @@ def op_cases(device: str) -> List[Case]:
                         ("all True", [True] * n),
                     ):
                         fn = lambda _, v=v: list(v)  # noqa: E731
-                        cases.append(Case(e.name, f"{tag} {name} = {v} ({desc})", _replace(args, k, fn)))
+                        # bool[n] means n entries: every op and fake kernel refuses another length
+                        bad = len(v) != n
+                        cases.append(Case(e.name, f"{tag} {name} = {v} ({desc})", _replace(args, k, fn), bad))
                         single.append((f"{name} = {v}", k, fn))
                 elif kind in ("int", "float"):
                     for v in _scalar_values(kind, a):

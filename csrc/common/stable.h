@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <vector>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -134,6 +135,13 @@ inline void check_mask_dtype(const Tensor& mask, const char* op, const char* nam
 }
 
 // at::toOpMathType: half types compute in float32.
+// A bool[N] argument arrives as a list of any length; the unstable API's conversion to
+// std::array<bool, N> refused any other length with this message, and the kernels index every entry.
+inline void check_output_mask(const std::vector<bool>& output_mask, size_t n = 2) {
+  MASKATTN_CHECK(output_mask.size() == n, "Tried to convert a List with ", output_mask.size(),
+                 " elements to a fixed-size array of size ", n);
+}
+
 inline ScalarType acc_dtype(ScalarType s) {
   return (s == ScalarType::Half || s == ScalarType::BFloat16) ? ScalarType::Float : s;
 }

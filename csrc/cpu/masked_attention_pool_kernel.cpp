@@ -506,7 +506,7 @@ std::tuple<st::Tensor, st::Tensor> masked_attention_pool_cpu(const st::Tensor& l
 std::tuple<st::Tensor, st::Tensor> masked_attention_pool_backward_cpu(
     const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& weights,
     const st::Tensor& features, std::vector<bool> output_mask) {
-  check_output_mask(output_mask);
+  st::check_output_mask(output_mask);
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, std::nullopt);
   const st::Tensor f = readable_features(features);
   return pool_backward(g, f, padded_bags(g.weights, f, st::Tensor()), output_mask[0], output_mask[1]);
@@ -523,7 +523,7 @@ std::tuple<st::Tensor, st::Tensor> masked_attention_pool_packed_cpu(const st::Te
 std::tuple<st::Tensor, st::Tensor> masked_attention_pool_packed_backward_cpu(
     const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& weights,
     const st::Tensor& features, const st::Tensor& offsets, std::vector<bool> output_mask) {
-  check_output_mask(output_mask);
+  st::check_output_mask(output_mask);
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, offsets);
   const st::Tensor f = readable_features(features);
   return pool_backward(g, f, packed_bags(g.weights, f, g.offsets), output_mask[0], output_mask[1]);

@@ -280,14 +280,14 @@ std::tuple<st::Tensor, st::Tensor> gated_masked_mean_cuda(const st::Tensor& feat
 std::tuple<st::Tensor, st::Tensor> gated_masked_mean_backward_cuda(
     const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_gate, const st::Tensor& features,
     const st::Tensor& gate, const std::optional<st::Tensor>& mask, std::vector<bool> output_mask) {
+  st::check_output_mask(output_mask);
   GatedGrads g = check_gated_grads(grad_pooled, grad_gate, features, gate, mask);
   const int32_t dev_index = features.get_device_index();
   const st::DeviceGuard guard(dev_index);
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t HW = H * W;
   const st::Tensor bmask = g.mask;
-  const bool need_f = output_mask.size() > 0 && output_mask[0],
-             need_l = output_mask.size() > 1 && output_mask[1];
+  const bool need_f = output_mask[0], need_l = output_mask[1];
   const st::Device dev = features.device();
   const st::ScalarType dt = features.scalar_type();
   st::Tensor grad_features = need_f ? st::empty({B, C, H, W}, dt, dev) : st::empty({0}, dt, dev);

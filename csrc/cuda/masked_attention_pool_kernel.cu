@@ -637,7 +637,7 @@ std::tuple<st::Tensor, st::Tensor> masked_attention_pool_cuda(const st::Tensor& 
 std::tuple<st::Tensor, st::Tensor> masked_attention_pool_backward_cuda(
     const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& weights,
     const st::Tensor& features, std::vector<bool> output_mask) {
-  check_output_mask(output_mask);
+  st::check_output_mask(output_mask);
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, std::nullopt);
   return pool_backward_cuda(g, features, st::Tensor(), features.size(0), output_mask[0], output_mask[1]);
 }
@@ -655,7 +655,7 @@ std::tuple<st::Tensor, st::Tensor> masked_attention_pool_packed_cuda(const st::T
 std::tuple<st::Tensor, st::Tensor> masked_attention_pool_packed_backward_cuda(
     const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& weights,
     const st::Tensor& features, const st::Tensor& offsets, std::vector<bool> output_mask) {
-  check_output_mask(output_mask);
+  st::check_output_mask(output_mask);
   PoolGrads g = check_pool_grads(grad_pooled, grad_weights, weights, features, offsets);
   return pool_backward_cuda(g, features, g.offsets, g.offsets.size(0) - 1, output_mask[0], output_mask[1]);
 }

@@ -39,6 +39,13 @@ def shape(op: str, t, name: str, expected) -> None:
     )
 
 
+def output_mask(mask, n: int = 2) -> None:
+    """A ``bool[n]`` list of exactly ``n`` entries, refused with the C++ kernels' message."""
+    torch._check(
+        len(mask) == n, lambda: f"Tried to convert a List with {len(mask)} elements to a fixed-size array of size {n}"
+    )
+
+
 def mask_dtype(op: str, t, name: str) -> None:
     if t is not None:
         torch._check(

@@ -48,6 +48,7 @@ def _(features, gate_logits, mask=None):
 
 @torch.library.register_fake("maskattn::_gated_masked_mean_backward")
 def _(grad_pooled, grad_gate, features, gate, mask, output_mask):
+    _checks.output_mask(output_mask)
     op = "_gated_masked_mean_backward"
     for t, n in (("grad_pooled", grad_pooled), ("grad_gate", grad_gate), ("gate", gate), ("mask", mask)):
         _checks.same_device(n, f"{op}: {t}", features, "features")

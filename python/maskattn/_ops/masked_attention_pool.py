@@ -117,6 +117,7 @@ def _(logits, features, offsets):
 
 
 def _backward_fake(op, grad_pooled, grad_weights, weights, features, offsets, output_mask):
+    _checks.output_mask(output_mask)
     # the checks of check_pool_grads (csrc/masked_attention_pool.cpp), in its order where it matters
     packed = offsets is not None
     for t, n in (("grad_pooled", grad_pooled), ("grad_weights", grad_weights), ("weights", weights)):

@@ -108,6 +108,7 @@ def _(logits, features, offsets):
 
 
 def _backward_fake(op, grad_pooled, grad_weights, pooled, weights, features, output_mask, offsets=None):
+    _checks.output_mask(output_mask)
     _checks.same_device(weights, f"{op}: weights", features, "features")
     _checks.same_device(pooled, f"{op}: pooled", features, "features")
     _checks.same_device(grad_pooled, f"{op}: grad_pooled", features, "features")

@@ -99,6 +99,7 @@ def _(query, key, value, logit_scale_log, max_scale=100.0, key_mask=None, normal
 
 @torch.library.register_fake("maskattn::_scaled_cross_attention_backward")
 def _(grad_out, grad_attn, query, key, value, logit_scale_log, attn, max_scale, normalize, output_mask):
+    _checks.output_mask(output_mask, 4)
     op = "_scaled_cross_attention_backward"
     for t, n in (("grad_out", grad_out), ("grad_attn", grad_attn), ("attn", attn)):
         _checks.same_device(n, f"{op}: {t}", query, "query")
