@@ -99,6 +99,21 @@ def offsets_from_batch(batch: Tensor, num_bags: Optional[int] = None, *, check: 
     return torch.searchsorted(batch.to(torch.int64).contiguous(), bounds, side="left")
 
 
+def packed_offsets(fn: str, offsets: Optional[Tensor], batch: Optional[Tensor], num_bags) -> Tensor:
+    """The offsets of a packed call given ``offsets`` or PyG's ``batch`` (+ ``num_bags``), one of them."""
+    if batch is not None:
+        if offsets is not None:
+            raise ValueError(f"{fn}: pass offsets or batch, not both")
+        return offsets_from_batch(batch, num_bags)
+    if num_bags is not None:
+        if offsets is None:
+            raise ValueError(f"{fn}: num_bags goes with batch= (the bag id of every row)")
+        raise ValueError(f"{fn}: num_bags goes with batch=; offsets already fix B")
+    if offsets is None:
+        raise ValueError(f"{fn}: offsets [B+1] (or batch=, the bag id of every row) is required")
+    return offsets
+
+
 def batch_from_offsets(offsets: Tensor, total: Optional[int] = None) -> Tensor:
     """Packed offsets ``[B+1]`` -> the bag id of every row, int64 ``[T]`` (the inverse of
     :func:`offsets_from_batch`; PyG's ``batch``).

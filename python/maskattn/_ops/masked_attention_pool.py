@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as _v
-from .._segments import offsets_from_batch
+from .._segments import packed_offsets
 from . import _autograd, _checks, _registration
 
 _ops = torch.ops.maskattn
@@ -54,14 +54,7 @@ def masked_attention_pool_packed(
     Returns:
         ``(pooled [B, D] or [B, K, D], weights like logits)``; empty bags give zeros.
     """
-    if batch is not None:
-        if offsets is not None:
-            raise ValueError("masked_attention_pool_packed: pass offsets or batch, not both")
-        offsets = offsets_from_batch(batch, num_bags)
-    elif offsets is None:
-        raise ValueError("masked_attention_pool_packed: offsets [B+1] (or batch=, the bag id of every row) is required")
-    elif num_bags is not None:
-        raise ValueError("masked_attention_pool_packed: num_bags goes with batch=; offsets already fix B")
+    offsets = packed_offsets("masked_attention_pool_packed", offsets, batch, num_bags)
     return _ops.masked_attention_pool_packed(logits, features, offsets)
 
 

@@ -248,12 +248,10 @@ class AttentionPooling(nn.Module):
         return _segments.offsets_from_batch(sorted_batch, num_bags, check=False), perm, inverse
 
     def _pool_packed(self, features: Tensor, offsets, batch, num_bags, chunk_size):
-        if batch is not None and offsets is not None:
+        if batch is None:  # batch= is sorted here (the module takes unsorted ids too)
+            offsets = _segments.packed_offsets("AttentionPooling", offsets, None, num_bags)
+        elif offsets is not None:
             raise ValueError("AttentionPooling: pass offsets or batch, not both")
-        if batch is None and offsets is None:
-            raise ValueError("AttentionPooling: num_bags goes with batch= (the bag id of every row)")
-        if batch is None and num_bags is not None:
-            raise ValueError("AttentionPooling: num_bags goes with batch=; offsets already fix B")
         perm = inverse = None
         if batch is not None:
             offsets, perm, inverse = self._bag_order(features, batch, num_bags)
