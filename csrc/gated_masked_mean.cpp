@@ -40,10 +40,12 @@ GatedInputs check_gated_inputs(const st::Tensor& features, const st::Tensor& gat
   return in;
 }
 
-GatedGrads check_gated_grads(const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_gate,
-                             const st::Tensor& features, const st::Tensor& gate,
-                             const std::optional<st::Tensor>& mask) {
+GatedBackward prepare_gated_backward(const st::Tensor& grad_pooled,
+                                     const std::optional<st::Tensor>& grad_gate, const st::Tensor& features,
+                                     const st::Tensor& gate, const std::optional<st::Tensor>& mask,
+                                     const std::vector<bool>& output_mask) {
   const char* op = "_gated_masked_mean_backward";
+  st::check_output_mask(output_mask);
   MASKATTN_CHECK(features.dim() == 4, op, ": features must be [B, C, H, W], got shape ",
                  st::shape_str(features));
   st::check_floating(features, op, "features");
@@ -60,14 +62,14 @@ GatedGrads check_gated_grads(const st::Tensor& grad_pooled, const std::optional<
   st::check_same_dtype(gate, op, "gate", features, "features");
   st::check_same_device(grad_pooled, op, "grad_pooled", features, "features");
   st::check_same_device(gate, op, "gate", features, "features");
-  GatedGrads g;
-  if (grad_gate.has_value() && grad_gate->defined()) {
+  const bool has_grad_gate = grad_gate.has_value() && grad_gate->defined();
+  if (has_grad_gate) {
     MASKATTN_CHECK(grad_gate->sizes() == gate.sizes(), op, ": grad_gate ", st::shape_str(*grad_gate),
                    " must match gate ", st::shape_str(gate));
     st::check_same_dtype(*grad_gate, op, "grad_gate", gate, "gate");
     st::check_same_device(*grad_gate, op, "grad_gate", features, "features");
-    g.grad_gate = *grad_gate;
   }
+  GatedBackward g;
   if (mask.has_value() && mask->defined()) {
     MASKATTN_CHECK(mask->dim() == 3 && mask->size(0) == B && mask->size(1) == H && mask->size(2) == W, op,
                    ": mask must be [B, H, W] matching features ", st::shape_str(features), ", got shape ",
@@ -76,6 +78,19 @@ GatedGrads check_gated_grads(const st::Tensor& grad_pooled, const std::optional<
     st::check_mask_dtype(*mask, op, "mask");
     g.mask = st::as_bool_mask(*mask);
   }
+  g.B = B, g.C = C, g.H = H, g.W = W, g.HW = H * W;
+  g.need_f = output_mask[0], g.need_l = output_mask[1];
+  const st::Device dev = features.device();
+  const st::ScalarType dt = features.scalar_type();
+  g.grad_features = g.need_f ? st::empty({B, C, H, W}, dt, dev) : st::empty({0}, dt, dev);
+  // The gate's shape ([B, 1, H, W] or [B, H, W]); the kernels index it as [B, H*W].
+  const st::View gv = st::View::of(gate);
+  g.grad_logits = g.need_l ? st::empty(gv.size, gv.ndim, dt, dev) : st::empty({0}, dt, dev);
+  if (!g.need_f && !g.need_l) return g;
+  const st::ScalarType acc = st::acc_dtype(dt);
+  g.grad_pooled = torch::stable::contiguous(torch::stable::to(grad_pooled, acc));
+  if (has_grad_gate) g.grad_gate = torch::stable::contiguous(torch::stable::to(*grad_gate, acc));
+  g.gate = torch::stable::contiguous(gate);
   return g;
 }
 

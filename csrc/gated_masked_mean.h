@@ -2,6 +2,7 @@
 // Shape contract of gated_masked_mean (sigmoid-gated masked global average pooling), shared by
 // all backends.
 #include <optional>
+#include <vector>
 
 #include "common/stable.h"
 
@@ -16,14 +17,22 @@ struct GatedInputs {
 GatedInputs check_gated_inputs(const st::Tensor& features, const st::Tensor& gate_logits,
                                const std::optional<st::Tensor>& mask, const char* op);
 
-struct GatedGrads {
-  st::Tensor grad_gate;  // as passed (the gate's shape), or undefined
-  st::Tensor mask;       // bool [B, H, W] or undefined
+// The backward op's checked arguments and allocated outputs, the same for every device.
+struct GatedBackward {
+  int64_t B = 0, C = 0, H = 0, W = 0, HW = 0;
+  bool need_f = false, need_l = false;
+  st::Tensor mask;           // bool [B, H, W] or undefined
+  st::Tensor grad_features;  // [B, C, H, W], or empty [0] when not asked for
+  st::Tensor grad_logits;    // the gate's shape, or empty [0]
+  // The small operands (B*C, B*H*W elements) in the accumulation dtype and contiguous, once: opcheck
+  // passes expanded (zero-stride) gradients. Undefined when no gradient is asked for.
+  st::Tensor grad_pooled, grad_gate, gate;
 };
 
-GatedGrads check_gated_grads(const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_gate,
-                             const st::Tensor& features, const st::Tensor& gate,
-                             const std::optional<st::Tensor>& mask);
+GatedBackward prepare_gated_backward(const st::Tensor& grad_pooled,
+                                     const std::optional<st::Tensor>& grad_gate, const st::Tensor& features,
+                                     const st::Tensor& gate, const std::optional<st::Tensor>& mask,
+                                     const std::vector<bool>& output_mask);
 
 // Stride of the merged H*W pixel dimension of a [B, C, H, W] tensor, or -1 when H and W do not
 // merge into one strided dimension.

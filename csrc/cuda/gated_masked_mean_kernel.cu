@@ -280,29 +280,17 @@ std::tuple<st::Tensor, st::Tensor> gated_masked_mean_cuda(const st::Tensor& feat
 std::tuple<st::Tensor, st::Tensor> gated_masked_mean_backward_cuda(
     const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_gate, const st::Tensor& features,
     const st::Tensor& gate, const std::optional<st::Tensor>& mask, std::vector<bool> output_mask) {
-  st::check_output_mask(output_mask);
-  GatedGrads g = check_gated_grads(grad_pooled, grad_gate, features, gate, mask);
   const int32_t dev_index = features.get_device_index();
   const st::DeviceGuard guard(dev_index);
-  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  const int64_t HW = H * W;
-  const st::Tensor bmask = g.mask;
-  const bool need_f = output_mask[0], need_l = output_mask[1];
-  const st::Device dev = features.device();
-  const st::ScalarType dt = features.scalar_type();
-  st::Tensor grad_features = need_f ? st::empty({B, C, H, W}, dt, dev) : st::empty({0}, dt, dev);
-  // The gate's shape ([B, 1, H, W] or [B, H, W]); the kernels index it as [B, H*W].
-  const st::View gv = st::View::of(gate);
-  st::Tensor grad_logits =
-      need_l ? st::empty(gv.size, gv.ndim, gate.scalar_type(), dev) : st::empty({0}, gate.scalar_type(), dev);
+  const GatedBackward g = prepare_gated_backward(grad_pooled, grad_gate, features, gate, mask, output_mask);
+  const int64_t B = g.B, C = g.C, H = g.H, W = g.W, HW = g.HW;
+  const bool need_f = g.need_f, need_l = g.need_l;
+  st::Tensor grad_features = g.grad_features, grad_logits = g.grad_logits;
   auto ret = [&] { return std::make_tuple(grad_features, grad_logits); };
   if ((!need_f && !need_l) || B == 0 || HW == 0) return ret();
-  const st::ScalarType acc_type = st::acc_dtype(dt);
-  const st::Tensor gpd = torch::stable::contiguous(torch::stable::to(grad_pooled, acc_type));
-  const st::Tensor ggd = g.grad_gate.defined()
-                             ? torch::stable::contiguous(torch::stable::to(g.grad_gate, acc_type))
-                             : st::Tensor();
-  const st::Tensor gate_c = torch::stable::contiguous(gate);
+  const st::Tensor &bmask = g.mask, &gpd = g.grad_pooled, &ggd = g.grad_gate, &gate_c = g.gate;
+  const st::Device dev = features.device();
+  const st::ScalarType acc_type = st::acc_dtype(features.scalar_type());
   st::Tensor inv = st::empty({B}, acc_type, dev);
   const cudaStream_t stream = st::current_stream(dev_index);
   const bool* mp = bmask.defined() ? bmask.const_data_ptr<bool>() : nullptr;
@@ -342,8 +330,9 @@ std::tuple<st::Tensor, st::Tensor> gated_masked_mean_backward_cuda(
     }
     MASKATTN_CUDA_LAUNCH_CHECK();
   };
-  THO_DISPATCH_V2(dt, "gated_masked_mean_backward_cuda", AT_WRAP([&] { body(scalar_t{}); }),
-                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
+  THO_DISPATCH_V2(features.scalar_type(), "gated_masked_mean_backward_cuda",
+                  AT_WRAP([&] { body(scalar_t{}); }), AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half,
+                  st::ScalarType::BFloat16);
   return ret();
 }
 
