@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "common/stable.h"
+#include "common/stable_args.h"
 
 namespace maskattn {
 
@@ -47,23 +48,10 @@ PoolGrads check_pool_grads(const st::Tensor& grad_pooled, const std::optional<st
                            const st::Tensor& weights, const st::Tensor& features,
                            const std::optional<st::Tensor>& offsets);
 
-// A bool[2] argument arrives as a list of any length; the unstable API's conversion to
-// std::array<bool, 2> refused any other length with this message, and the kernels index [0] and [1].
-inline void check_output_mask(const std::vector<bool>& output_mask) {
-  MASKATTN_CHECK(output_mask.size() == 2, "Tried to convert a List with ", output_mask.size(),
-                 " elements to a fixed-size array of size 2");
-}
-
 // Tensor.unsqueeze(d) as a tensor of its own handle: one C call (st::as_strided), not a boxed
 // dispatcher call.
 inline st::Tensor unsqueezed(const st::Tensor& t, int d) {
   return st::as_strided(t, st::View::of(t).insert(d));
-}
-
-// t in the accumulation dtype `acc`, contiguous; t itself when it already is (no dispatcher call).
-inline st::Tensor acc_contiguous(const st::Tensor& t, st::ScalarType acc) {
-  const st::Tensor c = t.scalar_type() == acc ? t : torch::stable::to(t, acc);
-  return c.is_contiguous() ? c : torch::stable::contiguous(c);
 }
 
 }  // namespace maskattn
