@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "common/stable.h"
+#include "common/stable_args.h"
 
 namespace maskattn {
 
@@ -51,12 +52,6 @@ PoolGrads check_pool_grads(const st::Tensor& grad_pooled, const std::optional<st
 // dispatcher call.
 inline st::Tensor unsqueezed(const st::Tensor& t, int d) {
   return st::as_strided(t, st::View::of(t).insert(d));
-}
-
-// t in the accumulation dtype `acc`, contiguous; t itself when it already is (no dispatcher call).
-inline st::Tensor acc_contiguous(const st::Tensor& t, st::ScalarType acc) {
-  const st::Tensor c = t.scalar_type() == acc ? t : torch::stable::to(t, acc);
-  return c.is_contiguous() ? c : torch::stable::contiguous(c);
 }
 
 }  // namespace maskattn

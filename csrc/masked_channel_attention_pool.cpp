@@ -2,11 +2,9 @@
 // and channel) and the argument checks every backend runs first.
 #include "masked_channel_attention_pool.h"
 
-#include <torch/library.h>
-
+#include <cstdint>
 #include <string>
-
-#include "common/checks.h"
+#include <vector>
 
 namespace maskattn {
 namespace {
@@ -14,62 +12,77 @@ namespace {
 constexpr const char* kPadded = "masked_channel_attention_pool";
 constexpr const char* kPacked = "masked_channel_attention_pool_packed";
 
-std::string arg(const char* op, const char* name) {
-  return std::string(op) + ": " + name;
+bool has_sizes(const st::Tensor& t, const std::vector<int64_t>& s) {
+  const auto ts = t.sizes();
+  if (ts.size() != s.size()) return false;
+  for (size_t i = 0; i < s.size(); ++i)
+    if (ts[i] != s[i]) return false;
+  return true;
+}
+
+std::string sizes_of(const std::vector<int64_t>& s) {
+  return st::sizes_str(s, static_cast<int64_t>(s.size()));
+}
+
+std::vector<int64_t> sizes_vec(const st::Tensor& t) {
+  const auto s = t.sizes();
+  return std::vector<int64_t>(s.begin(), s.end());
 }
 
 // logits and features: floating, one dtype, one device, one shape.
-void check_logits_features(const char* op, const at::Tensor& logits, const at::Tensor& features) {
-  check_floating(features, arg(op, "features").c_str());
-  check_floating(logits, arg(op, "logits").c_str());
-  TORCH_CHECK(logits.scalar_type() == features.scalar_type(), op, ": logits (", logits.scalar_type(),
-              ") and features (", features.scalar_type(), ") must have the same dtype");
-  check_same_device(logits, arg(op, "logits").c_str(), features, "features");
-  TORCH_CHECK(logits.sizes() == features.sizes(), op, ": logits ", shape_str(logits), " and features ",
-              shape_str(features), " must have the same shape (one gate logit per row and channel)");
+void check_logits_features(const char* op, const st::Tensor& logits, const st::Tensor& features) {
+  st::check_floating(features, op, "features");
+  st::check_floating(logits, op, "logits");
+  st::check_same_dtype(logits, op, "logits", features, "features");
+  st::check_same_device(logits, op, "logits", features, "features");
+  MASKATTN_CHECK(st::same_sizes(logits, features), op, ": logits ", st::shape_str(logits), " and features ",
+                 st::shape_str(features), " must have the same shape (one gate logit per row and channel)");
 }
 
 // A gradient matches the tensor it is the gradient of: shape, dtype, device.
-void check_grad_like(const char* op, const at::Tensor& grad, const char* gname, at::IntArrayRef shape,
-                     at::ScalarType dtype, const at::Tensor& of, const char* ofname) {
-  TORCH_CHECK(grad.sizes() == shape, op, ": ", gname, " has shape ", shape_str(grad), ", expected ", shape,
-              " (", ofname, ")");
-  TORCH_CHECK(grad.scalar_type() == dtype, op, ": ", gname, " (", grad.scalar_type(),
-              ") must have the dtype of ", ofname, " (", dtype, ")");
-  check_same_device(grad, arg(op, gname).c_str(), of, "features");
+void check_grad_like(const char* op, const st::Tensor& grad, const char* gname,
+                     const std::vector<int64_t>& shape, st::ScalarType dtype, const st::Tensor& of,
+                     const char* ofname) {
+  MASKATTN_CHECK(has_sizes(grad, shape), op, ": ", gname, " has shape ", st::shape_str(grad), ", expected ",
+                 sizes_of(shape), " (", ofname, ")");
+  MASKATTN_CHECK(grad.scalar_type() == dtype, op, ": ", gname, " (", st::dtype_str(grad),
+                 ") must have the dtype of ", ofname, " (", torch::headeronly::toString(dtype), ")");
+  st::check_same_device(grad, op, gname, of, "features");
 }
 
 }  // namespace
 
-ChannelPoolInputs check_channel_pool_inputs(const at::Tensor& logits, const at::Tensor& features,
-                                            const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(features.dim() == 3, kPadded, ": features must be [B, N, D], got shape ", shape_str(features));
-  TORCH_CHECK(logits.dim() == 3, kPadded,
-              ": logits must be [B, N, D] (one gate logit per row and channel), got shape ",
-              shape_str(logits));
+ChannelPoolInputs check_channel_pool_inputs(const st::Tensor& logits, const st::Tensor& features,
+                                            const std::optional<st::Tensor>& mask) {
+  MASKATTN_CHECK(features.dim() == 3, kPadded, ": features must be [B, N, D], got shape ",
+                 st::shape_str(features));
+  MASKATTN_CHECK(logits.dim() == 3, kPadded,
+                 ": logits must be [B, N, D] (one gate logit per row and channel), got shape ",
+                 st::shape_str(logits));
   check_logits_features(kPadded, logits, features);
   ChannelPoolInputs in;
   in.logits = logits;
   in.features = features;
   if (mask.has_value() && mask->defined()) {
     const auto& m = *mask;
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == features.size(0) && m.size(1) == features.size(1), kPadded,
-                ": mask must be [B, N] = [", features.size(0), ", ", features.size(1), "] to match features ",
-                shape_str(features), ", got shape ", shape_str(m));
-    check_same_device(m, arg(kPadded, "mask").c_str(), features, "features");
-    // checked here too so that the message names the op (as_bool_mask's own check cannot)
-    TORCH_CHECK(!m.is_complex(), kPadded, ": mask must be a bool, integer or floating tensor, got ",
-                m.scalar_type());
-    in.mask = as_bool_mask(m);
+    MASKATTN_CHECK(m.dim() == 2 && m.size(0) == features.size(0) && m.size(1) == features.size(1), kPadded,
+                   ": mask must be [B, N] = [", features.size(0), ", ", features.size(1),
+                   "] to match features ", st::shape_str(features), ", got shape ", st::shape_str(m));
+    st::check_same_device(m, kPadded, "mask", features, "features");
+    // checked here too so that the message names the op (as_bool_mask cannot)
+    st::check_mask_dtype(m, kPadded, "mask");
+    in.mask = st::as_bool_mask(m);
   }
   return in;
 }
 
-ChannelPoolInputs check_channel_pool_packed_inputs(const at::Tensor& logits, const at::Tensor& features,
-                                                   const at::Tensor& offsets) {
-  TORCH_CHECK(features.dim() == 2, kPacked, ": features must be [T, D], got shape ", shape_str(features));
-  TORCH_CHECK(logits.dim() == 2, kPacked,
-              ": logits must be [T, D] (one gate logit per row and channel), got shape ", shape_str(logits));
+ChannelPoolInputs check_channel_pool_packed_inputs(const st::Tensor& logits, const st::Tensor& features,
+                                                   const st::Tensor& offsets) {
+  MASKATTN_CHECK(features.dim() == 2, kPacked, ": features must be [T, D], got shape ",
+                 st::shape_str(features));
+  MASKATTN_CHECK(logits.dim() == 2, kPacked,
+                 ": logits must be [T, D] (one gate logit per row and channel), got shape ",
+                 st::shape_str(logits));
   check_logits_features(kPacked, logits, features);
   ChannelPoolInputs in;
   in.logits = logits;
@@ -78,22 +91,21 @@ ChannelPoolInputs check_channel_pool_packed_inputs(const at::Tensor& logits, con
   return in;
 }
 
-ChannelPoolGrads check_channel_pool_grads(const at::Tensor& grad_pooled,
-                                          const std::optional<at::Tensor>& grad_weights,
-                                          const at::Tensor& pooled, const at::Tensor& weights,
-                                          const at::Tensor& features,
-                                          const std::optional<at::Tensor>& offsets) {
+ChannelPoolGrads check_channel_pool_grads(const st::Tensor& grad_pooled,
+                                          const std::optional<st::Tensor>& grad_weights,
+                                          const st::Tensor& pooled, const st::Tensor& weights,
+                                          const st::Tensor& features,
+                                          const std::optional<st::Tensor>& offsets) {
   const bool packed = offsets.has_value();
   const char* op =
       packed ? "_masked_channel_attention_pool_packed_backward" : "_masked_channel_attention_pool_backward";
-  TORCH_CHECK(features.dim() == (packed ? 2 : 3), op, ": features must be ", packed ? "[T, D]" : "[B, N, D]",
-              ", got shape ", shape_str(features));
-  check_floating(features, arg(op, "features").c_str());
-  TORCH_CHECK(weights.sizes() == features.sizes(), op, ": weights ", shape_str(weights),
-              " must have the shape of features ", shape_str(features));
-  TORCH_CHECK(weights.scalar_type() == features.scalar_type(), op, ": weights (", weights.scalar_type(),
-              ") and features (", features.scalar_type(), ") must have the same dtype");
-  check_same_device(weights, arg(op, "weights").c_str(), features, "features");
+  MASKATTN_CHECK(features.dim() == (packed ? 2 : 3), op, ": features must be ",
+                 packed ? "[T, D]" : "[B, N, D]", ", got shape ", st::shape_str(features));
+  st::check_floating(features, op, "features");
+  MASKATTN_CHECK(st::same_sizes(weights, features), op, ": weights ", st::shape_str(weights),
+                 " must have the shape of features ", st::shape_str(features));
+  st::check_same_dtype(weights, op, "weights", features, "features");
+  st::check_same_device(weights, op, "weights", features, "features");
   ChannelPoolGrads g;
   int64_t B = features.size(0);
   if (packed) {
@@ -102,15 +114,13 @@ ChannelPoolGrads check_channel_pool_grads(const at::Tensor& grad_pooled,
   }
   const int64_t D = features.size(-1);
   const std::vector<int64_t> pooled_shape{B, D};
-  TORCH_CHECK(pooled.sizes() == at::IntArrayRef(pooled_shape), op, ": pooled has shape ", shape_str(pooled),
-              ", expected [B, D] = ", at::IntArrayRef(pooled_shape),
-              packed ? " (B = offsets.size(0) - 1)" : "");
-  TORCH_CHECK(pooled.scalar_type() == features.scalar_type(), op, ": pooled (", pooled.scalar_type(),
-              ") and features (", features.scalar_type(), ") must have the same dtype");
-  check_same_device(pooled, arg(op, "pooled").c_str(), features, "features");
+  MASKATTN_CHECK(has_sizes(pooled, pooled_shape), op, ": pooled has shape ", st::shape_str(pooled),
+                 ", expected [B, D] = ", sizes_of(pooled_shape), packed ? " (B = offsets.size(0) - 1)" : "");
+  st::check_same_dtype(pooled, op, "pooled", features, "features");
+  st::check_same_device(pooled, op, "pooled", features, "features");
   check_grad_like(op, grad_pooled, "grad_pooled", pooled_shape, pooled.scalar_type(), features, "pooled");
   if (grad_weights.has_value() && grad_weights->defined()) {
-    check_grad_like(op, *grad_weights, "grad_weights", weights.sizes(), weights.scalar_type(), features,
+    check_grad_like(op, *grad_weights, "grad_weights", sizes_vec(weights), weights.scalar_type(), features,
                     "weights");
     g.grad_weights = *grad_weights;
   }
@@ -123,7 +133,7 @@ ChannelPoolGrads check_channel_pool_grads(const at::Tensor& grad_pooled,
 
 }  // namespace maskattn
 
-TORCH_LIBRARY_FRAGMENT(maskattn, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(maskattn, m) {
   m.def(
       "masked_channel_attention_pool(Tensor logits, Tensor features, Tensor? mask=None) -> (Tensor, Tensor)");
   m.def(

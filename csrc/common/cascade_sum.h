@@ -47,13 +47,13 @@ class Cascade {
   uint64_t count_ = 0;
 };
 
-// Running sum of a stream of scalars: kSumBlock at a time, the blocks added pairwise.
-template <typename T>
+// Running sum of a stream of scalars: Block at a time, the blocks added pairwise.
+template <typename T, int64_t Block = kSumBlock>
 class BlockedSum {
  public:
   void add(T v) {
     block_ += v;
-    if (++n_ == kSumBlock) {
+    if (++n_ == Block) {
       cascade_.add(block_);
       block_ = T(0);
       n_ = 0;
@@ -71,72 +71,102 @@ class BlockedSum {
   Cascade<T> cascade_;
 };
 
-// Pairwise sum of a stream of arrays of n values (block sums of a pooled [K, D] output), merged
-// elementwise like Cascade. The caller accumulates each block in place - block() hands out a
-// zeroed buffer, add_block() takes it into the cascade - and buffers move between levels by
-// pointer, so a block costs one fill plus, amortised, one merge: no copies. Storage grows to about
-// log2(#blocks) arrays.
+// How ArrayCascade combines its arrays: elementwise addition of n values. Another merge (e.g. the
+// online-softmax states of masked_channel_attention_pool) provides the same four members.
 template <typename T>
+struct ArrayAdd {
+  int64_t n;
+  int64_t size() const { return n; }
+  // a block buffer as handed out: the caller accumulates into it
+  void init(T* b) const { std::fill(b, b + n, T(0)); }
+  // the total of no block
+  void identity(T* out) const { std::fill(out, out + n, T(0)); }
+  // acc = l (+) acc
+  void merge(const T* l, T* acc) const {
+    for (int64_t i = 0; i < n; ++i) acc[i] = l[i] + acc[i];
+  }
+};
+
+// Pairwise merge of a stream of arrays (block sums of a pooled [K, D] output), elementwise like
+// Cascade. The caller fills each block in place - block() hands out a buffer prepared by the
+// merge's init (zeroed, for a sum), add_block() takes it into the cascade - and buffers move
+// between levels by pointer, so a block costs one fill plus, amortised, one merge: no copies.
+// Storage grows to about log2(#blocks) arrays of op.size() values; reset() starts a new stream
+// that reuses them.
+template <typename T, typename Op = ArrayAdd<T>>
 class ArrayCascade {
  public:
-  explicit ArrayCascade(int64_t n) : n_(n) {}
-  // A zeroed buffer of n values for the next block; pass it back through add_block().
+  explicit ArrayCascade(int64_t n) : ArrayCascade(Op{n}) {}
+  explicit ArrayCascade(const Op& op) : op_(op), size_(op.size()) {}
+  // A new stream merged with `op`, whose size() is at most the first one's.
+  void reset(const Op& op) {
+    for (int j = 0; (count_ >> j) != 0; ++j) {
+      if ((count_ >> j) & 1) free_.push_back(level_[j]);
+    }
+    count_ = 0;
+    op_ = op;
+  }
+  // A buffer for the next block; pass it back through add_block().
   T* block() {
     if (free_.empty()) {
-      store_.emplace_back(new T[n_]);
+      store_.emplace_back(new T[size_]);
       free_.push_back(store_.back().get());
     }
     T* b = free_.back();
     free_.pop_back();
-    std::fill(b, b + n_, T(0));
+    op_.init(b);
     return b;
   }
   void add_block(T* carry) {
     int j = 0;
     for (uint64_t c = count_; c & 1; c >>= 1, ++j) {
-      const T* l = level_[j];
-      for (int64_t i = 0; i < n_; ++i) carry[i] = l[i] + carry[i];
+      op_.merge(level_[j], carry);
       free_.push_back(level_[j]);
     }
     level_[j] = carry;
     ++count_;
   }
   bool empty() const { return count_ == 0; }
-  // out[i] = the elementwise sum of every block added (0 when none was).
+  // out = every block added, merged (the merge's identity when none was).
   void total(T* out) const {
     bool first = true;
     for (int j = 0; (count_ >> j) != 0; ++j) {
       if (!((count_ >> j) & 1)) continue;
       const T* l = level_[j];
       if (first) {
-        std::copy(l, l + n_, out);
+        std::copy(l, l + op_.size(), out);
       } else {
-        for (int64_t i = 0; i < n_; ++i) out[i] = l[i] + out[i];
+        op_.merge(l, out);
       }
       first = false;
     }
-    if (first) std::fill(out, out + n_, T(0));
+    if (first) op_.identity(out);
   }
 
  private:
-  int64_t n_;
+  Op op_;
+  int64_t size_;
   uint64_t count_ = 0;
   T* level_[64] = {};
   std::vector<T*> free_;
   std::vector<std::unique_ptr<T[]>> store_;
 };
 
-// Pairwise sum of parts[0..n) (each an array of len values, parts[i] at base + i * stride) into
-// parts[0], in place and in a fixed order: the per-chunk partial sums of a parallel reduction.
+// Pairwise merge of parts[0..n) (parts[i] at base + i * stride) into parts[0], in place and in a
+// fixed order: merge(a, b) sets part a to a (+) b. The per-chunk partials of a parallel reduction.
+template <typename T, typename Merge>
+void pairwise_merge_inplace(T* base, int64_t n, int64_t stride, Merge&& merge) {
+  for (int64_t step = 1; step < n; step *= 2) {
+    for (int64_t i = 0; i + step < n; i += 2 * step) merge(base + i * stride, base + (i + step) * stride);
+  }
+}
+
+// The same for sums: each part an array of len values.
 template <typename T>
 void pairwise_reduce_inplace(T* base, int64_t n, int64_t stride, int64_t len) {
-  for (int64_t step = 1; step < n; step *= 2) {
-    for (int64_t i = 0; i + step < n; i += 2 * step) {
-      T* a = base + i * stride;
-      const T* b = base + (i + step) * stride;
-      for (int64_t d = 0; d < len; ++d) a[d] = a[d] + b[d];
-    }
-  }
+  pairwise_merge_inplace(base, n, stride, [len](T* a, const T* b) {
+    for (int64_t d = 0; d < len; ++d) a[d] = a[d] + b[d];
+  });
 }
 
 }  // namespace cpu

@@ -34,7 +34,8 @@ size_t element_size(st::ScalarType s) {
 
 }  // namespace
 
-st::Tensor empty_large(const int64_t* sizes, int64_t ndim, st::ScalarType dtype, const st::Device& device) {
+st::Tensor empty_large(const int64_t* sizes, int64_t ndim, st::ScalarType dtype, const st::Device& device,
+                       const char* op) {
 #if defined(__linux__)
   int64_t numel = 1;
   for (int64_t d = 0; d < ndim; ++d) numel *= sizes[d];
@@ -44,8 +45,8 @@ st::Tensor empty_large(const int64_t* sizes, int64_t ndim, st::ScalarType dtype,
     // torch 2.11), so this storage, unlike an at::empty one, cannot be resized in place.
     const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
     void* p = nullptr;
-    MASKATTN_CHECK(posix_memalign(&p, kHugePage, rounded) == 0 && p != nullptr,
-                   "maskattn: out of memory allocating ", bytes, " bytes on the CPU");
+    MASKATTN_CHECK(posix_memalign(&p, kHugePage, rounded) == 0 && p != nullptr, op,
+                   ": out of memory allocating ", bytes, " bytes on the CPU");
 #if defined(MADV_HUGEPAGE)
     madvise(p, rounded, MADV_HUGEPAGE);  // advisory: without THP support this is a no-op
 #endif

@@ -93,5 +93,20 @@ __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// A packed-bag offset clamped into [0, T] (T rows in all). The kernels read offsets on the device,
+// unchecked (a host check would need a sync): whatever they hold, every row index stays in bounds.
+__host__ __device__ __forceinline__ int64_t clamp_offset(int64_t o, int64_t T) {
+  return o < 0 ? int64_t(0) : (o > T ? T : o);
+}
+
+// Rows [r0, r1) of packed bag b: offsets[b] and offsets[b + 1] clamped into [0, T], with r1 >= r0
+// (decreasing offsets give an empty bag).
+__device__ __forceinline__ void packed_bag_range(const int64_t* offsets, int64_t b, int64_t T, int64_t& r0,
+                                                 int64_t& r1) {
+  r0 = clamp_offset(offsets[b], T);
+  const int64_t hi = clamp_offset(offsets[b + 1], T);
+  r1 = hi < r0 ? r0 : hi;
+}
+
 }  // namespace cuda
 }  // namespace maskattn

@@ -10,28 +10,18 @@
 //
 // Work items are (bag, channel tile, chunk of kChunkRows rows); a bag's chunks are merged in a
 // fixed order. Neither depends on the thread count: the result is the same on 1 thread or 64.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <c10/util/strides.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <memory>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "common/cascade_sum.h"
-#include "common/checks.h"
+#include "common/cpu_alloc.h"
 #include "common/cpu_vec.h"
+#include "common/stable.h"
 #include "masked_channel_attention_pool.h"
 
 namespace maskattn {
@@ -173,74 +163,19 @@ inline void weights_row(const float* l, const float* m, const float* inv, int64_
     cpu::channel_weights_row_f32(l, m, inv, n, w, true);
 }
 
-// Pairwise merge of a stream of block states (stride `stride`, the first n channels in use), like
-// cpu::Cascade. Buffers are reused across the items of one task: reset(n) starts a new stream.
+// The online-softmax states of n channels (planes of `stride` values: max, sum, acc) as an
+// ArrayCascade merge: block states merged pairwise, so no running sum grows longer than a block.
 template <typename acc_t>
-class StateCascade {
- public:
-  explicit StateCascade(int64_t stride) : stride_(stride), n_(stride) {}
-  void reset(int64_t n) {
-    for (int j = 0; (count_ >> j) != 0; ++j) {
-      if ((count_ >> j) & 1) free_.push_back(level_[j]);
-    }
-    count_ = 0;
-    n_ = n;
+struct StateMerge {
+  int64_t n, stride;
+  int64_t size() const { return 3 * stride; }
+  void init(acc_t*) const {}         // block_state writes every value in use
+  void identity(acc_t* out) const {  // no row: max -inf, sums 0
+    std::fill(out, out + stride, -std::numeric_limits<acc_t>::infinity());
+    std::fill(out + stride, out + 3 * stride, acc_t(0));
   }
-  acc_t* block() {
-    if (free_.empty()) {
-      store_.emplace_back(new acc_t[3 * stride_]);
-      free_.push_back(store_.back().get());
-    }
-    acc_t* b = free_.back();
-    free_.pop_back();
-    return b;
-  }
-  void add_block(acc_t* carry) {
-    int j = 0;
-    for (uint64_t c = count_; c & 1; c >>= 1, ++j) {
-      merge_states(level_[j], carry, carry, n_, stride_);
-      free_.push_back(level_[j]);
-    }
-    level_[j] = carry;
-    ++count_;
-  }
-  // The merged state into out; an empty stream gives max -inf, sums 0.
-  void total(acc_t* out) const {
-    bool first = true;
-    for (int j = 0; (count_ >> j) != 0; ++j) {
-      if (!((count_ >> j) & 1)) continue;
-      if (first) {
-        std::copy(level_[j], level_[j] + 3 * stride_, out);
-      } else {
-        merge_states(level_[j], out, out, n_, stride_);
-      }
-      first = false;
-    }
-    if (first) {
-      std::fill(out, out + stride_, -std::numeric_limits<acc_t>::infinity());
-      std::fill(out + stride_, out + 3 * stride_, acc_t(0));
-    }
-  }
-
- private:
-  int64_t stride_, n_;
-  uint64_t count_ = 0;
-  acc_t* level_[64] = {};
-  std::vector<acc_t*> free_;
-  std::vector<std::unique_ptr<acc_t[]>> store_;
+  void merge(const acc_t* l, acc_t* acc) const { merge_states(l, acc, acc, n, stride); }
 };
-
-// Pairwise merge of the states parts[0..n) (part i at base + 3 * i * stride, len channels) into
-// parts[0], in a fixed order: a bag's chunks.
-template <typename acc_t>
-void merge_parts(acc_t* base, int64_t n, int64_t stride, int64_t len) {
-  for (int64_t step = 1; step < n; step *= 2) {
-    for (int64_t i = 0; i + step < n; i += 2 * step) {
-      acc_t* x = base + 3 * i * stride;
-      merge_states(x, base + 3 * (i + step) * stride, x, len, stride);
-    }
-  }
-}
 
 // ---- forward ----
 
@@ -255,7 +190,7 @@ struct FwdArgs {
 template <typename scalar_t>
 void channel_pool_forward(const FwdArgs<scalar_t>& A, const std::vector<Bag>& bags, scalar_t* pooled,
                           scalar_t* weights) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = st::acc_t<scalar_t>;
   const int64_t D = A.D, B = static_cast<int64_t>(bags.size());
   const Plan plan = make_plan(bags, D);
   const int64_t W = plan.width, nitems = static_cast<int64_t>(plan.items.size());
@@ -263,8 +198,8 @@ void channel_pool_forward(const FwdArgs<scalar_t>& A, const std::vector<Bag>& ba
 
   // 1) each item's state over its rows
   std::vector<acc_t> parts(nitems * 3 * W);
-  at::parallel_for(0, nitems, plan.grain, [&](int64_t i0, int64_t i1) {
-    StateCascade<acc_t> cascade(W);
+  torch::stable::parallel_for(0, nitems, plan.grain, [&](int64_t i0, int64_t i1) {
+    cpu::ArrayCascade<acc_t, StateMerge<acc_t>> cascade(StateMerge<acc_t>{W, W});
     std::vector<acc_t> lbuf(kBlockRows * W), fbuf(kBlockRows * W);
     const acc_t* lrows[kBlockRows];
     const acc_t* frows[kBlockRows];
@@ -272,7 +207,7 @@ void channel_pool_forward(const FwdArgs<scalar_t>& A, const std::vector<Bag>& ba
       const Item& it = plan.items[i];
       const Bag& bag = bags[it.bag];
       const int64_t nd = it.d1 - it.d0;
-      cascade.reset(nd);
+      cascade.reset(StateMerge<acc_t>{nd, W});
       int nr = 0;
       auto flush = [&] {
         acc_t* st = cascade.block();
@@ -297,7 +232,8 @@ void channel_pool_forward(const FwdArgs<scalar_t>& A, const std::vector<Bag>& ba
   std::vector<acc_t> stats(B * D * 2);  // [B, D] max, then [B, D] 1 / sum
   acc_t* smax = stats.data();
   acc_t* sinv = stats.data() + B * D;
-  at::parallel_for(0, G, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, W)), [&](int64_t g0, int64_t g1) {
+  const int64_t group_grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, W));
+  torch::stable::parallel_for(0, G, group_grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b = g / plan.ntiles, nparts = plan.first[g + 1] - plan.first[g];
       const int64_t d0 = (g % plan.ntiles) * W, d1 = std::min(D, d0 + W), nd = d1 - d0;
@@ -310,7 +246,8 @@ void channel_pool_forward(const FwdArgs<scalar_t>& A, const std::vector<Bag>& ba
         continue;
       }
       acc_t* st = parts.data() + plan.first[g] * 3 * W;
-      merge_parts(st, nparts, W, nd);
+      cpu::pairwise_merge_inplace(st, nparts, 3 * W,
+                                  [&](acc_t* x, const acc_t* y) { merge_states(x, y, x, nd, W); });
       const Bag& bag = bags[b];
       for (int64_t k = 0; k < nd; ++k) {
         const int64_t d = d0 + k;
@@ -322,22 +259,16 @@ void channel_pool_forward(const FwdArgs<scalar_t>& A, const std::vector<Bag>& ba
           // inf / NaN in a feature row whose block gave it a nonzero e: the row may still weigh
           // exactly 0 in the end (far below the bag's max). Redo this channel from the final
           // weights, skipping the rows of weight 0, so that only rows with weight > 0 are read.
-          cpu::Cascade<acc_t> sum;
-          acc_t blk = 0;
-          int64_t live = 0;
+          cpu::BlockedSum<acc_t, kBlockRows> sum;
           for (int64_t r = 0; r < bag.len; ++r) {
             if (!valid(bag, r)) continue;
             const acc_t l = static_cast<acc_t>(A.logits.p[bag.l_off + r * A.logits.s_n + d * A.logits.s_d]);
             const acc_t w = cpu::exp_diff(l, mx) * inv;
             if (w == acc_t(0)) continue;
-            blk += w * static_cast<acc_t>(A.features.p[bag.f_off + r * A.features.s_n + d * A.features.s_d]);
-            if (++live == kBlockRows) {
-              sum.add(blk);
-              blk = 0;
-              live = 0;
-            }
+            const acc_t f =
+                static_cast<acc_t>(A.features.p[bag.f_off + r * A.features.s_n + d * A.features.s_d]);
+            sum.add(w * f);
           }
-          sum.add(blk);
           p = sum.total();
         }
         pooled[b * D + d] = none ? scalar_t(0) : static_cast<scalar_t>(p);
@@ -348,7 +279,7 @@ void channel_pool_forward(const FwdArgs<scalar_t>& A, const std::vector<Bag>& ba
   });
 
   // 3) the weights, row by row (padding: exactly 0)
-  at::parallel_for(0, nitems, plan.grain, [&](int64_t i0, int64_t i1) {
+  torch::stable::parallel_for(0, nitems, plan.grain, [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> lbuf(W), wbuf(W);
     for (int64_t i = i0; i < i1; ++i) {
       const Item& it = plan.items[i];
@@ -384,8 +315,8 @@ void channel_pool_forward(const FwdArgs<scalar_t>& A, const std::vector<Bag>& ba
 template <typename scalar_t>
 struct BwdArgs {
   Operand<scalar_t> weights, features, grad_weights;  // grad_weights.p null: none
-  const at::opmath_type<scalar_t>* gp;                // [B, D] contiguous
-  const at::opmath_type<scalar_t>* pooled;            // [B, D] contiguous
+  const st::acc_t<scalar_t>* gp;                      // [B, D] contiguous
+  const st::acc_t<scalar_t>* pooled;                  // [B, D] contiguous
   int64_t D;
 };
 
@@ -415,7 +346,7 @@ void grads_row(const acc_t* w, const acc_t* f, const acc_t* gw, const acc_t* g, 
 template <typename scalar_t>
 void channel_pool_backward(const BwdArgs<scalar_t>& A, const std::vector<Bag>& bags, scalar_t* gl,
                            scalar_t* gf) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = st::acc_t<scalar_t>;
   const int64_t D = A.D;
   const Plan plan = make_plan(bags, D);
   const int64_t W = plan.width, nitems = static_cast<int64_t>(plan.items.size());
@@ -425,7 +356,7 @@ void channel_pool_backward(const BwdArgs<scalar_t>& A, const std::vector<Bag>& b
   // fixed order, into its first item
   std::vector<acc_t> parts(need_q ? nitems * W : 0);
   if (need_q) {
-    at::parallel_for(0, nitems, plan.grain, [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, nitems, plan.grain, [&](int64_t i0, int64_t i1) {
       std::vector<acc_t> wb(W), gb(W);
       for (int64_t i = i0; i < i1; ++i) {
         const Item& it = plan.items[i];
@@ -454,7 +385,8 @@ void channel_pool_backward(const BwdArgs<scalar_t>& A, const std::vector<Bag>& b
       }
     });
     const int64_t G = static_cast<int64_t>(plan.first.size()) - 1;
-    at::parallel_for(0, G, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, W)), [&](int64_t g0, int64_t g1) {
+    const int64_t group_grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, W));
+    torch::stable::parallel_for(0, G, group_grain, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t n = plan.first[g + 1] - plan.first[g];
         if (n > 1) cpu::pairwise_reduce_inplace(parts.data() + plan.first[g] * W, n, W, W);
@@ -463,7 +395,7 @@ void channel_pool_backward(const BwdArgs<scalar_t>& A, const std::vector<Bag>& b
   }
 
   // 2) the gradients, row by row
-  at::parallel_for(0, nitems, plan.grain, [&](int64_t i0, int64_t i1) {
+  torch::stable::parallel_for(0, nitems, plan.grain, [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> wb(W), fb(W), gb(W);
     for (int64_t i = i0; i < i1; ++i) {
       const Item& it = plan.items[i];
@@ -485,151 +417,137 @@ void channel_pool_backward(const BwdArgs<scalar_t>& A, const std::vector<Bag>& b
   });
 }
 
-// ---- outputs ----
-
-// A new contiguous CPU tensor for the [rows, D] outputs (weights, gradients), backed by transparent
-// huge pages where the kernel offers them (madvise mode), as common/cpu_alloc.cpp does for the ops
-// on the stable ABI: a fresh buffer is first touched page by page, and with 2 MiB pages that costs
-// about a quarter of what 4 KiB pages do, which on small machines dominates a pass that writes it.
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#if defined(__linux__)
-  constexpr size_t kHugePage = size_t(2) << 20;
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes >= 4 * kHugePage) {
-    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* p = nullptr;
-    TORCH_CHECK(posix_memalign(&p, kHugePage, rounded) == 0 && p != nullptr,
-                "masked_channel_attention_pool: out of memory allocating ", bytes, " bytes on the CPU");
-#if defined(MADV_HUGEPAGE)
-    madvise(p, rounded, MADV_HUGEPAGE);  // advisory: without THP support this is a no-op
-#endif
-    try {
-      return at::from_blob(p, sizes, c10::contiguous_strides(sizes), [](void* q) { std::free(q); }, options);
-    } catch (...) {
-      std::free(p);
-      throw;
-    }
-  }
-#endif
-  return at::empty(sizes, options);
-}
-
 // ---- bags of the two layouts ----
 
 // l: logits or weights; x: the mask or grad_weights (may be undefined).
-std::vector<Bag> padded_bags(const at::Tensor& l, const at::Tensor& f, const at::Tensor& x) {
+std::vector<Bag> padded_bags(const st::Tensor& l, const st::Tensor& f, const st::Tensor& x) {
   const int64_t B = f.size(0), N = f.size(1);
+  const int64_t ls = l.stride(0), fs = f.stride(0), xs = x.defined() ? x.stride(0) : 0;
   std::vector<Bag> bags(B);
-  for (int64_t b = 0; b < B; ++b) {
-    bags[b] = {N, b * N, b * l.stride(0), b * f.stride(0), x.defined() ? b * x.stride(0) : 0};
-  }
+  for (int64_t b = 0; b < B; ++b) bags[b] = {N, b * N, b * ls, b * fs, b * xs};
   return bags;
 }
 
-std::vector<Bag> packed_bags(const at::Tensor& l, const at::Tensor& f, const at::Tensor& x,
-                             const at::Tensor& offsets) {
+std::vector<Bag> packed_bags(const st::Tensor& l, const st::Tensor& f, const st::Tensor& x,
+                             const st::Tensor& offsets) {
   const int64_t B = offsets.size(0) - 1;
   const int64_t* o = offsets.const_data_ptr<int64_t>();
+  const int64_t ls = l.stride(0), fs = f.stride(0), xs = x.defined() ? x.stride(0) : 0;
   std::vector<Bag> bags(B);
-  for (int64_t b = 0; b < B; ++b) {
-    bags[b] = {o[b + 1] - o[b], o[b], o[b] * l.stride(0), o[b] * f.stride(0),
-               x.defined() ? o[b] * x.stride(0) : 0};
-  }
+  for (int64_t b = 0; b < B; ++b) bags[b] = {o[b + 1] - o[b], o[b], o[b] * ls, o[b] * fs, o[b] * xs};
   return bags;
 }
 
 template <typename scalar_t>
-Operand<scalar_t> operand(const at::Tensor& t) {
+Operand<scalar_t> operand(const st::Tensor& t) {
   Operand<scalar_t> o;
+  const int64_t nd = t.dim();
   o.p = t.const_data_ptr<scalar_t>();
-  o.s_n = t.stride(-2);
-  o.s_d = t.size(-1) == 1 ? 1 : t.stride(-1);
+  o.s_n = t.stride(nd - 2);
+  o.s_d = t.size(nd - 1) == 1 ? 1 : t.stride(nd - 1);
   return o;
 }
 
 // pooled [B, D] and weights (contiguous, logits' shape), both new tensors (never views).
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const ChannelPoolInputs& in, const std::vector<Bag>& bags) {
+std::tuple<st::Tensor, st::Tensor> forward_cpu(const ChannelPoolInputs& in, const std::vector<Bag>& bags) {
   const int64_t B = static_cast<int64_t>(bags.size()), D = in.features.size(-1);
-  auto pooled = at::zeros({B, D}, in.features.options());
-  auto weights = empty_large(in.logits.sizes(), in.logits.options());
+  const st::Device dev = in.features.device();
+  const st::ScalarType dt = in.features.scalar_type();
+  const st::View ls = st::View::of(in.logits);
+  st::Tensor pooled = st::zeros({B, D}, dt, dev);
+  st::Tensor weights = cpu::empty_large(ls.size, ls.ndim, dt, dev, "masked_channel_attention_pool");
   if (in.logits.numel() == 0) return {pooled, weights};
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, in.features.scalar_type(), "masked_channel_attention_pool_cpu", [&] {
-        FwdArgs<scalar_t> a;
-        a.logits = operand<scalar_t>(in.logits);
-        a.features = operand<scalar_t>(in.features);
-        a.mask = in.mask.defined() ? in.mask.const_data_ptr<bool>() : nullptr;
-        a.ms_n = in.mask.defined() ? in.mask.stride(1) : 0;
-        a.D = D;
-        channel_pool_forward<scalar_t>(a, bags, pooled.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
-      });
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    FwdArgs<scalar_t> a;
+    a.logits = operand<scalar_t>(in.logits);
+    a.features = operand<scalar_t>(in.features);
+    a.mask = in.mask.defined() ? in.mask.const_data_ptr<bool>() : nullptr;
+    a.ms_n = in.mask.defined() ? in.mask.stride(1) : 0;
+    a.D = D;
+    channel_pool_forward<scalar_t>(a, bags, pooled.mutable_data_ptr<scalar_t>(),
+                                   weights.mutable_data_ptr<scalar_t>());
+  };
+  THO_DISPATCH_V2(dt, "masked_channel_attention_pool_cpu", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return {pooled, weights};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cpu(const ChannelPoolGrads& g, const std::vector<Bag>& bags,
-                                                std::array<bool, 2> output_mask) {
-  const auto& w = g.weights;
-  const auto& f = g.features;
-  at::Tensor gl = output_mask[0] ? empty_large(w.sizes(), w.options()) : at::empty({0}, w.options());
-  at::Tensor gf = output_mask[1] ? empty_large(f.sizes(), f.options()) : at::empty({0}, f.options());
-  if ((!output_mask[0] && !output_mask[1]) || w.numel() == 0) return {gl, gf};
-  const auto acc_type = at::toOpMathType(f.scalar_type());
-  const at::Tensor gp = g.grad_pooled.to(acc_type).contiguous();
-  const at::Tensor pooled = g.pooled.to(acc_type).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, f.scalar_type(), "masked_channel_attention_pool_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        BwdArgs<scalar_t> a;
-        a.weights = operand<scalar_t>(w);
-        a.features = operand<scalar_t>(f);
-        if (g.grad_weights.defined()) a.grad_weights = operand<scalar_t>(g.grad_weights);
-        a.gp = gp.const_data_ptr<acc_t>();
-        a.pooled = pooled.const_data_ptr<acc_t>();
-        a.D = f.size(-1);
-        channel_pool_backward<scalar_t>(a, bags, output_mask[0] ? gl.data_ptr<scalar_t>() : nullptr,
-                                        output_mask[1] ? gf.data_ptr<scalar_t>() : nullptr);
-      });
+std::tuple<st::Tensor, st::Tensor> backward_cpu(const ChannelPoolGrads& g, const std::vector<Bag>& bags,
+                                                bool need_logits, bool need_features) {
+  const st::Tensor& w = g.weights;
+  const st::Tensor& f = g.features;
+  const st::Device dev = f.device();
+  const st::ScalarType dt = f.scalar_type();
+  const st::View ws = st::View::of(w), fs = st::View::of(f);
+  const char* op = "masked_channel_attention_pool";
+  st::Tensor gl = need_logits ? cpu::empty_large(ws.size, ws.ndim, dt, dev, op) : st::empty({0}, dt, dev);
+  st::Tensor gf = need_features ? cpu::empty_large(fs.size, fs.ndim, dt, dev, op) : st::empty({0}, dt, dev);
+  if ((!need_logits && !need_features) || w.numel() == 0) return {gl, gf};
+  const st::ScalarType acc_type = st::acc_dtype(dt);
+  const st::Tensor gp = acc_contiguous(g.grad_pooled, acc_type);
+  const st::Tensor pooled = acc_contiguous(g.pooled, acc_type);
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    BwdArgs<scalar_t> a;
+    a.weights = operand<scalar_t>(w);
+    a.features = operand<scalar_t>(f);
+    if (g.grad_weights.defined()) a.grad_weights = operand<scalar_t>(g.grad_weights);
+    a.gp = gp.const_data_ptr<acc_t>();
+    a.pooled = pooled.const_data_ptr<acc_t>();
+    a.D = f.size(-1);
+    channel_pool_backward<scalar_t>(a, bags, need_logits ? gl.mutable_data_ptr<scalar_t>() : nullptr,
+                                    need_features ? gf.mutable_data_ptr<scalar_t>() : nullptr);
+  };
+  THO_DISPATCH_V2(dt, "masked_channel_attention_pool_backward_cpu", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return {gl, gf};
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_cpu(const at::Tensor& logits,
-                                                                     const at::Tensor& features,
-                                                                     const std::optional<at::Tensor>& mask) {
+std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_cpu(const st::Tensor& logits,
+                                                                     const st::Tensor& features,
+                                                                     const std::optional<st::Tensor>& mask) {
   const ChannelPoolInputs in = check_channel_pool_inputs(logits, features, mask);
   return forward_cpu(in, padded_bags(in.logits, in.features, in.mask));
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_packed_cpu(const at::Tensor& logits,
-                                                                            const at::Tensor& features,
-                                                                            const at::Tensor& offsets) {
+std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_packed_cpu(const st::Tensor& logits,
+                                                                            const st::Tensor& features,
+                                                                            const st::Tensor& offsets) {
   const ChannelPoolInputs in = check_channel_pool_packed_inputs(logits, features, offsets);
-  return forward_cpu(in, packed_bags(in.logits, in.features, at::Tensor(), in.offsets));
+  return forward_cpu(in, packed_bags(in.logits, in.features, st::Tensor(), in.offsets));
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_backward_cpu(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& pooled,
-    const at::Tensor& weights, const at::Tensor& features, std::array<bool, 2> output_mask) {
+std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_backward_cpu(
+    const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& pooled,
+    const st::Tensor& weights, const st::Tensor& features, std::vector<bool> output_mask) {
+  check_output_mask(output_mask);
   const ChannelPoolGrads g =
       check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, std::nullopt);
-  return backward_cpu(g, padded_bags(g.weights, g.features, g.grad_weights), output_mask);
+  return backward_cpu(g, padded_bags(g.weights, g.features, g.grad_weights), output_mask[0], output_mask[1]);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_packed_backward_cpu(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& pooled,
-    const at::Tensor& weights, const at::Tensor& features, const at::Tensor& offsets,
-    std::array<bool, 2> output_mask) {
+std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_packed_backward_cpu(
+    const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& pooled,
+    const st::Tensor& weights, const st::Tensor& features, const st::Tensor& offsets,
+    std::vector<bool> output_mask) {
+  check_output_mask(output_mask);
   const ChannelPoolGrads g =
       check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, offsets);
-  return backward_cpu(g, packed_bags(g.weights, g.features, g.grad_weights, g.offsets), output_mask);
+  return backward_cpu(g, packed_bags(g.weights, g.features, g.grad_weights, g.offsets), output_mask[0],
+                      output_mask[1]);
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
-  m.impl("masked_channel_attention_pool", &maskattn::masked_channel_attention_pool_cpu);
-  m.impl("_masked_channel_attention_pool_backward", &maskattn::masked_channel_attention_pool_backward_cpu);
-  m.impl("masked_channel_attention_pool_packed", &maskattn::masked_channel_attention_pool_packed_cpu);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
+  m.impl("masked_channel_attention_pool", TORCH_BOX(&maskattn::masked_channel_attention_pool_cpu));
+  m.impl("_masked_channel_attention_pool_backward",
+         TORCH_BOX(&maskattn::masked_channel_attention_pool_backward_cpu));
+  m.impl("masked_channel_attention_pool_packed",
+         TORCH_BOX(&maskattn::masked_channel_attention_pool_packed_cpu));
   m.impl("_masked_channel_attention_pool_packed_backward",
-         &maskattn::masked_channel_attention_pool_packed_backward_cpu);
+         TORCH_BOX(&maskattn::masked_channel_attention_pool_packed_backward_cpu));
 }

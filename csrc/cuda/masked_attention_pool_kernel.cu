@@ -45,11 +45,7 @@ struct BagGeom {
       r1 = N;
       return;
     }
-    int64_t lo = offsets[b], hi = offsets[b + 1];
-    lo = lo < 0 ? 0 : (lo > T ? T : lo);
-    hi = hi < lo ? lo : (hi > T ? T : hi);
-    r0 = lo;
-    r1 = hi;
+    cuda::packed_bag_range(offsets, b, T, r0, r1);
   }
   // Row index into the contiguous [rows, K] weights / [rows, D] grad_features.
   __device__ __forceinline__ int64_t flat_row(int64_t b, int64_t r) const {
@@ -317,9 +313,7 @@ __global__ void __launch_bounds__(THREADS)
       int64_t lo = 0, hi = nbags - 1;
       while (lo < hi) {
         const int64_t mid = (lo + hi + 1) >> 1;
-        int64_t o = g.offsets[mid];
-        o = o < 0 ? 0 : (o > g.T ? g.T : o);
-        if (o <= row)
+        if (cuda::clamp_offset(g.offsets[mid], g.T) <= row)
           lo = mid;
         else
           hi = mid - 1;

@@ -18,19 +18,15 @@
 //
 // Packed offsets are read on the device and clamped into [0, T], never checked on the host: no
 // synchronisation, and bad offsets cannot send a read or write out of bounds.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <initializer_list>
 #include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
 
-#include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/stable_cuda.h"
 #include "masked_channel_attention_pool.h"
 
 namespace maskattn {
@@ -57,11 +53,7 @@ struct Bags {
       r1 = N;
       return;
     }
-    int64_t lo = offsets[b], hi = offsets[b + 1];
-    lo = lo < 0 ? 0 : (lo > T ? T : lo);
-    hi = hi < lo ? lo : (hi > T ? T : hi);
-    r0 = lo;
-    r1 = hi;
+    cuda::packed_bag_range(offsets, b, T, r0, r1);
   }
   __device__ __forceinline__ bool valid(int64_t b, int64_t r) const {
     return mask == nullptr || mask[b * ms_b + r * ms_n];
@@ -321,11 +313,10 @@ template <typename scalar_t>
 __global__ void zero_uncovered_rows_kernel(const int64_t* __restrict__ offsets, int64_t nbags, int64_t T,
                                            int64_t D, scalar_t* __restrict__ out0,
                                            scalar_t* __restrict__ out1) {
-  auto clamp = [T](int64_t o) { return o < 0 ? int64_t(0) : (o > T ? T : o); };
   int64_t head = T, tail = T;
   if (nbags > 0) {
-    head = clamp(offsets[0]);
-    tail = max(clamp(offsets[nbags - 1]), clamp(offsets[nbags]));
+    head = cuda::clamp_offset(offsets[0], T);
+    tail = max(cuda::clamp_offset(offsets[nbags - 1], T), cuda::clamp_offset(offsets[nbags], T));
   }
   const int64_t n_head = head * D, n = n_head + (T - tail) * D;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -494,29 +485,29 @@ __global__ void __launch_bounds__(THREADS)
 // ------------------------------------------------------------------------------------------ host side
 
 // Unit stride along D (the kernels' loads are along D); other strides are read as they are.
-at::Tensor unit_stride_d(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+st::Tensor unit_stride_d(const st::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : torch::stable::contiguous(t);
 }
 
 // 16-byte loads when D and every operand's strides and base allow them.
 template <typename scalar_t>
-int pick_vec(int64_t D, std::initializer_list<const at::Tensor*> ts) {
+int pick_vec(int64_t D, std::initializer_list<const st::Tensor*> ts) {
   constexpr int V = 16 / sizeof(scalar_t);
   if (V <= 1 || D % V != 0) return 1;
-  for (const at::Tensor* t : ts) {
+  for (const st::Tensor* t : ts) {
     if (t == nullptr || !t->defined()) continue;
     for (int64_t i = 0; i + 1 < t->dim(); ++i) {
       if (t->stride(i) % V != 0) return 1;
     }
-    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return 1;
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return 1;
   }
   return V;
 }
 
 template <typename T>
-Rows<T> rows_of(const at::Tensor& t, bool packed) {
+Rows<T> rows_of(const st::Tensor& t, bool packed) {
   Rows<T> r;
-  r.p = static_cast<T*>(const_cast<void*>(t.const_data_ptr()));
+  r.p = static_cast<T*>(t.data_ptr());
   r.s_b = packed ? 0 : t.stride(0);
   r.s_n = t.stride(-2);
   return r;
@@ -553,11 +544,11 @@ int64_t row_blocks_for(int64_t xblocks, int64_t rows_hint, int ty, int sms) {
 }
 
 void check_grid(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks <= INT32_MAX, "masked_channel_attention_pool: ", what, " = ", blocks,
-              " exceeds the CUDA grid limit");
+  MASKATTN_CHECK(blocks <= INT32_MAX, "masked_channel_attention_pool: ", what, " = ", blocks,
+                 " exceeds the CUDA grid limit");
 }
 
-Bags make_bags(const at::Tensor& features, const at::Tensor& mask, const at::Tensor& offsets) {
+Bags make_bags(const st::Tensor& features, const st::Tensor& mask, const st::Tensor& offsets) {
   Bags g{};
   const bool packed = offsets.defined();
   g.offsets = packed ? offsets.const_data_ptr<int64_t>() : nullptr;
@@ -571,217 +562,231 @@ Bags make_bags(const at::Tensor& features, const at::Tensor& mask, const at::Ten
 }
 
 template <typename scalar_t>
-void zero_uncovered(const at::Tensor& offsets, int64_t nbags, int64_t T, int64_t D, scalar_t* a, scalar_t* b,
+void zero_uncovered(const st::Tensor& offsets, int64_t nbags, int64_t T, int64_t D, scalar_t* a, scalar_t* b,
                     cudaStream_t stream, int sms) {
   zero_uncovered_rows_kernel<scalar_t>
       <<<std::max(1, 2 * sms), 256, 0, stream>>>(offsets.const_data_ptr<int64_t>(), nbags, T, D, a, b);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  MASKATTN_CUDA_LAUNCH_CHECK();
 }
 
 // rows_hint: rows per bag the host expects (N padded, T / B packed) to size the splits.
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const ChannelPoolInputs& in, int64_t nbags,
+std::tuple<st::Tensor, st::Tensor> forward_cuda(const ChannelPoolInputs& in, int64_t nbags,
                                                 int64_t rows_hint) {
-  c10::cuda::CUDAGuard guard(in.features.device());
-  const at::Tensor logits = unit_stride_d(in.logits);
-  const at::Tensor features = unit_stride_d(in.features);
+  const int32_t dev_index = in.features.get_device_index();
+  const st::DeviceGuard guard(dev_index);
+  const st::Tensor logits = unit_stride_d(in.logits);
+  const st::Tensor features = unit_stride_d(in.features);
   const bool packed = in.offsets.defined();
   const int64_t D = features.size(-1);
-  auto weights = at::empty(logits.sizes(), logits.options());
-  auto pooled = at::empty({nbags, D}, features.options());
+  const st::Device dev = features.device();
+  const st::ScalarType dt = features.scalar_type();
+  const st::View ls = st::View::of(logits);
+  st::Tensor weights = st::empty(ls.size, ls.ndim, dt, dev);
+  st::Tensor pooled = st::empty({nbags, D}, dt, dev);
   if (nbags == 0 || D == 0) {
-    if (packed) weights.zero_();  // rows no bag covers (only unchecked offsets leave any)
+    if (packed) torch::stable::fill_(weights, 0.0);  // rows no bag covers (only unchecked offsets leave any)
     return {pooled, weights};
   }
   if (logits.numel() == 0) {  // no rows: every bag is empty
-    pooled.zero_();
+    torch::stable::fill_(pooled, 0.0);
     return {pooled, weights};
   }
   const Bags g = make_bags(features, in.mask, in.offsets);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const auto acc_type = at::toOpMathType(features.scalar_type());
+  const cudaStream_t stream = st::current_stream(dev_index);
+  const int sms = st::sm_count(dev_index);
+  const st::ScalarType acc_type = st::acc_dtype(dt);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "masked_channel_attention_pool_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
-        const int vec = pick_vec<scalar_t>(D, {&logits, &features, &weights});
-        const Shape sh = shape_for(D, vec);
-        const int64_t xblocks = nbags * sh.dtiles;
-        check_grid(xblocks, "B * D-tiles");
-        const int64_t nsplit = splits_for(xblocks, rows_hint, sh.ty, sms);
-        const int64_t chunk = std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows_hint, 1), nsplit));
-        const auto lr = rows_of<const scalar_t>(logits, packed);
-        const auto fr = rows_of<const scalar_t>(features, packed);
-        Rows<scalar_t> wr;
-        wr.p = weights.data_ptr<scalar_t>();
-        wr.s_b = packed ? 0 : features.size(1) * D;
-        wr.s_n = D;
+  // A generic lambda outside the dispatch macro: the commas of <<<...>>> would split its arguments.
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
+    const int vec = pick_vec<scalar_t>(D, {&logits, &features, &weights});
+    const Shape sh = shape_for(D, vec);
+    const int64_t xblocks = nbags * sh.dtiles;
+    check_grid(xblocks, "B * D-tiles");
+    const int64_t nsplit = splits_for(xblocks, rows_hint, sh.ty, sms);
+    const int64_t chunk = std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows_hint, 1), nsplit));
+    const auto lr = rows_of<const scalar_t>(logits, packed);
+    const auto fr = rows_of<const scalar_t>(features, packed);
+    Rows<scalar_t> wr;
+    wr.p = weights.mutable_data_ptr<scalar_t>();
+    wr.s_b = packed ? 0 : features.size(1) * D;
+    wr.s_n = D;
 
-        auto part = at::empty({3, nsplit, nbags, D}, features.options().dtype(acc_type));
-        auto stats = at::empty({3, nbags, D}, features.options().dtype(acc_type));
-        const dim3 block(sh.tx, sh.ty);
-        const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(nsplit));
-        const size_t smem = 3 * static_cast<size_t>(THREADS) * vec * sizeof(acc_t);
-        if (vec > 1) {
-          channel_partial_kernel<scalar_t, acc_t, V>
-              <<<grid, block, smem, stream>>>(lr, fr, g, chunk, sh.dtiles, nbags, part.data_ptr<acc_t>());
-        } else {
-          channel_partial_kernel<scalar_t, acc_t, 1>
-              <<<grid, block, smem, stream>>>(lr, fr, g, chunk, sh.dtiles, nbags, part.data_ptr<acc_t>());
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    st::Tensor part = st::empty({3, nsplit, nbags, D}, acc_type, dev);
+    st::Tensor stats = st::empty({3, nbags, D}, acc_type, dev);
+    const dim3 block(sh.tx, sh.ty);
+    const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(nsplit));
+    const size_t smem = 3 * static_cast<size_t>(THREADS) * vec * sizeof(acc_t);
+    if (vec > 1) {
+      channel_partial_kernel<scalar_t, acc_t, V>
+          <<<grid, block, smem, stream>>>(lr, fr, g, chunk, sh.dtiles, nbags, part.mutable_data_ptr<acc_t>());
+    } else {
+      channel_partial_kernel<scalar_t, acc_t, 1>
+          <<<grid, block, smem, stream>>>(lr, fr, g, chunk, sh.dtiles, nbags, part.mutable_data_ptr<acc_t>());
+    }
+    MASKATTN_CUDA_LAUNCH_CHECK();
 
-        const int64_t dblocks = ceil_div(D, TILE_X);
-        check_grid(nbags * dblocks, "B * ceil(D / 32)");
-        const unsigned cblocks = static_cast<unsigned>(nbags * dblocks);
-        channel_combine_kernel<scalar_t, acc_t><<<cblocks, dim3(TILE_X, TILE_Y), 0, stream>>>(
-            part.const_data_ptr<acc_t>(), static_cast<int>(nsplit), nbags, D, dblocks,
-            pooled.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        channel_resum_kernel<scalar_t, acc_t><<<cblocks, dim3(TILE_X, TILE_Y), 0, stream>>>(
-            lr, fr, g, nbags, dblocks, stats.const_data_ptr<acc_t>(), pooled.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t dblocks = ceil_div(D, TILE_X);
+    check_grid(nbags * dblocks, "B * ceil(D / 32)");
+    const unsigned cblocks = static_cast<unsigned>(nbags * dblocks);
+    channel_combine_kernel<scalar_t, acc_t><<<cblocks, dim3(TILE_X, TILE_Y), 0, stream>>>(
+        part.const_data_ptr<acc_t>(), static_cast<int>(nsplit), nbags, D, dblocks,
+        pooled.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<acc_t>());
+    MASKATTN_CUDA_LAUNCH_CHECK();
+    channel_resum_kernel<scalar_t, acc_t><<<cblocks, dim3(TILE_X, TILE_Y), 0, stream>>>(
+        lr, fr, g, nbags, dblocks, stats.const_data_ptr<acc_t>(), pooled.mutable_data_ptr<scalar_t>());
+    MASKATTN_CUDA_LAUNCH_CHECK();
 
-        const dim3 wgrid(static_cast<unsigned>(xblocks),
-                         static_cast<unsigned>(row_blocks_for(xblocks, rows_hint, sh.ty, sms)));
-        if (vec > 1) {
-          channel_weights_kernel<scalar_t, acc_t, V>
-              <<<wgrid, block, 0, stream>>>(lr, g, sh.dtiles, nbags, stats.const_data_ptr<acc_t>(), wr);
-        } else {
-          channel_weights_kernel<scalar_t, acc_t, 1>
-              <<<wgrid, block, 0, stream>>>(lr, g, sh.dtiles, nbags, stats.const_data_ptr<acc_t>(), wr);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (packed) {
-          zero_uncovered<scalar_t>(in.offsets, nbags, features.size(0), D, weights.data_ptr<scalar_t>(),
-                                   nullptr, stream, sms);
-        }
-      });
+    const dim3 wgrid(static_cast<unsigned>(xblocks),
+                     static_cast<unsigned>(row_blocks_for(xblocks, rows_hint, sh.ty, sms)));
+    if (vec > 1) {
+      channel_weights_kernel<scalar_t, acc_t, V>
+          <<<wgrid, block, 0, stream>>>(lr, g, sh.dtiles, nbags, stats.const_data_ptr<acc_t>(), wr);
+    } else {
+      channel_weights_kernel<scalar_t, acc_t, 1>
+          <<<wgrid, block, 0, stream>>>(lr, g, sh.dtiles, nbags, stats.const_data_ptr<acc_t>(), wr);
+    }
+    MASKATTN_CUDA_LAUNCH_CHECK();
+    if (packed) {
+      zero_uncovered<scalar_t>(in.offsets, nbags, features.size(0), D, weights.mutable_data_ptr<scalar_t>(),
+                               nullptr, stream, sms);
+    }
+  };
+  THO_DISPATCH_V2(dt, "masked_channel_attention_pool_cuda", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return {pooled, weights};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cuda(const ChannelPoolGrads& gr,
-                                                 std::array<bool, 2> output_mask) {
-  c10::cuda::CUDAGuard guard(gr.features.device());
-  const at::Tensor weights = unit_stride_d(gr.weights);
-  const at::Tensor features = unit_stride_d(gr.features);
-  const at::Tensor gw = gr.grad_weights.defined() ? unit_stride_d(gr.grad_weights) : at::Tensor();
+std::tuple<st::Tensor, st::Tensor> backward_cuda(const ChannelPoolGrads& gr, bool need_l, bool need_f) {
+  const int32_t dev_index = gr.features.get_device_index();
+  const st::DeviceGuard guard(dev_index);
+  const st::Tensor weights = unit_stride_d(gr.weights);
+  const st::Tensor features = unit_stride_d(gr.features);
+  const st::Tensor gw = gr.grad_weights.defined() ? unit_stride_d(gr.grad_weights) : st::Tensor();
   const bool packed = gr.offsets.defined();
-  const bool need_l = output_mask[0], need_f = output_mask[1];
-  at::Tensor gl = need_l ? at::empty(weights.sizes(), weights.options()) : at::empty({0}, weights.options());
-  at::Tensor gf =
-      need_f ? at::empty(features.sizes(), features.options()) : at::empty({0}, features.options());
+  const st::Device dev = features.device();
+  const st::ScalarType dt = features.scalar_type();
+  const st::View ws = st::View::of(weights), fs = st::View::of(features);
+  st::Tensor gl = need_l ? st::empty(ws.size, ws.ndim, dt, dev) : st::empty({0}, dt, dev);
+  st::Tensor gf = need_f ? st::empty(fs.size, fs.ndim, dt, dev) : st::empty({0}, dt, dev);
   if ((!need_l && !need_f) || weights.numel() == 0) return {gl, gf};
   const int64_t nbags = packed ? gr.offsets.size(0) - 1 : features.size(0);
   const int64_t D = features.size(-1);
   const int64_t rows = packed ? features.size(0) : features.size(1);
   const int64_t rows_hint = packed ? (nbags > 0 ? ceil_div(rows, nbags) : 0) : rows;
-  const Bags g = make_bags(features, at::Tensor(), gr.offsets);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const auto acc_type = at::toOpMathType(features.scalar_type());
+  const Bags g = make_bags(features, st::Tensor(), gr.offsets);
+  const cudaStream_t stream = st::current_stream(dev_index);
+  const int sms = st::sm_count(dev_index);
+  const st::ScalarType acc_type = st::acc_dtype(dt);
   const bool need_q = need_l && gw.defined();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "masked_channel_attention_pool_backward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
-        scalar_t* glp = need_l ? gl.data_ptr<scalar_t>() : nullptr;
-        scalar_t* gfp = need_f ? gf.data_ptr<scalar_t>() : nullptr;
-        if (packed) zero_uncovered<scalar_t>(gr.offsets, nbags, rows, D, glp, gfp, stream, sms);
-        if (nbags == 0) return;
-        const at::Tensor gp = gr.grad_pooled.to(acc_type).contiguous();
-        const at::Tensor P = gr.pooled.to(acc_type).contiguous();
-        const int vec = pick_vec<scalar_t>(D, {&weights, &features, &gw, &gl, &gf});
-        const Shape sh = shape_for(D, vec);
-        const int64_t xblocks = nbags * sh.dtiles;
-        check_grid(xblocks, "B * D-tiles");
-        const auto wr = rows_of<const scalar_t>(weights, packed);
-        const auto fr = rows_of<const scalar_t>(features, packed);
-        const auto gwr =
-            gw.defined() ? rows_of<const scalar_t>(gw, packed) : Rows<const scalar_t>{nullptr, 0, 0};
-        Rows<scalar_t> glr{glp, packed ? 0 : rows * D, D}, gfr{gfp, packed ? 0 : rows * D, D};
-        const dim3 block(sh.tx, sh.ty);
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    constexpr int V = 16 / sizeof(scalar_t) > 1 ? 16 / sizeof(scalar_t) : 1;
+    scalar_t* glp = need_l ? gl.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gfp = need_f ? gf.mutable_data_ptr<scalar_t>() : nullptr;
+    if (packed) zero_uncovered<scalar_t>(gr.offsets, nbags, rows, D, glp, gfp, stream, sms);
+    if (nbags == 0) return;
+    const st::Tensor gp = acc_contiguous(gr.grad_pooled, acc_type);
+    const st::Tensor P = acc_contiguous(gr.pooled, acc_type);
+    const int vec = pick_vec<scalar_t>(D, {&weights, &features, &gw, &gl, &gf});
+    const Shape sh = shape_for(D, vec);
+    const int64_t xblocks = nbags * sh.dtiles;
+    check_grid(xblocks, "B * D-tiles");
+    const auto wr = rows_of<const scalar_t>(weights, packed);
+    const auto fr = rows_of<const scalar_t>(features, packed);
+    const auto gwr = gw.defined() ? rows_of<const scalar_t>(gw, packed) : Rows<const scalar_t>{nullptr, 0, 0};
+    Rows<scalar_t> glr{glp, packed ? 0 : rows * D, D}, gfr{gfp, packed ? 0 : rows * D, D};
+    const dim3 block(sh.tx, sh.ty);
 
-        at::Tensor Q;
-        if (need_q) {
-          const int64_t nsplit = splits_for(xblocks, rows_hint, sh.ty, sms);
-          const int64_t chunk = std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows_hint, 1), nsplit));
-          auto part = at::empty({nsplit, nbags, D}, features.options().dtype(acc_type));
-          const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(nsplit));
-          const size_t smem = static_cast<size_t>(THREADS) * vec * sizeof(acc_t);
-          if (vec > 1) {
-            channel_wsum_kernel<scalar_t, acc_t, V>
-                <<<grid, block, smem, stream>>>(wr, gwr, g, chunk, sh.dtiles, nbags, part.data_ptr<acc_t>());
-          } else {
-            channel_wsum_kernel<scalar_t, acc_t, 1>
-                <<<grid, block, smem, stream>>>(wr, gwr, g, chunk, sh.dtiles, nbags, part.data_ptr<acc_t>());
-          }
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          const int64_t dblocks = ceil_div(D, TILE_X);
-          check_grid(nbags * dblocks, "B * ceil(D / 32)");
-          Q = at::empty({nbags, D}, features.options().dtype(acc_type));
-          channel_wsum_combine_kernel<acc_t>
-              <<<static_cast<unsigned>(nbags * dblocks), dim3(TILE_X, TILE_Y), 0, stream>>>(
-                  part.const_data_ptr<acc_t>(), static_cast<int>(nsplit), nbags, D, dblocks,
-                  Q.data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+    st::Tensor Q;
+    if (need_q) {
+      const int64_t nsplit = splits_for(xblocks, rows_hint, sh.ty, sms);
+      const int64_t chunk = std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows_hint, 1), nsplit));
+      st::Tensor part = st::empty({nsplit, nbags, D}, acc_type, dev);
+      const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(nsplit));
+      const size_t smem = static_cast<size_t>(THREADS) * vec * sizeof(acc_t);
+      if (vec > 1) {
+        channel_wsum_kernel<scalar_t, acc_t, V><<<grid, block, smem, stream>>>(
+            wr, gwr, g, chunk, sh.dtiles, nbags, part.mutable_data_ptr<acc_t>());
+      } else {
+        channel_wsum_kernel<scalar_t, acc_t, 1><<<grid, block, smem, stream>>>(
+            wr, gwr, g, chunk, sh.dtiles, nbags, part.mutable_data_ptr<acc_t>());
+      }
+      MASKATTN_CUDA_LAUNCH_CHECK();
+      const int64_t dblocks = ceil_div(D, TILE_X);
+      check_grid(nbags * dblocks, "B * ceil(D / 32)");
+      Q = st::empty({nbags, D}, acc_type, dev);
+      channel_wsum_combine_kernel<acc_t>
+          <<<static_cast<unsigned>(nbags * dblocks), dim3(TILE_X, TILE_Y), 0, stream>>>(
+              part.const_data_ptr<acc_t>(), static_cast<int>(nsplit), nbags, D, dblocks,
+              Q.mutable_data_ptr<acc_t>());
+      MASKATTN_CUDA_LAUNCH_CHECK();
+    }
 
-        const dim3 grid(static_cast<unsigned>(xblocks),
-                        static_cast<unsigned>(row_blocks_for(xblocks, rows_hint, sh.ty, sms)));
-        const acc_t* qp = need_q ? Q.const_data_ptr<acc_t>() : nullptr;
-        if (vec > 1) {
-          channel_grads_kernel<scalar_t, acc_t, V><<<grid, block, 0, stream>>>(
-              wr, fr, gwr, g, sh.dtiles, gp.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), qp, glr, gfr);
-        } else {
-          channel_grads_kernel<scalar_t, acc_t, 1><<<grid, block, 0, stream>>>(
-              wr, fr, gwr, g, sh.dtiles, gp.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), qp, glr, gfr);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    const dim3 grid(static_cast<unsigned>(xblocks),
+                    static_cast<unsigned>(row_blocks_for(xblocks, rows_hint, sh.ty, sms)));
+    const acc_t* qp = need_q ? Q.const_data_ptr<acc_t>() : nullptr;
+    if (vec > 1) {
+      channel_grads_kernel<scalar_t, acc_t, V><<<grid, block, 0, stream>>>(
+          wr, fr, gwr, g, sh.dtiles, gp.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), qp, glr, gfr);
+    } else {
+      channel_grads_kernel<scalar_t, acc_t, 1><<<grid, block, 0, stream>>>(
+          wr, fr, gwr, g, sh.dtiles, gp.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), qp, glr, gfr);
+    }
+    MASKATTN_CUDA_LAUNCH_CHECK();
+  };
+  THO_DISPATCH_V2(dt, "masked_channel_attention_pool_backward_cuda", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
   return {gl, gf};
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_cuda(const at::Tensor& logits,
-                                                                      const at::Tensor& features,
-                                                                      const std::optional<at::Tensor>& mask) {
+std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_cuda(const st::Tensor& logits,
+                                                                      const st::Tensor& features,
+                                                                      const std::optional<st::Tensor>& mask) {
   const ChannelPoolInputs in = check_channel_pool_inputs(logits, features, mask);
   return forward_cuda(in, features.size(0), features.size(1));
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_packed_cuda(const at::Tensor& logits,
-                                                                             const at::Tensor& features,
-                                                                             const at::Tensor& offsets) {
+std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_packed_cuda(const st::Tensor& logits,
+                                                                             const st::Tensor& features,
+                                                                             const st::Tensor& offsets) {
   const ChannelPoolInputs in = check_channel_pool_packed_inputs(logits, features, offsets);
   const int64_t nbags = in.offsets.size(0) - 1;
   return forward_cuda(in, nbags, nbags > 0 ? ceil_div(features.size(0), nbags) : 0);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_backward_cuda(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& pooled,
-    const at::Tensor& weights, const at::Tensor& features, std::array<bool, 2> output_mask) {
+std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_backward_cuda(
+    const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& pooled,
+    const st::Tensor& weights, const st::Tensor& features, std::vector<bool> output_mask) {
+  check_output_mask(output_mask);
   return backward_cuda(
       check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, std::nullopt),
-      output_mask);
+      output_mask[0], output_mask[1]);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_channel_attention_pool_packed_backward_cuda(
-    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_weights, const at::Tensor& pooled,
-    const at::Tensor& weights, const at::Tensor& features, const at::Tensor& offsets,
-    std::array<bool, 2> output_mask) {
+std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_packed_backward_cuda(
+    const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& pooled,
+    const st::Tensor& weights, const st::Tensor& features, const st::Tensor& offsets,
+    std::vector<bool> output_mask) {
+  check_output_mask(output_mask);
   return backward_cuda(
-      check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, offsets), output_mask);
+      check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, offsets), output_mask[0],
+      output_mask[1]);
 }
 
 }  // namespace
 }  // namespace maskattn
 
-TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
-  m.impl("masked_channel_attention_pool", &maskattn::masked_channel_attention_pool_cuda);
-  m.impl("_masked_channel_attention_pool_backward", &maskattn::masked_channel_attention_pool_backward_cuda);
-  m.impl("masked_channel_attention_pool_packed", &maskattn::masked_channel_attention_pool_packed_cuda);
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CUDA, m) {
+  m.impl("masked_channel_attention_pool", TORCH_BOX(&maskattn::masked_channel_attention_pool_cuda));
+  m.impl("_masked_channel_attention_pool_backward",
+         TORCH_BOX(&maskattn::masked_channel_attention_pool_backward_cuda));
+  m.impl("masked_channel_attention_pool_packed",
+         TORCH_BOX(&maskattn::masked_channel_attention_pool_packed_cuda));
   m.impl("_masked_channel_attention_pool_packed_backward",
-         &maskattn::masked_channel_attention_pool_packed_backward_cuda);
+         TORCH_BOX(&maskattn::masked_channel_attention_pool_packed_backward_cuda));
 }
