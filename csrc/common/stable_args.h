@@ -37,13 +37,6 @@ inline st::Tensor check_offsets(const st::Tensor& offsets, int64_t rows, const s
   return offsets.is_contiguous() ? offsets : torch::stable::contiguous(offsets);
 }
 
-// A bool[2] argument arrives as a list of any length; the unstable API's conversion to
-// std::array<bool, 2> refused any other length with this message, and the kernels index [0] and [1].
-inline void check_output_mask(const std::vector<bool>& output_mask) {
-  MASKATTN_CHECK(output_mask.size() == 2, "Tried to convert a List with ", output_mask.size(),
-                 " elements to a fixed-size array of size 2");
-}
-
 // t in the accumulation dtype `acc`, contiguous; t itself when it already is (no dispatcher call).
 inline st::Tensor acc_contiguous(const st::Tensor& t, st::ScalarType acc) {
   const st::Tensor c = t.scalar_type() == acc ? t : torch::stable::to(t, acc);

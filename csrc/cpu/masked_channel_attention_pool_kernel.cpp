@@ -522,7 +522,7 @@ std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_packed_cpu(cons
 std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_backward_cpu(
     const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& pooled,
     const st::Tensor& weights, const st::Tensor& features, std::vector<bool> output_mask) {
-  check_output_mask(output_mask);
+  st::check_output_mask(output_mask);
   const ChannelPoolGrads g =
       check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, std::nullopt);
   return backward_cpu(g, padded_bags(g.weights, g.features, g.grad_weights), output_mask[0], output_mask[1]);
@@ -532,7 +532,7 @@ std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_packed_backward
     const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& pooled,
     const st::Tensor& weights, const st::Tensor& features, const st::Tensor& offsets,
     std::vector<bool> output_mask) {
-  check_output_mask(output_mask);
+  st::check_output_mask(output_mask);
   const ChannelPoolGrads g =
       check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, offsets);
   return backward_cpu(g, packed_bags(g.weights, g.features, g.grad_weights, g.offsets), output_mask[0],

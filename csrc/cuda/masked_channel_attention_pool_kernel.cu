@@ -762,7 +762,7 @@ std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_packed_cuda(con
 std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_backward_cuda(
     const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& pooled,
     const st::Tensor& weights, const st::Tensor& features, std::vector<bool> output_mask) {
-  check_output_mask(output_mask);
+  st::check_output_mask(output_mask);
   return backward_cuda(
       check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, std::nullopt),
       output_mask[0], output_mask[1]);
@@ -772,7 +772,7 @@ std::tuple<st::Tensor, st::Tensor> masked_channel_attention_pool_packed_backward
     const st::Tensor& grad_pooled, const std::optional<st::Tensor>& grad_weights, const st::Tensor& pooled,
     const st::Tensor& weights, const st::Tensor& features, const st::Tensor& offsets,
     std::vector<bool> output_mask) {
-  check_output_mask(output_mask);
+  st::check_output_mask(output_mask);
   return backward_cuda(
       check_channel_pool_grads(grad_pooled, grad_weights, pooled, weights, features, offsets), output_mask[0],
       output_mask[1]);
