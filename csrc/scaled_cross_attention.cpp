@@ -2,9 +2,10 @@
 // device-agnostic driver: which path (one-pass row kernels or GEMMs around a fused softmax) and
 // the reductions over query rows, which are GEMMs and backend sums over small [R, Lk] tensors.
 //
-// The GEMMs are ATen's (MKL / cuBLAS), called by name through the boxed dispatcher with Tensor
-// arguments; everything elementwise between them is a backend kernel, because Scalar arguments
-// cannot cross that boundary and each boxed call costs microseconds. Views are stride arithmetic.
+// The GEMMs and the two sums over p are ATen's (MKL / cuBLAS, ATen's reductions), called through
+// the boxed dispatcher with Tensor arguments; everything elementwise between them is a backend
+// kernel, because Scalar arguments cannot cross that boundary and each boxed call costs
+// microseconds. Views are stride arithmetic.
 #include "scaled_cross_attention.h"
 
 #include <array>
@@ -364,13 +365,16 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> xattn_backward(
     if (normalize) {
       // Projection term of F.normalize's backward, only where the norm was not clamped to eps:
       // dk_j -= k_j / |k_j|^2 * scale * sum_i dlogit_ij cos_ij.
-      const st::Tensor coef = kern.key_coef(a, p, knrm, max_scale);
+      const st::Tensor colsum = a.k.size(0) == 1
+                                    ? torch::stable::sum(p, std::vector<int64_t>{0})
+                                    : torch::stable::sum(reshaped(p, {B, Lq, Lk}), std::vector<int64_t>{1});
+      const st::Tensor coef = kern.key_coef(a, contig(colsum), knrm, max_scale);
       g = kern.minus_product(contig(g), a.k, coef);
     }
     dk = in_shape(to_dtype(g, dt), key);
   }
   // d scale / d lsl = exp(lsl), and torch.clamp passes the gradient only where exp(lsl) <= max.
-  if (need_s) ds = kern.scale_grad(a, p, max_scale);
+  if (need_s) ds = kern.scale_grad(a, torch::stable::sum(p), max_scale);
   return {dq, dk, dv, ds};
 }
 

@@ -90,12 +90,15 @@ struct XattnKernels {
   // The result has g's sizes.
   st::Tensor (*minus_product)(const st::Tensor& g, const st::Tensor& x, const st::Tensor& coef);
   // F.normalize's projection coefficient of grad_key per key (acc [Bk * Lk]):
-  // knrm >= eps ? scale / max(knrm, eps)^2 * colsum : 0, where colsum sums p [R, Lk] over the rows of
-  // each key's batch (all rows for shared keys) and scale = min(exp(lsl), max_scale) in lsl's dtype.
-  st::Tensor (*key_coef)(const XattnArgs& a, const st::Tensor& p, const st::Tensor& knrm, double max_scale);
-  // d loss / d logit_scale_log (0-dim, lsl's dtype): exp(lsl) <= max_scale ? sum(p) * exp(lsl) : 0,
-  // with sum(p) rounded to lsl's dtype first, as torch.clamp's backward gives it.
-  st::Tensor (*scale_grad)(const XattnArgs& a, const st::Tensor& p, double max_scale);
+  // knrm >= eps ? scale / max(knrm, eps)^2 * colsum : 0, where colsum [Bk * Lk] (acc) sums p over the
+  // rows of each key's batch (ATen's sum, by the driver) and scale = min(exp(lsl), max_scale) in
+  // lsl's dtype.
+  st::Tensor (*key_coef)(const XattnArgs& a, const st::Tensor& colsum, const st::Tensor& knrm,
+                         double max_scale);
+  // d loss / d logit_scale_log (0-dim, lsl's dtype): exp(lsl) <= max_scale ? psum * exp(lsl) : 0,
+  // with psum (0-dim acc: sum(p), ATen's, by the driver) rounded to lsl's dtype first, as
+  // torch.clamp's backward gives it.
+  st::Tensor (*scale_grad)(const XattnArgs& a, const st::Tensor& psum, double max_scale);
   // Whether the driver may read a value back from the device now (false while a CUDA graph is
   // being captured, where a sync is an error).
   bool (*may_sync)();

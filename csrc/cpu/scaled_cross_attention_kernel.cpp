@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -543,108 +544,123 @@ st::Tensor finite_keys_cpu(const st::Tensor& x) {
   return out;
 }
 
+// out[d] = g[d] - x[d] * c, rounded once (a fused multiply-add) or twice. The eager composition's
+// addcmul_ rounds once where ATen runs its AVX2 / AVX-512 kernels (the multiply-add there is
+// contracted into an FMA) and twice in its default kernel; the rows follow it bit for bit.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MASKATTN_FMA_TARGET __attribute__((target("avx2,fma")))
+#define MASKATTN_HAS_FMA_TARGET 1
+#else
+#define MASKATTN_FMA_TARGET
+#define MASKATTN_HAS_FMA_TARGET 0
+#endif
+
+MASKATTN_FMA_TARGET void fms_row_fused(const float* g, const float* x, float c, float* out, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) out[d] = __builtin_fmaf(-x[d], c, g[d]);
+}
+
+MASKATTN_FMA_TARGET void fms_row_fused(const double* g, const double* x, double c, double* out, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) out[d] = __builtin_fma(-x[d], c, g[d]);
+}
+
+template <typename T>
+void fms_row_plain(const T* g, const T* x, T c, T* out, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) out[d] = g[d] - x[d] * c;
+}
+
+// Whether ATen's CPU kernels are its AVX2 / AVX-512 ones (the CPU has AVX2 and FMA, and
+// ATEN_CPU_CAPABILITY does not ask for the default kernels).
+bool aten_uses_fma() {
+  static const bool fused = [] {
+#if MASKATTN_HAS_FMA_TARGET
+    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+    if (cap != nullptr && std::strcmp(cap, "default") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return fused;
+}
+
 st::Tensor minus_product_cpu(const st::Tensor& g, const st::Tensor& x, const st::Tensor& coef) {
   const int64_t M = x.size(1), D = x.size(2), rows = x.size(0) * M;
   const auto gs = g.sizes();
   st::Tensor out = st::empty(gs.data(), static_cast<int64_t>(gs.size()), x.scalar_type(), x.device());
+  // The CPU runs its GEMMs in the accumulation type (gemm_in_acc).
+  MASKATTN_CHECK(g.scalar_type() == st::acc_dtype(x.scalar_type()),
+                 "scaled_cross_attention: internal error: GEMM result in ", st::dtype_str(g));
+  const bool fused = aten_uses_fma();
   dispatch_floating(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = st::acc_t<scalar_t>;
-    const auto run = [&](auto gtag) {
-      using g_t = decltype(gtag);
-      const g_t* G = g.const_data_ptr<g_t>();
-      const scalar_t* X = x.const_data_ptr<scalar_t>();
-      const acc_t* C = coef.const_data_ptr<acc_t>();
-      scalar_t* O = out.mutable_data_ptr<scalar_t>();
-      const int64_t s0 = x.stride(0), s1 = x.stride(1);
-      torch::stable::parallel_for(0, rows, row_grain(D), [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) {
-          const scalar_t* xr = X + (n / M) * s0 + (n % M) * s1;
-          const acc_t c = C[n];
-          for (int64_t d = 0; d < D; ++d) {
-            O[n * D + d] =
-                static_cast<scalar_t>(static_cast<acc_t>(G[n * D + d]) - static_cast<acc_t>(xr[d]) * c);
-          }
+    constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+    const acc_t* G = g.const_data_ptr<acc_t>();
+    const scalar_t* X = x.const_data_ptr<scalar_t>();
+    const acc_t* C = coef.const_data_ptr<acc_t>();
+    scalar_t* O = out.mutable_data_ptr<scalar_t>();
+    const int64_t s0 = x.stride(0), s1 = x.stride(1);
+    torch::stable::parallel_for(0, rows, row_grain(D), [&](int64_t n0, int64_t n1) {
+      std::vector<acc_t> xbuf(same ? 0 : D), obuf(same ? 0 : D);
+      for (int64_t n = n0; n < n1; ++n) {
+        const acc_t* xr = acc_row<scalar_t, acc_t>(X + (n / M) * s0 + (n % M) * s1, D, xbuf);
+        acc_t* o = acc_out_row<scalar_t, acc_t>(O + n * D, obuf);
+        if (fused) {
+          fms_row_fused(G + n * D, xr, C[n], o, D);
+        } else {
+          fms_row_plain(G + n * D, xr, C[n], o, D);
         }
-      });
-    };
-    if (g.scalar_type() == x.scalar_type()) {
-      run(scalar_t{});
-    } else {
-      run(acc_t{});
-    }
+        store_row<scalar_t, acc_t>(o, O + n * D, D);
+      }
+    });
   });
   return out;
 }
 
-// Rows of p summed by one unit of key_coef's column sums; units and their order depend on the
-// sizes only, so the result does not depend on the thread count.
-constexpr int64_t kColSumRows = 8 * cpu::kSumBlock;
+// Calls f(acc_t{}) for an accumulation-type tensor (float32 or float64).
+template <typename F>
+void dispatch_acc(st::ScalarType t, const F& f) {
+  if (t == st::ScalarType::Double) {
+    f(double{});
+  } else {
+    MASKATTN_CHECK(t == st::ScalarType::Float, "scaled_cross_attention: internal error: accumulation in ",
+                   torch::headeronly::toString(t));
+    f(float{});
+  }
+}
 
-st::Tensor key_coef_cpu(const XattnArgs& a, const st::Tensor& p, const st::Tensor& knrm, double max_scale) {
-  const int64_t Bk = a.k.size(0), Lk = a.Lk, rows = Bk == 1 ? a.B * a.Lq : a.Lq;
+st::Tensor key_coef_cpu(const XattnArgs& a, const st::Tensor& colsum, const st::Tensor& knrm,
+                        double max_scale) {
+  const int64_t n = a.k.size(0) * a.Lk;
   const double c_d = cpu_scale(a, max_scale);
-  st::Tensor coef = st::empty({Bk * Lk}, p.scalar_type(), p.device());
-  dispatch_floating(p.scalar_type(), [&](auto tag) {
+  st::Tensor coef = st::empty({n}, colsum.scalar_type(), colsum.device());
+  dispatch_acc(colsum.scalar_type(), [&](auto tag) {
     using acc_t = decltype(tag);
-    const acc_t* P = p.const_data_ptr<acc_t>();
+    const acc_t* CS = colsum.const_data_ptr<acc_t>();
     const acc_t* KN = knrm.const_data_ptr<acc_t>();
     acc_t* out = coef.mutable_data_ptr<acc_t>();
-    const int64_t nch = std::max<int64_t>(1, (rows + kColSumRows - 1) / kColSumRows);
-    // the column sums of each chunk of rows, blocks of kSumBlock rows added pairwise
-    std::vector<acc_t> parts(Bk * nch * Lk, acc_t(0));
-    torch::stable::parallel_for(0, Bk * nch, row_grain(kColSumRows * Lk), [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t g = u / nch, c = u % nch;
-        const int64_t r0 = g * rows + c * kColSumRows, r1 = std::min(g * rows + rows, r0 + kColSumRows);
-        cpu::ArrayCascade<acc_t> sums(Lk);
-        for (int64_t rb = r0; rb < r1; rb += cpu::kSumBlock) {
-          acc_t* blk = sums.block();
-          for (int64_t r = rb; r < std::min(r1, rb + cpu::kSumBlock); ++r) {
-            for (int64_t j = 0; j < Lk; ++j) blk[j] += P[r * Lk + j];
-          }
-          sums.add_block(blk);
-        }
-        sums.total(parts.data() + u * Lk);
-      }
-    });
     const acc_t c = static_cast<acc_t>(c_d);
     const acc_t eps = static_cast<acc_t>(kXattnNormEps);
-    for (int64_t g = 0; g < Bk; ++g) {
-      acc_t* col = parts.data() + g * nch * Lk;
-      cpu::pairwise_reduce_inplace(col, nch, Lk, Lk);
-      for (int64_t j = 0; j < Lk; ++j) {
-        const acc_t kn = KN[g * Lk + j];
-        const acc_t kinv = acc_t(1) / std::max(kn, eps);
-        out[g * Lk + j] = kn >= eps ? kinv * kinv * c * col[j] : acc_t(0);
-      }
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t kn = KN[i];
+      const acc_t kinv = acc_t(1) / std::max(kn, eps);
+      out[i] = kn >= eps ? kinv * kinv * c * CS[i] : acc_t(0);
     }
   });
   return coef;
 }
 
-st::Tensor scale_grad_cpu(const XattnArgs& a, const st::Tensor& p, double max_scale) {
+st::Tensor scale_grad_cpu(const XattnArgs& a, const st::Tensor& psum, double max_scale) {
   const st::Tensor& e = xattn_lsl_exp(a);
   st::Tensor ds = st::empty({}, e.scalar_type(), e.device());
-  const int64_t n = p.numel();
-  dispatch_floating(p.scalar_type(), [&](auto ptag) {
+  dispatch_acc(psum.scalar_type(), [&](auto ptag) {
     using acc_t = decltype(ptag);
-    const acc_t* P = p.const_data_ptr<acc_t>();
-    const int64_t nch = std::max<int64_t>(1, (n + kScanChunk - 1) / kScanChunk);
-    std::vector<acc_t> parts(nch, acc_t(0));
-    torch::stable::parallel_for(0, nch, 2, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        cpu::BlockedSum<acc_t> sum;
-        for (int64_t i = c * kScanChunk; i < std::min(n, (c + 1) * kScanChunk); ++i) sum.add(P[i]);
-        parts[c] = sum.total();
-      }
-    });
-    cpu::pairwise_reduce_inplace(parts.data(), nch, 1, 1);
+    const acc_t total = *psum.const_data_ptr<acc_t>();
     dispatch_floating(e.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       using opmath_t = st::acc_t<T>;
       const T s = *e.const_data_ptr<T>();
-      const T dc = static_cast<T>(parts[0]);
+      const T dc = static_cast<T>(total);
       const bool passes = static_cast<double>(s) <= static_cast<double>(static_cast<T>(max_scale));
       *ds.mutable_data_ptr<T>() =
           passes ? static_cast<T>(static_cast<opmath_t>(dc) * static_cast<opmath_t>(s)) : T(0);

@@ -541,7 +541,15 @@ __global__ void __launch_bounds__(kGlueThreads)
   }
 }
 
-// out [rows, D] = g - x * coef per row, in acc_t; row n of x at (n / M) * s0 + (n % M) * s1.
+__device__ __forceinline__ float dev_fma(float a, float b, float c) {
+  return ::fmaf(a, b, c);
+}
+__device__ __forceinline__ double dev_fma(double a, double b, double c) {
+  return ::fma(a, b, c);
+}
+
+// out [rows, D] = g - x * coef per row, in acc_t, rounded once as the eager composition's
+// addcmul_ (its multiply-add is contracted into an FMA); row n of x at (n / M) * s0 + (n % M) * s1.
 template <typename scalar_t, typename g_t, typename acc_t>
 __global__ void __launch_bounds__(kGlueThreads)
     minus_product_kernel(const g_t* __restrict__ g, const scalar_t* __restrict__ x, int64_t s0, int64_t s1,
@@ -551,7 +559,7 @@ __global__ void __launch_bounds__(kGlueThreads)
        e += int64_t(gridDim.x) * kGlueThreads) {
     const int64_t n = e / D, d = e - n * D;
     const acc_t xv = static_cast<acc_t>(x[(n / M) * s0 + (n % M) * s1 + d]);
-    out[e] = static_cast<scalar_t>(static_cast<acc_t>(g[e]) - xv * coef[n]);
+    out[e] = static_cast<scalar_t>(dev_fma(-xv, coef[n], static_cast<acc_t>(g[e])));
   }
 }
 
@@ -577,40 +585,19 @@ __device__ __forceinline__ double clamped_exp(const void* e, int code, double ma
   }
 }
 
-// One warp per key column (g, j): colsum over the rows of batch g (all rows for shared keys), then
-// coef = knrm >= eps ? scale / max(knrm, eps)^2 * colsum : 0.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    key_coef_kernel(const acc_t* __restrict__ p, int64_t Lk, int64_t rows, int64_t ncols,
-                    const acc_t* __restrict__ knrm, const void* lsl_exp, int lsl_code, double max_scale,
-                    acc_t* __restrict__ coef) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const acc_t c = static_cast<acc_t>(clamped_exp(lsl_exp, lsl_code, max_scale));
-  const acc_t eps = static_cast<acc_t>(kXattnNormEps);
-  for (int64_t col = int64_t(blockIdx.x) * kWarpsPerBlock + warp; col < ncols;
-       col += int64_t(gridDim.x) * kWarpsPerBlock) {
-    const int64_t g = col / Lk, j = col - g * Lk;
-    acc_t s = 0;
-    for (int64_t r = g * rows + lane; r < (g + 1) * rows; r += kWarp) s += p[r * Lk + j];
-    s = warp_sum(s);
-    if (lane == 0) {
-      const acc_t kn = knrm[col];
-      const acc_t kinv = acc_t(1) / (kn > eps ? kn : eps);
-      coef[col] = kn >= eps ? kinv * kinv * c * s : acc_t(0);
-    }
-  }
-}
-
+// coef = knrm >= eps ? scale / max(knrm, eps)^2 * colsum : 0 per key.
 template <typename acc_t>
 __global__ void __launch_bounds__(kGlueThreads)
-    partial_sums_kernel(const acc_t* __restrict__ p, int64_t n, acc_t* __restrict__ parts) {
-  __shared__ acc_t scratch[32];
-  acc_t s = 0;
-  for (int64_t e = int64_t(blockIdx.x) * kGlueThreads + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * kGlueThreads)
-    s += p[e];
-  s = cuda::block_reduce<acc_t, false>(s, scratch);
-  if (threadIdx.x == 0) parts[blockIdx.x] = s;
+    key_coef_kernel(const acc_t* __restrict__ colsum, const acc_t* __restrict__ knrm, int64_t n,
+                    const void* lsl_exp, int lsl_code, double max_scale, acc_t* __restrict__ coef) {
+  const acc_t c = static_cast<acc_t>(clamped_exp(lsl_exp, lsl_code, max_scale));
+  const acc_t eps = static_cast<acc_t>(kXattnNormEps);
+  for (int64_t i = int64_t(blockIdx.x) * kGlueThreads + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * kGlueThreads) {
+    const acc_t kn = knrm[i];
+    const acc_t kinv = acc_t(1) / (kn > eps || kn != kn ? kn : eps);
+    coef[i] = kn >= eps ? kinv * kinv * c * colsum[i] : acc_t(0);
+  }
 }
 
 template <typename T, typename acc_t>
@@ -622,28 +609,22 @@ __device__ __forceinline__ void store_scale_grad(acc_t sum, const void* e, doubl
   *static_cast<T*>(ds) = passes ? static_cast<T>(static_cast<opmath_t>(dc) * static_cast<opmath_t>(s)) : T(0);
 }
 
-// d loss / d lsl = exp(lsl) <= max_scale ? T(sum p) * exp(lsl) : 0 in lsl's dtype T.
+// d loss / d lsl = exp(lsl) <= max_scale ? T(sum p) * exp(lsl) : 0 in lsl's dtype T (one thread).
 template <typename acc_t>
-__global__ void __launch_bounds__(kGlueThreads)
-    scale_grad_kernel(const acc_t* __restrict__ parts, int64_t nparts, const void* lsl_exp, int lsl_code,
-                      double max_scale, void* ds) {
-  __shared__ acc_t scratch[32];
-  acc_t s = 0;
-  for (int64_t i = threadIdx.x; i < nparts; i += kGlueThreads) s += parts[i];
-  s = cuda::block_reduce<acc_t, false>(s, scratch);
-  if (threadIdx.x != 0) return;
+__global__ void scale_grad_kernel(const acc_t* __restrict__ psum, const void* lsl_exp, int lsl_code,
+                                  double max_scale, void* ds) {
   switch (lsl_code) {
     case kScaleF64:
-      store_scale_grad<double>(s, lsl_exp, max_scale, ds);
+      store_scale_grad<double>(*psum, lsl_exp, max_scale, ds);
       break;
     case kScaleF16:
-      store_scale_grad<c10::Half>(s, lsl_exp, max_scale, ds);
+      store_scale_grad<c10::Half>(*psum, lsl_exp, max_scale, ds);
       break;
     case kScaleBF16:
-      store_scale_grad<c10::BFloat16>(s, lsl_exp, max_scale, ds);
+      store_scale_grad<c10::BFloat16>(*psum, lsl_exp, max_scale, ds);
       break;
     default:
-      store_scale_grad<float>(s, lsl_exp, max_scale, ds);
+      store_scale_grad<float>(*psum, lsl_exp, max_scale, ds);
       break;
   }
 }
@@ -656,6 +637,18 @@ template <typename F>
 void dispatch_floating(st::ScalarType t, const F& f) {
   THO_DISPATCH_V2(t, "scaled_cross_attention", AT_WRAP([&] { f(scalar_t{}); }), AT_EXPAND(AT_FLOATING_TYPES),
                   st::ScalarType::Half, st::ScalarType::BFloat16);
+}
+
+// Calls f(acc_t{}) for an accumulation-type tensor (float32 or float64).
+template <typename F>
+void dispatch_acc(st::ScalarType t, const F& f) {
+  if (t == st::ScalarType::Double) {
+    f(double{});
+  } else {
+    MASKATTN_CHECK(t == st::ScalarType::Float, "scaled_cross_attention: internal error: accumulation in ",
+                   torch::headeronly::toString(t));
+    f(float{});
+  }
 }
 
 template <typename T>
@@ -891,42 +884,35 @@ st::Tensor minus_product_cuda(const st::Tensor& g, const st::Tensor& x, const st
   return out;
 }
 
-st::Tensor key_coef_cuda(const XattnArgs& a, const st::Tensor& p, const st::Tensor& knrm, double max_scale) {
+st::Tensor key_coef_cuda(const XattnArgs& a, const st::Tensor& colsum, const st::Tensor& knrm,
+                         double max_scale) {
   const int32_t di = a.q.get_device_index();
   const st::DeviceGuard guard(di);
-  const int64_t Bk = a.k.size(0), Lk = a.Lk, rows = Bk == 1 ? a.B * a.Lq : a.Lq, ncols = Bk * Lk;
+  const int64_t n = a.k.size(0) * a.Lk;
   const st::Tensor& e = xattn_lsl_exp(a);
-  st::Tensor coef = st::empty({ncols}, p.scalar_type(), p.device());
-  if (ncols == 0) return coef;
+  st::Tensor coef = st::empty({n}, colsum.scalar_type(), colsum.device());
+  if (n == 0) return coef;
   const cudaStream_t stream = st::current_stream(di);
-  dispatch_floating(p.scalar_type(), [&](auto tag) {
+  dispatch_acc(colsum.scalar_type(), [&](auto tag) {
     using acc_t = decltype(tag);
-    key_coef_kernel<acc_t><<<num_blocks(ncols), kThreads, 0, stream>>>(
-        p.const_data_ptr<acc_t>(), Lk, rows, ncols, knrm.const_data_ptr<acc_t>(), e.const_data_ptr(),
-        scale_code(e), max_scale, coef.mutable_data_ptr<acc_t>());
+    key_coef_kernel<acc_t><<<glue_blocks(n), kGlueThreads, 0, stream>>>(
+        colsum.const_data_ptr<acc_t>(), knrm.const_data_ptr<acc_t>(), n, e.const_data_ptr(), scale_code(e),
+        max_scale, coef.mutable_data_ptr<acc_t>());
     MASKATTN_CUDA_LAUNCH_CHECK();
   });
   return coef;
 }
 
-st::Tensor scale_grad_cuda(const XattnArgs& a, const st::Tensor& p, double max_scale) {
+st::Tensor scale_grad_cuda(const XattnArgs& a, const st::Tensor& psum, double max_scale) {
   const int32_t di = a.q.get_device_index();
   const st::DeviceGuard guard(di);
   const st::Tensor& e = xattn_lsl_exp(a);
   st::Tensor ds = st::empty({}, e.scalar_type(), e.device());
-  const int64_t n = p.numel();
-  const int64_t nparts =
-      std::min<int64_t>(256, std::max<int64_t>(1, (n + 4 * kGlueThreads - 1) / (4 * kGlueThreads)));
-  st::Tensor parts = st::empty({nparts}, p.scalar_type(), p.device());
   const cudaStream_t stream = st::current_stream(di);
-  dispatch_floating(p.scalar_type(), [&](auto tag) {
+  dispatch_acc(psum.scalar_type(), [&](auto tag) {
     using acc_t = decltype(tag);
-    partial_sums_kernel<acc_t>
-        <<<nparts, kGlueThreads, 0, stream>>>(p.const_data_ptr<acc_t>(), n, parts.mutable_data_ptr<acc_t>());
-    MASKATTN_CUDA_LAUNCH_CHECK();
-    scale_grad_kernel<acc_t><<<1, kGlueThreads, 0, stream>>>(parts.const_data_ptr<acc_t>(), nparts,
-                                                             e.const_data_ptr(), scale_code(e), max_scale,
-                                                             ds.mutable_data_ptr());
+    scale_grad_kernel<acc_t><<<1, 1, 0, stream>>>(psum.const_data_ptr<acc_t>(), e.const_data_ptr(),
+                                                  scale_code(e), max_scale, ds.mutable_data_ptr());
     MASKATTN_CUDA_LAUNCH_CHECK();
   });
   return ds;
