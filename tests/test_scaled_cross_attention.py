@@ -114,10 +114,19 @@ def test_cap_boundary_and_no_cap(device):
     lsl = torch.tensor(LOG_ABOVE, dtype=torch.float64, device=device)
     gs = check_against_sap(q, k, v, lsl, max_scale=math.inf)
     assert gs[3].item() != 0
-    # exactly at the cap torch.clamp still passes the gradient
+    # exactly at the cap torch.clamp still passes the gradient (torch 2.11-2.13; the op keeps that rule)
     lsl = torch.tensor(0.0, dtype=torch.float64, device=device)
+    if not _clamp_passes_gradient_at_cap():
+        # torch 2.14 blocks it there, so the eager reference and the op part at this one point
+        pytest.xfail(f"torch {torch.__version__}'s clamp gives no gradient at the cap; the op keeps 2.11-2.13's rule")
     gs = check_against_sap(q, k, v, lsl, max_scale=1.0)
     assert gs[3].item() != 0
+
+
+def _clamp_passes_gradient_at_cap():
+    x = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    x.clamp(max=1.0).backward()
+    return x.grad.item() != 0
 
 
 MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32]
