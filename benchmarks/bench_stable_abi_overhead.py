@@ -46,7 +46,7 @@ def main():
     res = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "lib": "stable" if hasattr(maskattn._build_info, "STABLE_OPS") else "unstable",
+        "lib": "stable" if hasattr(maskattn._build_info, "TORCH_TARGET") else "unstable",
         "tiny masked_softmax us": best_us(lambda: ops.masked_softmax(tiny, tiny_m, -1, 1.0), 2000),
         "tiny patch_mask us": best_us(lambda: ops.patch_mask(tiny_img, 4, 0.5), 2000),
     }

@@ -39,7 +39,7 @@ with tarfile.open(sdist) as t:
     members = t.getmembers()
 names = [m.name.split("/", 1)[1] for m in members if "/" in m.name]
 need = ["CMakeLists.txt", "pyproject.toml", "LICENSE", "README.md", "CHANGELOG.md", "python/maskattn/__init__.py",
-        "python/maskattn/_build_info.py.in", "csrc/module.cpp", "csrc/common/checks.h"]
+        "python/maskattn/_build_info.py.in", "csrc/module.cpp", "csrc/common/stable.h"]
 missing = [n for n in need if n not in names]
 for sub in ("csrc/cpu/", "csrc/cuda/", "python/maskattn/_ops/", "python/maskattn/nn/"):
     if not any(n.startswith(sub) for n in names):

@@ -217,11 +217,11 @@ def cited_paths(text: str, base: pathlib.Path):
 def test_cited_path_extraction():
     text = (
         "See [api](api.md#conventions), [home](https://example.org/x), [top](#build), "
-        "`csrc/common/checks.h`, `tests/reference_<op>.py`, tests/test_properties_*.py, "
+        "`csrc/common/stable.h`, `tests/reference_<op>.py`, tests/test_properties_*.py, "
         "torch/csrc/stable/ops.h and docs/nothing_here.md."
     )
     got = cited_paths(text, ROOT / "docs")
-    assert [w for w, _ in got] == ["api.md", "csrc/common/checks.h", "docs/nothing_here.md"]
+    assert [w for w, _ in got] == ["api.md", "csrc/common/stable.h", "docs/nothing_here.md"]
     assert got[0][1] == (ROOT / "docs" / "api.md").resolve()
     assert not got[2][1].exists()  # what the test below reports
 

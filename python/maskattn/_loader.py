@@ -1,31 +1,19 @@
 """Loads the compiled operators.
 
-Three compiled parts make up maskattn:
+Two compiled parts make up maskattn:
 
-* ``libmaskattn_ops.so`` holds the ops built on PyTorch's stable ABI (``_build_info.STABLE_OPS``). It
-  calls only torch's stable C shims, so one build loads under every torch at least as new as the
-  release it targets (``_build_info.TORCH_TARGET``); an older torch is refused here with a clear
-  message rather than an undefined-symbol error from the dynamic loader.
-* ``libmaskattn_legacy.so`` (only while some ops are not ported, ``_build_info.LEGACY_OPS``) holds the
-  ops still written against torch's C++ API, which is tied to the exact torch it was compiled with:
-  under any other torch it is refused before it is touched, because loading it fails with an
-  unreadable undefined-symbol error at best and crashes at worst.
+* ``libmaskattn_ops.so`` holds every op (``_build_info.OPS``), built on PyTorch's stable ABI. It calls
+  only torch's stable C shims, so one build loads under every torch at least as new as the release it
+  targets (``_build_info.TORCH_TARGET``), without a rebuild; an older torch is refused here with a
+  clear message rather than an undefined-symbol error from the dynamic loader.
 * ``_C``, the Python extension, holds the build information only (it makes the wheel one per CPython
   version, not one per torch).
-
-``MASKATTN_STABLE_OPS_ONLY=1`` skips the legacy library and defines the schemas of its ops without
-kernels (calling one raises), so that the stable-ABI ops can be used and tested under a torch that the
-legacy library was not built for. It goes away with the last unported op.
 """
 
 import os
 import re
 
 import torch
-
-_REBUILD = (
-    "Rebuild maskattn against the installed torch: pip install --no-build-isolation --force-reinstall --no-deps ."
-)
 
 try:
     from . import _build_info
@@ -44,12 +32,6 @@ def _release(version: str) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
-def _same_release(a: str, b: str) -> bool:
-    # 2.13.0+cpu and 2.13.0 are ABI-identical builds of one release only when the suffix matches too,
-    # so compare the whole string.
-    return a == b
-
-
 if _release(torch.__version__) < _release(_build_info.TORCH_TARGET):
     raise ImportError(
         f"maskattn needs torch >= {_build_info.TORCH_TARGET} (its operators are built on PyTorch's stable ABI "
@@ -64,7 +46,6 @@ except ImportError as e:
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _OPS_LIBRARY = os.path.join(_HERE, "libmaskattn_ops.so")
-_LEGACY_LIBRARY = os.path.join(_HERE, "libmaskattn_legacy.so")
 
 
 def _load(path: str, hint: str) -> None:
@@ -78,21 +59,6 @@ def _load(path: str, hint: str) -> None:
 
 
 _load(_OPS_LIBRARY, "Reinstall maskattn.")
-
-_STABLE_ONLY = os.environ.get("MASKATTN_STABLE_OPS_ONLY") == "1"
-if _build_info.LEGACY_OPS:
-    if _STABLE_ONLY:
-        _legacy_lib = torch.library.Library("maskattn", "FRAGMENT")
-        for _schema in _build_info.LEGACY_SCHEMAS:
-            _legacy_lib.define(_schema)
-    else:
-        if not _same_release(_build_info.TORCH_VERSION, torch.__version__):
-            raise ImportError(
-                f"maskattn was built against torch {_build_info.TORCH_VERSION} but torch {torch.__version__} "
-                f"is installed. Its ops {', '.join(_build_info.LEGACY_OPS)} are not on PyTorch's stable ABI yet "
-                f"and need that exact torch. {_REBUILD}"
-            )
-        _load(_LEGACY_LIBRARY, _REBUILD)
 
 
 def build_info() -> dict:

@@ -1,4 +1,4 @@
-"""Argument checks shared by the fake (meta) kernels, worded as the C++ checks in csrc/common/checks.h.
+"""Argument checks shared by the fake (meta) kernels, worded as the C++ checks in csrc/common/stable.h.
 
 The C++ checks only run in the CPU/CUDA kernels; a call that mixes a real device with 'meta', or a
 torch.compile trace with FakeTensors on different devices, reaches the fake kernel instead, so the
