@@ -559,6 +559,12 @@ _RSS_CHILD = textwrap.dedent(
     torch.manual_seed(0)
     a, b, c = torch.nn.Linear(D, H), torch.nn.Linear(D, H), torch.nn.Linear(H, 1)
     score = lambda x: c(torch.tanh(a(x)) * torch.sigmoid(b(x))).squeeze(-1)
+    # One small call of each first: what torch loads or sets up lazily on a first backward (tens of
+    # MiB in some builds) is no part of either driver's peak.
+    w = torch.randn(2 * chunk, D)
+    maskattn.chunked_attention_pool(score, w, chunk)[0].sum().backward()
+    maskattn.masked_attention_pool(score(w)[None], w[None])[0].sum().backward()
+    del w
     x = torch.randn(N, D)
     base = status("VmRSS")
     pooled, _ = maskattn.chunked_attention_pool(score, x, chunk)

@@ -4,15 +4,12 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _tracing
 from .. import _validation as _v
 from .._ops.scaled_cross_attention import scaled_cross_attention
 
 _CLAMP_MODES = ("forward", "after_step")
 _NAME = "LearnableScaleCrossAttention"
-
-
-def _in_func_transform() -> bool:
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 class LearnableScaleCrossAttention(nn.Module):
@@ -120,7 +117,7 @@ class LearnableScaleCrossAttention(nn.Module):
         # Not under torch.export: an exported program cannot write module attributes (export warns
         # and drops them), so the stats would be stale there anyway. Not inside torch.func
         # transforms either: the stats would hold the transform's wrapped tensors past its end.
-        if self.track_stats and not torch.compiler.is_exporting() and not _in_func_transform():
+        if self.track_stats and not _tracing.is_exporting() and not _tracing.in_func_transform():
             self.stats = self._stats(attn)
         return out, attn
 

@@ -5,6 +5,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .. import _tracing
 from .. import _validation as _v
 from .._attention import (
     Rope,
@@ -34,10 +35,6 @@ def prepend_condition_mask(mask: Tensor, num_condition_tokens: int) -> Tensor:
     num_condition_tokens = _v.as_int(num_condition_tokens, "prepend_condition_mask", "num_condition_tokens", 0)
     cond = valid.new_ones((valid.shape[0], num_condition_tokens))
     return torch.cat([cond, valid], dim=1)
-
-
-def _in_func_transform() -> bool:
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 class RMSNorm(nn.Module):
@@ -211,7 +208,7 @@ class MaskedSelfAttention(nn.Module):
             or need_weights
             or (self.training and self.attn_drop.p > 0)
             or torch.compiler.is_compiling()
-            or _in_func_transform()
+            or _tracing.in_func_transform()
         ):
             return False
         if self.pack_padding is not None:
@@ -287,7 +284,7 @@ class MaskedSelfAttention(nn.Module):
             key_mask = (valid | ~valid.any(dim=1, keepdim=True))[:, None, None, :]
         dropout_p = self.attn_drop.p if self.training else 0.0
         weights = None
-        if need_weights or _in_func_transform():
+        if need_weights or _tracing.in_func_transform():
             out, weights = _weights_attention(q, k, v, key_mask, self.scale, dropout_p, self.fp32_attention)
         else:
             out = _sdpa(q, k, v, key_mask, self.scale, dropout_p, self.fp32_attention)
