@@ -240,9 +240,7 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> xattn_backward(
     const st::Tensor& grad_out, const std::optional<st::Tensor>& grad_attn, const st::Tensor& query,
     const st::Tensor& key, const st::Tensor& value, const st::Tensor& lsl, const st::Tensor& attn,
     double max_scale, bool normalize, const std::vector<bool>& output_mask, const XattnKernels& kern) {
-  // The unstable API converted bool[4] to std::array<bool, 4> and refused any other length so.
-  MASKATTN_CHECK(output_mask.size() == 4, "Tried to convert a List with ", output_mask.size(),
-                 " elements to a fixed-size array of size 4");
+  st::check_output_mask(output_mask, 4);
   const char* op = "_scaled_cross_attention_backward";
   // The copies wait for the checks of the gradients: a bad grad_out must be refused before a
   // zero-stride value of 2^40 rows is made contiguous.

@@ -125,4 +125,24 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> xattn_backward(
 // F.normalize's eps: x / max(||x||, eps).
 constexpr double kXattnNormEps = 1e-12;
 
+// Calls f(scalar_t{}) for the floating dtype t. THO_DISPATCH_V2 takes its body as a macro
+// argument, where a top-level comma would split it: the kernels' bodies are generic lambdas.
+template <typename F>
+void dispatch_floating(st::ScalarType t, const F& f) {
+  THO_DISPATCH_V2(t, "scaled_cross_attention", AT_WRAP([&] { f(scalar_t{}); }), AT_EXPAND(AT_FLOATING_TYPES),
+                  st::ScalarType::Half, st::ScalarType::BFloat16);
+}
+
+// Calls f(acc_t{}) for an accumulation-type tensor (float32 or float64).
+template <typename F>
+void dispatch_acc(st::ScalarType t, const F& f) {
+  if (t == st::ScalarType::Double) {
+    f(double{});
+  } else {
+    MASKATTN_CHECK(t == st::ScalarType::Float, "scaled_cross_attention: internal error: accumulation in ",
+                   torch::headeronly::toString(t));
+    f(float{});
+  }
+}
+
 }  // namespace maskattn

@@ -120,14 +120,6 @@ inline acc_t inv_norm(acc_t n) {
   return acc_t(1) / std::max(n, static_cast<acc_t>(kXattnNormEps));
 }
 
-// Calls f(scalar_t{}) for the floating dtype t. THO_DISPATCH_V2 takes its body as a macro
-// argument, where a top-level comma would split it: the kernels' bodies are generic lambdas.
-template <typename F>
-void dispatch_floating(st::ScalarType t, const F& f) {
-  THO_DISPATCH_V2(t, "scaled_cross_attention", AT_WRAP([&] { f(scalar_t{}); }), AT_EXPAND(AT_FLOATING_TYPES),
-                  st::ScalarType::Half, st::ScalarType::BFloat16);
-}
-
 // torch.clamp(s, max=max_scale) in s's dtype: the cap is rounded to that dtype, NaN stays NaN.
 template <typename T>
 inline T clamp_in(T s, double max_scale) {
@@ -615,18 +607,6 @@ st::Tensor minus_product_cpu(const st::Tensor& g, const st::Tensor& x, const st:
     });
   });
   return out;
-}
-
-// Calls f(acc_t{}) for an accumulation-type tensor (float32 or float64).
-template <typename F>
-void dispatch_acc(st::ScalarType t, const F& f) {
-  if (t == st::ScalarType::Double) {
-    f(double{});
-  } else {
-    MASKATTN_CHECK(t == st::ScalarType::Float, "scaled_cross_attention: internal error: accumulation in ",
-                   torch::headeronly::toString(t));
-    f(float{});
-  }
 }
 
 st::Tensor key_coef_cpu(const XattnArgs& a, const st::Tensor& colsum, const st::Tensor& knrm,

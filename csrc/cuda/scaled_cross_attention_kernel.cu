@@ -631,26 +631,6 @@ __global__ void scale_grad_kernel(const acc_t* __restrict__ psum, const void* ls
 
 // ---- host side
 
-// Calls f(scalar_t{}) for the floating dtype t. THO_DISPATCH_V2 takes its body as a macro
-// argument, where the commas of <<<...>>> would split it: the bodies are generic lambdas.
-template <typename F>
-void dispatch_floating(st::ScalarType t, const F& f) {
-  THO_DISPATCH_V2(t, "scaled_cross_attention", AT_WRAP([&] { f(scalar_t{}); }), AT_EXPAND(AT_FLOATING_TYPES),
-                  st::ScalarType::Half, st::ScalarType::BFloat16);
-}
-
-// Calls f(acc_t{}) for an accumulation-type tensor (float32 or float64).
-template <typename F>
-void dispatch_acc(st::ScalarType t, const F& f) {
-  if (t == st::ScalarType::Double) {
-    f(double{});
-  } else {
-    MASKATTN_CHECK(t == st::ScalarType::Float, "scaled_cross_attention: internal error: accumulation in ",
-                   torch::headeronly::toString(t));
-    f(float{});
-  }
-}
-
 template <typename T>
 const T* opt_ptr(const st::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
