@@ -44,6 +44,8 @@ rm -rf "$reports" && mkdir -p "$reports"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0:log_path=$reports/asan
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1:log_path=$reports/ubsan
 export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+# A private compile cache: a graph cached by an earlier build may call an op with an older schema.
+export TORCHINDUCTOR_CACHE_DIR="$work/inductor_cache"
 cd "$work"
 "$py" -c "import maskattn, os; f = maskattn.__file__; assert f.startswith('$work'), f; print('sanitize: testing', f)"
 # Every op test file. Left out, and why:
