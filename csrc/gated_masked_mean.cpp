@@ -14,9 +14,7 @@ GatedInputs check_gated_inputs(const st::Tensor& features, const st::Tensor& gat
                  st::shape_str(features));
   st::check_floating(features, op, "features");
   st::check_floating(gate_logits, op, "gate_logits");
-  MASKATTN_CHECK(gate_logits.scalar_type() == features.scalar_type(), op, ": gate_logits (",
-                 st::dtype_str(gate_logits), ") and features (", st::dtype_str(features),
-                 ") must have the same dtype");
+  st::check_same_dtype(gate_logits, op, "gate_logits", features, "features");
   st::check_same_device(gate_logits, op, "gate_logits", features, "features");
   const int64_t B = features.size(0), H = features.size(2), W = features.size(3);
   const int64_t ld = gate_logits.dim();

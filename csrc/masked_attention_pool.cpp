@@ -15,9 +15,7 @@ PoolInputs check_pool_inputs(const st::Tensor& logits, const st::Tensor& feature
                  st::shape_str(logits));
   st::check_floating(features, "masked_attention_pool: features");
   st::check_floating(logits, "masked_attention_pool: logits");
-  MASKATTN_CHECK(logits.scalar_type() == features.scalar_type(), "masked_attention_pool: logits (",
-                 st::dtype_str(logits), ") and features (", st::dtype_str(features),
-                 ") must have the same dtype");
+  st::check_same_dtype(logits, "masked_attention_pool", "logits", features, "features");
   st::check_same_device(logits, "masked_attention_pool: logits", features, "features");
   MASKATTN_CHECK(logits.size(0) == features.size(0) && logits.size(1) == features.size(1),
                  "masked_attention_pool: logits ", st::shape_str(logits), " and features ",
@@ -33,9 +31,7 @@ PoolInputs check_pool_inputs(const st::Tensor& logits, const st::Tensor& feature
                    "] to match features ", st::shape_str(features), ", got shape ", st::shape_str(m));
     st::check_same_device(m, "masked_attention_pool: mask", features, "features");
     // checked here too so that the message names the op (as_bool_mask's own check cannot)
-    MASKATTN_CHECK(!st::is_complex(m.scalar_type()),
-                   "masked_attention_pool: mask must be a bool, integer or floating tensor, got ",
-                   st::dtype_str(m));
+    st::check_mask_dtype(m, "masked_attention_pool", "mask");
     in.mask = st::as_bool_mask(m);
   }
   return in;
@@ -50,9 +46,7 @@ PackedInputs check_packed_inputs(const st::Tensor& logits, const st::Tensor& fea
                  st::shape_str(logits));
   st::check_floating(features, "masked_attention_pool_packed: features");
   st::check_floating(logits, "masked_attention_pool_packed: logits");
-  MASKATTN_CHECK(logits.scalar_type() == features.scalar_type(), "masked_attention_pool_packed: logits (",
-                 st::dtype_str(logits), ") and features (", st::dtype_str(features),
-                 ") must have the same dtype");
+  st::check_same_dtype(logits, "masked_attention_pool_packed", "logits", features, "features");
   MASKATTN_CHECK(logits.size(0) == features.size(0), "masked_attention_pool_packed: logits ",
                  st::shape_str(logits), " and features ", st::shape_str(features), " must agree in T");
   st::check_same_device(logits, "masked_attention_pool_packed: logits", features, "features");

@@ -39,9 +39,7 @@ SoftmaxArgs check_masked_softmax(const st::Tensor& scores, const st::Tensor& mas
   MASKATTN_CHECK(sv.ndim >= 1, "masked_softmax: scores must have at least one dim, got shape ",
                  st::shape_str(scores));
   st::check_floating(scores, "masked_softmax: scores");
-  MASKATTN_CHECK(!st::is_complex(mask.scalar_type()),
-                 "masked_softmax: mask must be a bool, integer or floating tensor, got ",
-                 torch::headeronly::toString(mask.scalar_type()));
+  st::check_mask_dtype(mask, "masked_softmax", "mask");
   st::check_same_device(scores, "masked_softmax: scores", mask, "mask");
   MASKATTN_CHECK(std::isfinite(scale), "masked_softmax: scale must be finite, got ", scale);
   const int64_t nd = sv.ndim;
@@ -70,9 +68,7 @@ SoftmaxArgs check_masked_softmax_backward(const st::Tensor& grad_output, const s
                                           int64_t dim, double scale) {
   MASKATTN_CHECK(grad_output.sizes() == output.sizes(), "_masked_softmax_backward: grad_output ",
                  st::shape_str(grad_output), " must have the shape of output ", st::shape_str(output));
-  MASKATTN_CHECK(grad_output.scalar_type() == output.scalar_type(), "_masked_softmax_backward: grad_output (",
-                 torch::headeronly::toString(grad_output.scalar_type()), ") and output (",
-                 torch::headeronly::toString(output.scalar_type()), ") must have the same dtype");
+  st::check_same_dtype(grad_output, "_masked_softmax_backward", "grad_output", output, "output");
   st::check_floating(output, "_masked_softmax_backward: output");
   st::check_same_device(grad_output, "_masked_softmax_backward: grad_output", output, "output");
   const st::View ov = st::View::of(output);

@@ -11,9 +11,7 @@ PatchMaskInputs check_patch_mask_inputs(const st::Tensor& image_mask, int64_t pa
   MASKATTN_CHECK(v.ndim == 3 || (v.ndim == 4 && v.size[1] == 1),
                  "patch_mask: image_mask must be [B, H, W] or [B, 1, H, W], got shape ",
                  st::shape_str(image_mask));
-  MASKATTN_CHECK(!st::is_complex(image_mask.scalar_type()),
-                 "patch_mask: image_mask must be a bool, integer or floating tensor, got ",
-                 torch::headeronly::toString(image_mask.scalar_type()));
+  st::check_mask_dtype(image_mask, "patch_mask", "image_mask");
   MASKATTN_CHECK(patch_size > 0, "patch_mask: patch_size must be positive, got ", patch_size);
   MASKATTN_CHECK(std::isfinite(threshold) && threshold >= 0.0 && threshold <= 1.0,
                  "patch_mask: threshold must be in [0, 1], got ", threshold);

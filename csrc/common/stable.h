@@ -134,7 +134,6 @@ inline void check_mask_dtype(const Tensor& mask, const char* op, const char* nam
                  " must be a bool, integer or floating tensor, got ", dtype_str(mask));
 }
 
-// at::toOpMathType: half types compute in float32.
 // A bool[N] argument arrives as a list of any length; the unstable API's conversion to
 // std::array<bool, N> refused any other length with this message, and the kernels index every entry.
 inline void check_output_mask(const std::vector<bool>& output_mask, size_t n = 2) {
@@ -142,6 +141,7 @@ inline void check_output_mask(const std::vector<bool>& output_mask, size_t n = 2
                  " elements to a fixed-size array of size ", n);
 }
 
+// at::toOpMathType: half types compute in float32.
 inline ScalarType acc_dtype(ScalarType s) {
   return (s == ScalarType::Half || s == ScalarType::BFloat16) ? ScalarType::Float : s;
 }
