@@ -38,27 +38,19 @@ def _status(key):
 
 def child(args):
     import torch
-    from torch import nn
 
     import maskattn
+    from maskattn.bench.attention_pooling import ClamGatedNet  # CLAM's Attn_Net_Gated
 
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    class AttnNetGated(nn.Module):
-        """CLAM's Attn_Net_Gated(L, D, n_classes): A = attention_c(attention_a(x) * attention_b(x))."""
-
-        def __init__(self, L, D, n_classes=1):
-            super().__init__()
-            self.attention_a = nn.Sequential(nn.Linear(L, D), nn.Tanh())
-            self.attention_b = nn.Sequential(nn.Linear(L, D), nn.Sigmoid())
-            self.attention_c = nn.Linear(D, n_classes)
-
-        def forward(self, x):
-            return self.attention_c(self.attention_a(x) * self.attention_b(x))
-
     torch.manual_seed(0)
-    net = AttnNetGated(args.d, args.hidden)
+    clam = ClamGatedNet(args.d, args.hidden)
+
+    def net(x):  # the attention scores A; CLAM's forward also passes the features through
+        return clam(x)[0]
+
     base = _status("VmRSS")
     h = torch.randn(args.n, args.d)  # frozen features: no gradient wanted
     held = _status("VmRSS")
@@ -78,7 +70,9 @@ def child(args):
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM")
     if pooled is not None and args.save:
-        torch.save({"pooled": pooled.detach().reshape(-1), **{k: p.grad for k, p in net.named_parameters()}}, args.save)
+        torch.save(
+            {"pooled": pooled.detach().reshape(-1), **{k: p.grad for k, p in clam.named_parameters()}}, args.save
+        )
     print(json.dumps({"base": base, "held": held, "peak": peak, "features": h.nbytes, "seconds": seconds}))
 
 
