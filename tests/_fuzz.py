@@ -266,6 +266,12 @@ def op_cases(device: str) -> List[Case]:
                         fn = lambda _, v=v: v  # noqa: E731
                         cases.append(Case(e.name, f"{tag} {name} = {v!r}", _replace(args, k, fn)))
                         single.append((f"{name} = {v!r}", k, fn))
+                elif kind == "str":
+                    # the only str argument names a choice (an activation): anything else is refused
+                    for v in ("", a.upper(), a + " ", "sigmoid", "x" * 10000, a + "\x00"):
+                        fn = lambda _, v=v: v  # noqa: E731
+                        cases.append(Case(e.name, f"{tag} {name} = {v[:20]!r}", _replace(args, k, fn), True))
+                        single.append((f"{name} = {v[:20]!r}", k, fn))
                 elif kind == "bool":
                     fn = lambda x: not x  # noqa: E731
                     cases.append(Case(e.name, f"{tag} {name} = {not a}", _replace(args, k, fn)))

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from reference_foreground_mask import reference_content_mask
+from reference_gated_attention_scores import reference_activation, reference_gated_attention_scores
 from reference_gated_masked_mean import reference_gated_masked_mean
 from reference_masked_attention_pool import reference_pool, reference_pool_packed
 from reference_masked_channel_attention_pool import reference_channel_pool, reference_channel_pool_packed
@@ -440,6 +441,55 @@ def _ref_gated_backward(gp, gg, f, gate, mask, om):
     return (gf if om[0] else _empty()), (gl if om[1] else _empty())
 
 
+# ------------------------------------------------------------------ gated_attention_scores
+
+
+def _gas_values(g, M=7, H=5, K=2):
+    return _randn(g, M, H) * 2, _randn(g, M, H) * 2, _randn(g, K, H), _randn(g, K)
+
+
+def _gas_samples(device, dtype):
+    g, cv = _gen(11), _cv(device, dtype)
+    v, u, w, b = (cv(t) for t in _gas_values(g))
+    vu = cv(_randn(g, 2, 3, 10))  # one [.., 2H] GEMM output, read as two strided halves
+    return [
+        Sample((v, u, w, b, "tanh"), "[M, H], tanh"),
+        Sample((v.reshape(7, 1, 5), u.reshape(7, 1, 5), w[:1], None, "relu"), "[M, 1, H], relu, no bias"),
+        Sample((vu[..., :5], vu[..., 5:], w, b, "gelu"), "strided halves of one [.., 2H] tensor, gelu"),
+        Sample((v[:0], u[:0], w, b, "tanh"), "no rows"),
+    ]
+
+
+def _gas_backward_samples(device, dtype):
+    g, cv = _gen(12), _cv(device, dtype)
+    v, u, w, _ = (cv(t) for t in _gas_values(g))
+    gr = cv(_randn(g, 7, 2))
+    return [
+        Sample((gr, v, u, w, "tanh", [True, True, True, True]), "all gradients"),
+        Sample((gr[:, :1], v, u, w[:1], "relu", [True, False, True, False]), "K = 1, relu, some gradients"),
+        Sample((gr[:1].expand(7, 2), v, u, w, "gelu", [False, True, False, True]), "expanded grad, gelu"),
+        Sample((gr, v.t().contiguous().t(), u, w, "tanh", [True, True, True, True]), "v_pre stored transposed"),
+    ]
+
+
+def _ref_gas(v, u, w, b, act):
+    return (reference_gated_attention_scores(v, u, w, b, act),)
+
+
+def _ref_gas_backward(gr, v, u, w, act, om):
+    # from the op's arguments alone: p = act(v) * sigmoid(u), scores = p @ w.T (+ bias)
+    a, da = reference_activation(v, act)
+    s = torch.sigmoid(u)
+    c = gr @ w
+    outs = (
+        c * s * da,
+        c * a * s * (1 - s),
+        gr.reshape(-1, w.shape[0]).T @ (a * s).reshape(-1, w.shape[1]),
+        gr.reshape(-1, w.shape[0]).sum(0),
+    )
+    return tuple(o if m else _empty() for o, m in zip(outs, om))
+
+
 # ------------------------------------------------------------------ scaled_cross_attention
 
 LOG_BELOW, LOG_ABOVE = math.log(25.0), math.log(150.0)  # scales 25 and 150 (clamped to 100)
@@ -610,6 +660,19 @@ OPS: List[OpEntry] = [
         _gated_backward_samples,
         _ref_gated_backward,
         {"grad_pooled": FLOAT, "grad_gate": FLOAT, "features": FLOAT, "gate": FLOAT, "mask": MASK},
+    ),
+    OpEntry(
+        "gated_attention_scores",
+        _gas_samples,
+        _ref_gas,
+        {"v_pre": FLOAT, "u_pre": FLOAT, "weight": FLOAT, "bias": FLOAT},
+        ("v_pre", "u_pre", "weight", "bias"),
+    ),
+    OpEntry(
+        "_gated_attention_scores_backward",
+        _gas_backward_samples,
+        _ref_gas_backward,
+        {"grad": FLOAT, "v_pre": FLOAT, "u_pre": FLOAT, "weight": FLOAT},
     ),
     OpEntry(
         "scaled_cross_attention",

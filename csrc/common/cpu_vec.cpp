@@ -362,5 +362,151 @@ bool channel_weights_row_f32(const float* l, const float* m, const float* inv, i
   return careful ? channel_weights_t<true>(l, m, inv, n, w) : channel_weights_t<false>(l, m, inv, n, w);
 }
 
+namespace {
+
+// The gate's loops are arithmetic-bound (two exponentials and two divisions per element, against
+// two loads and up to three stores), so they are written for sixteen lanes and get an AVX-512
+// clone as well: one zmm register there, two ymm with AVX2, four xmm at baseline.
+typedef float v16sf __attribute__((vector_size(64)));
+typedef int32_t v16si __attribute__((vector_size(64)));
+
+inline v16sf load16(const float* p) {
+  v16sf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, v16sf v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+inline v16sf splat16(float a) {
+  return v16sf{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a};
+}
+
+// e^x for any x, for the gate's activations only: x is clamped to [-87, 89] (NaN kept), so
+// e^x never underflows (a logistic or tanh of a large argument rounds to its limit either way)
+// and above ~88.4 it is +inf, which 1 / (1 + inf) and 2 / (inf + 1) turn into exact zeros. The
+// polynomial is exp_nonpos's (Cephes' expf).
+__attribute__((always_inline)) inline v16sf exp_any(v16sf x) {
+  x = x < splat16(-87.0f) ? splat16(-87.0f) : x;  // comparisons with NaN are false: NaN goes on
+  x = x > splat16(89.0f) ? splat16(89.0f) : x;
+  const v16sf t = x * splat16(1.44269504088896341f) + splat16(12582912.0f);
+  const v16sf n = t - splat16(12582912.0f);
+  v16sf r = x - n * splat16(0.693359375f);
+  r = r + n * splat16(2.12194440e-4f);
+  v16sf p = splat16(1.9875691500e-4f);
+  p = p * r + splat16(1.3981999507e-3f);
+  p = p * r + splat16(8.3334519073e-3f);
+  p = p * r + splat16(4.1665795894e-2f);
+  p = p * r + splat16(1.6666665459e-1f);
+  p = p * r + splat16(5.0000001201e-1f);
+  const v16sf y = (p * r) * r + r + splat16(1.0f);
+  // 2^n as in pow2; n = 128 gives the bit pattern of +inf
+  return y * reinterpret_cast<v16sf>(
+                 __builtin_convertvector(n * splat16(8388608.0f) + splat16(1065353216.0f), v16si));
+}
+
+__attribute__((always_inline)) inline v16sf sigmoid16(v16sf u) {
+  return splat16(1.0f) / (splat16(1.0f) + exp_any(-u));
+}
+
+// Cephes' tanhf: an odd polynomial below |x| = 0.625, where 1 - 2 / (e^2|x| + 1) would cancel,
+// and that form (sign restored) above.
+__attribute__((always_inline)) inline v16sf tanh16(v16sf x) {
+  const v16si bits = reinterpret_cast<v16si>(x);
+  const v16si sign = bits & static_cast<int32_t>(0x80000000u);
+  const v16sf ax = reinterpret_cast<v16sf>(bits & ~sign);
+  const v16sf z = x * x;
+  v16sf q = splat16(-5.70498872745e-3f);
+  q = q * z + splat16(2.06390887954e-2f);
+  q = q * z + splat16(-5.37397155531e-2f);
+  q = q * z + splat16(1.33314422036e-1f);
+  q = q * z + splat16(-3.33332819422e-1f);
+  const v16sf small = q * z * x + x;
+  const v16sf big = splat16(1.0f) - splat16(2.0f) / (exp_any(ax + ax) + splat16(1.0f));
+  const v16sf signed_big = reinterpret_cast<v16sf>(reinterpret_cast<v16si>(big) | sign);
+  return ax < splat16(0.625f) ? small : signed_big;
+}
+
+inline float gelu1(float v, float* d) {
+  const float c = 0.5f * (1.0f + std::erf(v * 0.70710678118654752f));
+  *d = c + v * std::exp(-0.5f * v * v) * 0.39894228040143268f;
+  return v * c;
+}
+
+// Sixteen lanes of the gate: a = act(v), da = act'(v), s = sigmoid(u).
+__attribute__((always_inline)) inline void gate16(v16sf v, v16sf u, int act, v16sf& a, v16sf& da, v16sf& s) {
+  s = sigmoid16(u);
+  if (act == 0) {
+    a = tanh16(v);
+    da = splat16(1.0f) - a * a;
+  } else if (act == 1) {
+    a = v < splat16(0.0f) ? splat16(0.0f) : v;  // NaN stays NaN, as torch.relu
+    da = v > splat16(0.0f) ? splat16(1.0f) : splat16(0.0f);
+  } else {
+    for (int k = 0; k < 16; ++k) {
+      float d;
+      a[k] = gelu1(v[k], &d);
+      da[k] = d;
+    }
+  }
+}
+
+// d/dv of the gate given cs = c * sigmoid(u): cs * act'(v), except that relu's is a select, as
+// torch's threshold_backward: 0 where v <= 0 (even for an infinite cs), cs elsewhere (NaN v too).
+__attribute__((always_inline)) inline v16sf relu_grad(int act, v16sf v, v16sf cs, v16sf da) {
+  return act == 1 ? (v <= splat16(0.0f) ? splat16(0.0f) : cs) : cs * da;
+}
+
+}  // namespace
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define MASKATTN_CLONES_512 __attribute__((target_clones("avx512f", "fma", "default")))
+#else
+#define MASKATTN_CLONES_512
+#endif
+
+MASKATTN_CLONES_512
+void gate_row_f32(const float* v, const float* u, int64_t n, int act, float* p) {
+  int64_t j = 0;
+  v16sf a, da, s;
+  for (; j + 16 <= n; j += 16) {
+    gate16(load16(v + j), load16(u + j), act, a, da, s);
+    store16(p + j, a * s);
+  }
+  if (j < n) {
+    v16sf x = splat16(0.0f), y = splat16(0.0f);
+    for (int64_t k = 0; j + k < n; ++k) x[k] = v[j + k], y[k] = u[j + k];
+    gate16(x, y, act, a, da, s);
+    const v16sf r = a * s;
+    for (int64_t k = 0; j + k < n; ++k) p[j + k] = r[k];
+  }
+}
+
+MASKATTN_CLONES_512
+void gate_row_backward_f32(const float* v, const float* u, const float* c, int64_t n, int act, float* gv,
+                           float* gu, float* p) {
+  int64_t j = 0;
+  v16sf a, da, s;
+  for (; j + 16 <= n; j += 16) {
+    const v16sf x = load16(v + j);
+    gate16(x, load16(u + j), act, a, da, s);
+    const v16sf cs = load16(c + j) * s;
+    if (gv) store16(gv + j, relu_grad(act, x, cs, da));
+    if (gu) store16(gu + j, cs * a * (splat16(1.0f) - s));
+    if (p) store16(p + j, a * s);
+  }
+  if (j < n) {
+    v16sf x = splat16(0.0f), y = splat16(0.0f), cc = splat16(0.0f);
+    for (int64_t k = 0; j + k < n; ++k) x[k] = v[j + k], y[k] = u[j + k], cc[k] = c[j + k];
+    gate16(x, y, act, a, da, s);
+    const v16sf cs = cc * s, rv = relu_grad(act, x, cs, da), ru = cs * a * (splat16(1.0f) - s), rp = a * s;
+    for (int64_t k = 0; j + k < n; ++k) {
+      if (gv) gv[j + k] = rv[k];
+      if (gu) gu[j + k] = ru[k];
+      if (p) p[j + k] = rp[k];
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace maskattn

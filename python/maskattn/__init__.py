@@ -20,6 +20,7 @@ from ._chunked import (
     chunked_attention_pool,
 )
 from ._ops.foreground_mask import foreground_mask
+from ._ops.gated_attention_scores import gated_attention_scores
 from ._ops.gated_masked_mean import gated_masked_mean
 from ._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
 from ._ops.masked_channel_attention_pool import masked_channel_attention_pool, masked_channel_attention_pool_packed
@@ -59,6 +60,7 @@ __all__ = [
     "patch_mask_to_image",
     "masked_softmax",
     "masked_attention",
+    "gated_attention_scores",
     "gated_masked_mean",
     "foreground_mask",
     "losses",

@@ -1,0 +1,246 @@
+// CPU kernels of gated_attention_scores and its backward.
+//
+// Rows are independent: a thread takes a run of rows and, for each, computes the H products
+// act(v) * sigmoid(u) into a buffer that stays in L1, then the K dot products with weight. The
+// backward recomputes the activations instead of saving them (two [M, H] tensors fewer to keep for
+// autograd, and one read of v_pre / u_pre instead of three of stored activations) and writes both
+// gradients in the same pass. The weight and bias gradients are sums over rows: each fixed block
+// of rows (its size a function of M alone) writes a partial, and the partials are added pairwise
+// in a fixed order, so the result does not depend on the number of threads.
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "common/cpu_vec.h"
+#include "common/parallel.h"
+#include "common/stable.h"
+#include "gated_attention_scores.h"
+
+namespace maskattn {
+namespace {
+
+template <typename T>
+inline T act_fn(T v, GateAct act, T* d) {
+  if (act == GateAct::kTanh) {
+    const T a = std::tanh(v);
+    *d = T(1) - a * a;
+    return a;
+  }
+  if (act == GateAct::kRelu) {
+    *d = v > T(0) ? T(1) : T(0);
+    return v < T(0) ? T(0) : v;  // NaN stays NaN, as torch.relu
+  }
+  const T c = T(0.5) * (T(1) + std::erf(v * T(0.70710678118654752440)));
+  *d = c + v * std::exp(T(-0.5) * v * v) * T(0.39894228040143267794);
+  return v * c;
+}
+
+template <typename T>
+inline T sigmoid(T u) {
+  return T(1) / (T(1) + std::exp(-u));
+}
+
+// One row: p[j] = act(v[j]) * sigmoid(u[j]) in acc_t. float32 (and the half types, converted to
+// float32 first) take the vectorised loop; float64 the libm functions.
+template <typename acc_t>
+inline void gate_row(const acc_t* v, const acc_t* u, int64_t H, GateAct act, acc_t* p) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    cpu::gate_row_f32(v, u, H, static_cast<int>(act), p);
+  } else {
+    for (int64_t j = 0; j < H; ++j) {
+      acc_t d;
+      p[j] = act_fn(v[j], act, &d) * sigmoid(u[j]);
+    }
+  }
+}
+
+template <typename acc_t>
+inline void gate_row_backward(const acc_t* v, const acc_t* u, const acc_t* c, int64_t H, GateAct act,
+                              acc_t* gv, acc_t* gu, acc_t* p) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    cpu::gate_row_backward_f32(v, u, c, H, static_cast<int>(act), gv, gu, p);
+  } else {
+    for (int64_t j = 0; j < H; ++j) {
+      acc_t d;
+      const acc_t a = act_fn(v[j], act, &d), s = sigmoid(u[j]), cs = c[j] * s;
+      // relu: a select, as torch's threshold_backward (0 at v <= 0 whatever cs is; NaN v passes cs)
+      if (gv) gv[j] = act == GateAct::kRelu ? (v[j] <= acc_t(0) ? acc_t(0) : cs) : cs * d;
+      if (gu) gu[j] = cs * a * (acc_t(1) - s);
+      if (p) p[j] = a * s;
+    }
+  }
+}
+
+// A row of scalar_t as acc_t: the row itself when the types agree, else converted into buf.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* as_acc(const scalar_t* row, int64_t H, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return row;
+  } else {
+    for (int64_t j = 0; j < H; ++j) buf[j] = static_cast<acc_t>(row[j]);
+    return buf;
+  }
+}
+
+// weight (and bias) in acc_t, contiguous: the tensors themselves, or converted copies.
+template <typename scalar_t, typename acc_t>
+struct AccParam {
+  std::vector<acc_t> buf;
+  const acc_t* ptr = nullptr;
+  explicit AccParam(const st::Tensor& t) {
+    if (!t.defined()) return;
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      ptr = p;
+    } else {
+      buf.assign(p, p + t.numel());
+      ptr = buf.data();
+    }
+  }
+};
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  return cpu::dot_any(a, b, n);
+}
+
+st::Tensor gated_attention_scores_cpu(const st::Tensor& v_pre, const st::Tensor& u_pre,
+                                      const st::Tensor& weight, const std::optional<st::Tensor>& bias,
+                                      std::string act) {
+  const GateInputs in = check_gate_inputs(v_pre, u_pre, weight, bias, act, "gated_attention_scores");
+  const st::Device dev = v_pre.device();
+  st::Tensor out =
+      st::empty(in.out_sizes.data(), static_cast<int64_t>(in.out_sizes.size()), v_pre.scalar_type(), dev);
+  const int64_t M = in.v.M, H = in.v.H, K = in.K;
+  if (M == 0 || K == 0) return out;
+
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    const AccParam<scalar_t, acc_t> w(in.weight), b(in.bias);
+    const scalar_t* vd = in.v.data.const_data_ptr<scalar_t>();
+    const scalar_t* ud = in.u.data.const_data_ptr<scalar_t>();
+    const int64_t vrs = in.v.rs, urs = in.u.rs;
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, M, grain_for(H * (K + 8)), [&](int64_t m0, int64_t m1) {
+      std::vector<acc_t> p(H), vb(std::is_same_v<scalar_t, acc_t> ? 0 : H), ub(vb.size());
+      for (int64_t m = m0; m < m1; ++m) {
+        const acc_t* v = as_acc<scalar_t, acc_t>(vd + m * vrs, H, vb.data());
+        const acc_t* u = as_acc<scalar_t, acc_t>(ud + m * urs, H, ub.data());
+        gate_row<acc_t>(v, u, H, in.act, p.data());
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t s = dot<acc_t>(p.data(), w.ptr + k * H, H) + (b.ptr ? b.ptr[k] : acc_t(0));
+          o[m * K + k] = static_cast<scalar_t>(s);
+        }
+      }
+    });
+  };
+  THO_DISPATCH_V2(v_pre.scalar_type(), "gated_attention_scores_cpu", AT_WRAP([&] { body(scalar_t{}); }),
+                  AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half, st::ScalarType::BFloat16);
+  return out;
+}
+
+// Rows per block of the weight / bias gradient sums: at least 256 (a partial is K * H values) and
+// at most 1,024 blocks.
+int64_t rows_per_block(int64_t M) {
+  return std::max<int64_t>(256, (M + 1023) / 1024);
+}
+
+std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_scores_backward_cpu(
+    const st::Tensor& grad, const st::Tensor& v_pre, const st::Tensor& u_pre, const st::Tensor& weight,
+    std::string act, std::vector<bool> output_mask) {
+  GateBackward g = prepare_gate_backward(grad, v_pre, u_pre, weight, act, output_mask);
+  const GateInputs& in = g.in;
+  const int64_t M = in.v.M, H = in.v.H, K = in.K;
+  const bool need_vu = g.need_v || g.need_u;
+  if (!need_vu && !g.need_w && !g.need_b) return {g.grad_v, g.grad_u, g.grad_weight, g.grad_bias};
+
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = st::acc_t<scalar_t>;
+    constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+    const AccParam<scalar_t, acc_t> w(in.weight);
+    const acc_t* gr = g.grad.const_data_ptr<acc_t>();
+    const scalar_t* vd = in.v.data.const_data_ptr<scalar_t>();
+    const scalar_t* ud = in.u.data.const_data_ptr<scalar_t>();
+    const int64_t vrs = in.v.rs, urs = in.u.rs;
+    scalar_t* gvd = g.need_v ? g.grad_v.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gud = g.need_u ? g.grad_u.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t R = rows_per_block(M), nb = M > 0 ? (M + R - 1) / R : 0;
+    std::vector<acc_t> pw(g.need_w ? nb * K * H : 0, acc_t(0)), pb(g.need_b ? nb * K : 0, acc_t(0));
+    torch::stable::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> c(H), p(H), vb(same ? 0 : H), ub(same ? 0 : H), gvb(same ? 0 : H), gub(same ? 0 : H);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        acc_t* pwb = g.need_w ? pw.data() + blk * K * H : nullptr;
+        acc_t* pbb = g.need_b ? pb.data() + blk * K : nullptr;
+        for (int64_t m = blk * R; m < std::min(M, (blk + 1) * R); ++m) {
+          const acc_t* gm = gr + m * K;
+          if (pbb)
+            for (int64_t k = 0; k < K; ++k) pbb[k] += gm[k];
+          if (!need_vu && !pwb) continue;
+          const acc_t* v = as_acc<scalar_t, acc_t>(vd + m * vrs, H, vb.data());
+          const acc_t* u = as_acc<scalar_t, acc_t>(ud + m * urs, H, ub.data());
+          if (need_vu) {
+            // c = dL/d(act(v) * sigmoid(u)) = sum_k grad[m, k] * weight[k]
+            const acc_t g0 = K > 0 ? gm[0] : acc_t(0);
+            for (int64_t j = 0; j < H; ++j) c[j] = K > 0 ? g0 * w.ptr[j] : acc_t(0);
+            for (int64_t k = 1; k < K; ++k) {
+              const acc_t gk = gm[k];
+              const acc_t* wk = w.ptr + k * H;
+              for (int64_t j = 0; j < H; ++j) c[j] += gk * wk[j];
+            }
+            acc_t* gv = nullptr;
+            acc_t* gu = nullptr;
+            if constexpr (same) {
+              gv = gvd ? gvd + m * H : nullptr;
+              gu = gud ? gud + m * H : nullptr;
+            } else {
+              gv = gvd ? gvb.data() : nullptr;
+              gu = gud ? gub.data() : nullptr;
+            }
+            gate_row_backward<acc_t>(v, u, c.data(), H, in.act, gv, gu, pwb ? p.data() : nullptr);
+            if constexpr (!same) {
+              for (int64_t j = 0; gvd && j < H; ++j) gvd[m * H + j] = static_cast<scalar_t>(gvb[j]);
+              for (int64_t j = 0; gud && j < H; ++j) gud[m * H + j] = static_cast<scalar_t>(gub[j]);
+            }
+          } else {
+            gate_row<acc_t>(v, u, H, in.act, p.data());
+          }
+          if (pwb) {
+            for (int64_t k = 0; k < K; ++k) {
+              const acc_t gk = gm[k];
+              acc_t* __restrict__ pk = pwb + k * H;
+              for (int64_t j = 0; j < H; ++j) pk[j] += gk * p[j];
+            }
+          }
+        }
+      }
+    });
+    // The blocks' partials added pairwise in a fixed order.
+    auto reduce = [&](std::vector<acc_t>& part, int64_t n, scalar_t* out) {
+      for (int64_t step = 1; step < nb; step *= 2) {
+        for (int64_t i = 0; i + step < nb; i += 2 * step) {
+          acc_t* __restrict__ x = part.data() + i * n;
+          const acc_t* __restrict__ y = part.data() + (i + step) * n;
+          for (int64_t e = 0; e < n; ++e) x[e] += y[e];
+        }
+      }
+      for (int64_t e = 0; e < n; ++e) out[e] = static_cast<scalar_t>(nb > 0 ? part[e] : acc_t(0));
+    };
+    if (g.need_w) reduce(pw, K * H, g.grad_weight.mutable_data_ptr<scalar_t>());
+    if (g.need_b) reduce(pb, K, g.grad_bias.mutable_data_ptr<scalar_t>());
+  };
+  THO_DISPATCH_V2(v_pre.scalar_type(), "gated_attention_scores_backward_cpu",
+                  AT_WRAP([&] { body(scalar_t{}); }), AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half,
+                  st::ScalarType::BFloat16);
+  return {g.grad_v, g.grad_u, g.grad_weight, g.grad_bias};
+}
+
+}  // namespace
+}  // namespace maskattn
+
+STABLE_TORCH_LIBRARY_IMPL(maskattn, CPU, m) {
+  m.impl("gated_attention_scores", TORCH_BOX(&maskattn::gated_attention_scores_cpu));
+  m.impl("_gated_attention_scores_backward", TORCH_BOX(&maskattn::gated_attention_scores_backward_cpu));
+}

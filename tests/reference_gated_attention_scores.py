@@ -1,0 +1,20 @@
+"""Pure-PyTorch reference for gated_attention_scores: the last three steps of CLAM's gated attention
+net (``Attn_Net_Gated``, tests/reference_mil_peers.py: ``attention_c(attention_a(x) *
+attention_b(x))``) after its two input Linear layers, with torchmil's activation choices."""
+
+import torch
+import torch.nn.functional as F
+
+ACTS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
+
+
+def reference_gated_attention_scores(v_pre, u_pre, weight, bias=None, act="tanh"):
+    return F.linear(ACTS[act](v_pre) * torch.sigmoid(u_pre), weight, bias)
+
+
+def reference_activation(v, act="tanh"):
+    """``(act(v), act'(v))``, the derivative taken by autograd through torch's own activation."""
+    t = v.detach().clone().requires_grad_()
+    a = ACTS[act](t)
+    (da,) = torch.autograd.grad(a.sum(), t)
+    return a.detach(), da
