@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from .. import _segments
 from .. import _validation as _v
 from .._chunked import chunked_attention_pool
+from .._ops.gated_attention_scores import gated_attention_scores
 from .._ops.masked_attention_pool import masked_attention_pool, masked_attention_pool_packed
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
@@ -42,7 +43,10 @@ class AttentionPooling(nn.Module):
         in_dim: feature size D.
         hidden_dim: hidden size of the scoring MLP; ``None`` scores with one linear layer
             ``Linear(D, K)`` (PyG's ``gate_nn = Linear(F, 1)``; not with ``gated``).
-        gated: the gated variant (CLAM's ``Attn_Net_Gated``), ``w^T (act(V h) * sigmoid(U h))``.
+        gated: the gated variant (CLAM's ``Attn_Net_Gated``), ``w^T (act(V h) * sigmoid(U h))``;
+            everything after the two input layers runs as one op,
+            :func:`maskattn.gated_attention_scores` (no activation stored), except while dropout
+            is active in training.
         branches: K attention branches (multi-branch / multi-class MIL, CLAM_MB); outputs gain a K dim.
         dropout: dropout after the activation of each branch, before the product (CLAM's placement;
             CLAM uses 0.25).
@@ -156,7 +160,11 @@ class AttentionPooling(nn.Module):
     def _score_rows(self, x: Tensor) -> Tensor:
         """Scores of feature rows ``[..., D]`` -> ``[..., K]`` (the K dim kept)."""
         if self.gated:
-            return self.attention_w(self.attention_v(x) * self.attention_u(x))
+            if self.dropout > 0 and self.training:
+                return self.attention_w(self.attention_v(x) * self.attention_u(x))
+            # the two activations, their product and the last layer in one op, forward and backward
+            w = self.attention_w
+            return gated_attention_scores(self.attention_v[0](x), self.attention_u[0](x), w.weight, w.bias, self.act)
         return self.attention_net(x)
 
     def _score_packed(self, x: Tensor) -> Tensor:
