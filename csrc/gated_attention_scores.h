@@ -28,24 +28,32 @@ struct GateInputs {
   GateRows v, u;
   st::Tensor weight;  // [K, H], contiguous
   st::Tensor bias;    // [K], contiguous, or undefined
+  // [H] each, contiguous, or undefined: the input layers' biases, added to v_pre / u_pre here so that
+  // those layers run as plain GEMMs (no bias copy into their outputs, no bias-gradient pass)
+  st::Tensor v_bias, u_bias;
   int64_t K = 0;
   GateAct act = GateAct::kTanh;
   std::vector<int64_t> out_sizes;  // v_pre's sizes with the last one replaced by K
 };
 
 GateInputs check_gate_inputs(const st::Tensor& v_pre, const st::Tensor& u_pre, const st::Tensor& weight,
-                             const std::optional<st::Tensor>& bias, const std::string& act, const char* op);
+                             const std::optional<st::Tensor>& bias, const std::string& act,
+                             const std::optional<st::Tensor>& v_bias, const std::optional<st::Tensor>& u_bias,
+                             const char* op, const st::Tensor* grad = nullptr);
 
 // The backward op's checked arguments and allocated outputs, the same for every device.
 struct GateBackward {
   GateInputs in;
-  bool need_v = false, need_u = false, need_w = false, need_b = false;
+  bool need_v = false, need_u = false, need_w = false, need_b = false, need_vb = false, need_ub = false;
   st::Tensor grad;  // [M, K] in the accumulation dtype, contiguous (opcheck passes expanded ones)
-  st::Tensor grad_v, grad_u, grad_weight, grad_bias;  // empty [0] where not asked for
+  // empty [0] where not asked for; grad_v_bias / grad_u_bias [H] are grad_v / grad_u summed over rows
+  st::Tensor grad_v, grad_u, grad_weight, grad_bias, grad_v_bias, grad_u_bias;
 };
 
 GateBackward prepare_gate_backward(const st::Tensor& grad, const st::Tensor& v_pre, const st::Tensor& u_pre,
                                    const st::Tensor& weight, const std::string& act,
+                                   const std::optional<st::Tensor>& v_bias,
+                                   const std::optional<st::Tensor>& u_bias,
                                    const std::vector<bool>& output_mask);
 
 }  // namespace maskattn

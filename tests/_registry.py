@@ -445,47 +445,56 @@ def _ref_gated_backward(gp, gg, f, gate, mask, om):
 
 
 def _gas_values(g, M=7, H=5, K=2):
-    return _randn(g, M, H) * 2, _randn(g, M, H) * 2, _randn(g, K, H), _randn(g, K)
+    return _randn(g, M, H) * 2, _randn(g, M, H) * 2, _randn(g, K, H), _randn(g, K), _randn(g, H), _randn(g, H)
 
 
 def _gas_samples(device, dtype):
     g, cv = _gen(11), _cv(device, dtype)
-    v, u, w, b = (cv(t) for t in _gas_values(g))
+    v, u, w, b, bv, bu = (cv(t) for t in _gas_values(g))
     vu = cv(_randn(g, 2, 3, 10))  # one [.., 2H] GEMM output, read as two strided halves
     return [
-        Sample((v, u, w, b, "tanh"), "[M, H], tanh"),
-        Sample((v.reshape(7, 1, 5), u.reshape(7, 1, 5), w[:1], None, "relu"), "[M, 1, H], relu, no bias"),
-        Sample((vu[..., :5], vu[..., 5:], w, b, "gelu"), "strided halves of one [.., 2H] tensor, gelu"),
-        Sample((v[:0], u[:0], w, b, "tanh"), "no rows"),
+        Sample((v, u, w, b, "tanh", bv, bu), "[M, H], tanh, all biases"),
+        Sample((v.reshape(7, 1, 5), u.reshape(7, 1, 5), w[:1], None, "relu", None, None), "[M, 1, H], relu, no bias"),
+        Sample((vu[..., :5], vu[..., 5:], w, b, "gelu", None, bu), "strided halves of one [.., 2H] tensor, gelu"),
+        Sample((v[:0], u[:0], w, b, "tanh", bv, None), "no rows"),
     ]
 
 
 def _gas_backward_samples(device, dtype):
     g, cv = _gen(12), _cv(device, dtype)
-    v, u, w, _ = (cv(t) for t in _gas_values(g))
+    v, u, w, _, bv, bu = (cv(t) for t in _gas_values(g))
     gr = cv(_randn(g, 7, 2))
+    every = [True] * 6
     return [
-        Sample((gr, v, u, w, "tanh", [True, True, True, True]), "all gradients"),
-        Sample((gr[:, :1], v, u, w[:1], "relu", [True, False, True, False]), "K = 1, relu, some gradients"),
-        Sample((gr[:1].expand(7, 2), v, u, w, "gelu", [False, True, False, True]), "expanded grad, gelu"),
-        Sample((gr, v.t().contiguous().t(), u, w, "tanh", [True, True, True, True]), "v_pre stored transposed"),
+        Sample((gr, v, u, w, "tanh", bv, bu, every), "all gradients"),
+        Sample((gr[:, :1], v, u, w[:1], "relu", None, None, [True, False, True, False, False, False]), "K = 1, relu"),
+        Sample(
+            (gr[:1].expand(7, 2), v, u, w, "gelu", bv, None, [False, True, False, True, True, False]), "expanded grad"
+        ),
+        Sample((gr, v.t().contiguous().t(), u, w, "tanh", None, bu, [False] * 4 + [True] * 2), "bias sums only"),
     ]
 
 
-def _ref_gas(v, u, w, b, act):
-    return (reference_gated_attention_scores(v, u, w, b, act),)
+def _ref_gas(v, u, w, b, act, bv, bu):
+    return (reference_gated_attention_scores(v, u, w, b, act, bv, bu),)
 
 
-def _ref_gas_backward(gr, v, u, w, act, om):
-    # from the op's arguments alone: p = act(v) * sigmoid(u), scores = p @ w.T (+ bias)
+def _ref_gas_backward(gr, v, u, w, act, bv, bu, om):
+    # from the op's arguments alone: p = act(v + bv) * sigmoid(u + bu), scores = p @ w.T (+ bias)
+    v = v if bv is None else v + bv
+    u = u if bu is None else u + bu
     a, da = reference_activation(v, act)
     s = torch.sigmoid(u)
     c = gr @ w
+    gv, gu = c * s * da, c * a * s * (1 - s)
+    H, K = w.shape[1], w.shape[0]
     outs = (
-        c * s * da,
-        c * a * s * (1 - s),
-        gr.reshape(-1, w.shape[0]).T @ (a * s).reshape(-1, w.shape[1]),
-        gr.reshape(-1, w.shape[0]).sum(0),
+        gv,
+        gu,
+        gr.reshape(-1, K).T @ (a * s).reshape(-1, H),
+        gr.reshape(-1, K).sum(0),
+        gv.reshape(-1, H).sum(0),
+        gu.reshape(-1, H).sum(0),
     )
     return tuple(o if m else _empty() for o, m in zip(outs, om))
 
@@ -665,14 +674,14 @@ OPS: List[OpEntry] = [
         "gated_attention_scores",
         _gas_samples,
         _ref_gas,
-        {"v_pre": FLOAT, "u_pre": FLOAT, "weight": FLOAT, "bias": FLOAT},
-        ("v_pre", "u_pre", "weight", "bias"),
+        {"v_pre": FLOAT, "u_pre": FLOAT, "weight": FLOAT, "bias": FLOAT, "v_bias": FLOAT, "u_bias": FLOAT},
+        ("v_pre", "u_pre", "weight", "bias", "v_bias", "u_bias"),
     ),
     OpEntry(
         "_gated_attention_scores_backward",
         _gas_backward_samples,
         _ref_gas_backward,
-        {"grad": FLOAT, "v_pre": FLOAT, "u_pre": FLOAT, "weight": FLOAT},
+        {"grad": FLOAT, "v_pre": FLOAT, "u_pre": FLOAT, "weight": FLOAT, "v_bias": FLOAT, "u_bias": FLOAT},
     ),
     OpEntry(
         "scaled_cross_attention",

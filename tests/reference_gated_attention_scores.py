@@ -8,8 +8,10 @@ import torch.nn.functional as F
 ACTS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
 
 
-def reference_gated_attention_scores(v_pre, u_pre, weight, bias=None, act="tanh"):
-    return F.linear(ACTS[act](v_pre) * torch.sigmoid(u_pre), weight, bias)
+def reference_gated_attention_scores(v_pre, u_pre, weight, bias=None, act="tanh", v_bias=None, u_bias=None):
+    v = v_pre if v_bias is None else v_pre + v_bias
+    u = u_pre if u_bias is None else u_pre + u_bias
+    return F.linear(ACTS[act](v) * torch.sigmoid(u), weight, bias)
 
 
 def reference_activation(v, act="tanh"):

@@ -871,6 +871,14 @@ CASES = [
     ),
     Case(
         "gated_attention_scores",
+        "shape",
+        "u_bias not [H]",
+        lambda: maskattn.gated_attention_scores(r(4, 3), r(4, 3), r(1, 3), u_bias=r(4)),
+        RuntimeError,
+        r"gated_attention_scores: u_bias must be \[H\] = \[3\] to match v_pre \[4, 3\], got shape \[4\]",
+    ),
+    Case(
+        "gated_attention_scores",
         "value",
         "unknown act",
         lambda: maskattn.gated_attention_scores(r(4, 3), r(4, 3), r(1, 3), act="sigmoid"),
@@ -1243,7 +1251,9 @@ CASES = [
         "torch.ops.maskattn._gated_attention_scores_backward",
         "shape",
         "grad not [..., K]",
-        lambda: _OPS._gated_attention_scores_backward(r(4, 2), r(4, 3), r(4, 3), r(1, 3), "tanh", [True] * 4),
+        lambda: _OPS._gated_attention_scores_backward(
+            r(4, 2), r(4, 3), r(4, 3), r(1, 3), "tanh", None, None, [True] * 6
+        ),
         RuntimeError,
         r"_gated_attention_scores_backward: grad must be \[\.\.\., K\] = \[4, 1\] \(v_pre \[4, 3\] with K = 1\), got shape \[4, 2\]",
     ),
@@ -1252,7 +1262,7 @@ CASES = [
         "dtype",
         "float64 grad",
         lambda: _OPS._gated_attention_scores_backward(
-            r(4, 1, dtype=F64), r(4, 3), r(4, 3), r(1, 3), "tanh", [True] * 4
+            r(4, 1, dtype=F64), r(4, 3), r(4, 3), r(1, 3), "tanh", None, None, [True] * 6
         ),
         RuntimeError,
         r"_gated_attention_scores_backward: grad \(Double\) and v_pre \(Float\) must have the same dtype",
@@ -1260,16 +1270,20 @@ CASES = [
     Case(
         "torch.ops.maskattn._gated_attention_scores_backward",
         "size",
-        "output_mask of 2 entries",
-        lambda: _OPS._gated_attention_scores_backward(r(4, 1), r(4, 3), r(4, 3), r(1, 3), "tanh", [True] * 2),
+        "output_mask of 4 entries",
+        lambda: _OPS._gated_attention_scores_backward(
+            r(4, 1), r(4, 3), r(4, 3), r(1, 3), "tanh", None, None, [True] * 4
+        ),
         RuntimeError,
-        r"Tried to convert a List with 2 elements to a fixed-size array of size 4",
+        r"Tried to convert a List with 4 elements to a fixed-size array of size 6",
     ),
     Case(
         "torch.ops.maskattn._gated_attention_scores_backward",
         "value",
         "unknown act",
-        lambda: _OPS._gated_attention_scores_backward(r(4, 1), r(4, 3), r(4, 3), r(1, 3), "Tanh", [True] * 4),
+        lambda: _OPS._gated_attention_scores_backward(
+            r(4, 1), r(4, 3), r(4, 3), r(1, 3), "Tanh", None, None, [True] * 6
+        ),
         RuntimeError,
         r"_gated_attention_scores_backward: act must be 'tanh', 'relu' or 'gelu', got 'Tanh'",
     ),

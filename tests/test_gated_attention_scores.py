@@ -11,7 +11,17 @@ from reference_mil_peers import ClamAttnNetGated
 import maskattn
 
 op = maskattn.gated_attention_scores
-bwd = torch.ops.maskattn._gated_attention_scores_backward
+_bwd = torch.ops.maskattn._gated_attention_scores_backward
+
+
+def bwd(grad, v, u, w, act, output_mask, v_bias=None, u_bias=None):
+    """The backward op; without hidden biases its first four outputs (their gradients are the
+    row sums of the first two, checked in test_hidden_biases)."""
+    if v_bias is None and u_bias is None:
+        return _bwd(grad, v, u, w, act, None, None, list(output_mask) + [False, False])[:4]
+    return _bwd(grad, v, u, w, act, v_bias, u_bias, output_mask)
+
+
 ACTS = ("tanh", "relu", "gelu")
 
 TOL = {
@@ -37,16 +47,21 @@ def _grads(f, args, g):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_clam_gated_attention_net(device, dtype):
-    """The op in place of CLAM's Attn_Net_Gated: same scores, same parameter and input gradients."""
+@pytest.mark.parametrize("biases_in_op", [False, True])
+def test_matches_clam_gated_attention_net(device, dtype, biases_in_op):
+    """The op in place of CLAM's Attn_Net_Gated: same scores, same parameter and input gradients,
+    with the input layers' biases added by those layers or by the op."""
     torch.manual_seed(0)
     net = ClamAttnNetGated(L=64, D=48, n_classes=2).to(device=device, dtype=dtype)
     x = torch.randn(300, 64, device=device, dtype=dtype, requires_grad=True)
     a, _ = net(x)
     g = torch.randn_like(a)
     ref_grads = torch.autograd.grad(a, [x, *net.parameters()], g)
-    c = net.attention_c
-    s = op(net.attention_a[0](x), net.attention_b[0](x), c.weight, c.bias)
+    c, la, lb = net.attention_c, net.attention_a[0], net.attention_b[0]
+    if biases_in_op:
+        s = op(F.linear(x, la.weight), F.linear(x, lb.weight), c.weight, c.bias, "tanh", la.bias, lb.bias)
+    else:
+        s = op(la(x), lb(x), c.weight, c.bias)
     grads = torch.autograd.grad(s, [x, *net.parameters()], g)
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(s, a, **tol)
@@ -206,9 +221,9 @@ def test_parameter_gradients_do_not_depend_on_the_thread_count():
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = bwd(g, v, u, w, "tanh", [True] * 4)
+        one = _bwd(g, v, u, w, "tanh", v[0], u[1], [True] * 6)
         torch.set_num_threads(2)
-        two = bwd(g, v, u, w, "tanh", [True] * 4)
+        two = _bwd(g, v, u, w, "tanh", v[0], u[1], [True] * 6)
     finally:
         torch.set_num_threads(old)
     for x, y in zip(one, two):
@@ -223,10 +238,14 @@ def test_long_weight_gradient_sum_is_accurate():
     v, u = torch.randn(M, 4, generator=g), torch.randn(M, 4, generator=g)
     w = torch.randn(1, 4, generator=g)
     gr = torch.rand(M, 1, generator=g)
-    _, _, gw, gb = bwd(gr, v, u, w, "tanh", [False, False, True, True])
+    _, _, gw, gb, gvb, gub = _bwd(gr, v, u, w, "tanh", None, None, [False, False, True, True, True, True])
     p = torch.tanh(v.double()) * torch.sigmoid(u.double())
     exact, size = gr.double().T @ p, gr.double().abs().T @ p.abs()
     assert ((gw.double() - exact).abs() <= 1e-7 * size).all(), (gw, exact)
+    s = torch.sigmoid(u.double())
+    gv = gr.double() * w.double() * s * (1 - torch.tanh(v.double()) ** 2)
+    exact, size = gv.sum(0), gv.abs().sum(0)
+    assert ((gvb.double() - exact).abs() <= 1e-7 * size).all(), (gvb, exact)
     torch.testing.assert_close(gb.double(), gr.double().sum(0), atol=0, rtol=1e-6)
 
 
@@ -333,3 +352,32 @@ def test_relu_gradient_is_torchs_select(device, dtype):
     (torch.relu(vr) * torch.sigmoid(u) * w).sum().backward()
     torch.testing.assert_close(got, vr.grad, equal_nan=True)
     assert got[0, 0] == torch.sigmoid(u[0, 0]) and got[0, 1] == 0 and got[0, 3] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ACTS)
+def test_hidden_biases(device, act):
+    """v_bias / u_bias are the input layers' biases: the op with them equals the op on
+    v_pre + v_bias, u_pre + u_bias, and their gradients are the row sums of grad_v / grad_u, asked
+    for alone or together, in every dtype."""
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        v, u, w, b = (t.to(device=device, dtype=dtype) for t in _inputs(M=300, H=40, K=2))
+        bv, bu = v[0] * 0.5, u[1] * 0.5
+        # the sums v_pre + v_bias are formed in float64 for the comparison: the op adds in its
+        # accumulation dtype, where adding in bfloat16 first would round them
+        d = [t.double() for t in (v, u, w, b, bv, bu)]
+        torch.testing.assert_close(
+            op(v, u, w, b, act, bv, bu).double(), op(d[0] + d[4], d[1] + d[5], d[2], d[3], act), **TOL[dtype]
+        )
+        g = torch.randn(300, 2, device=device, dtype=dtype)
+        full = _bwd(g, v, u, w, act, bv, bu, [True] * 6)
+        plain = _bwd(g.double(), d[0] + d[4], d[1] + d[5], d[2], act, None, None, [True] * 4 + [False] * 2)
+        for x, y in zip(full[:4], plain[:4]):
+            scale = y.abs().max().clamp_min(1)
+            torch.testing.assert_close(x.double() / scale, y / scale, **TOL[dtype])
+        sums = TOL[dtype] if dtype != torch.bfloat16 else dict(atol=0.5, rtol=2e-2)
+        torch.testing.assert_close(full[4].double(), full[0].double().sum(0), **sums)
+        torch.testing.assert_close(full[5].double(), full[1].double().sum(0), **sums)
+        only = _bwd(g, v, u, w, act, bv, bu, [False] * 4 + [True] * 2)
+        assert only[0].numel() == 0 and only[1].numel() == 0
+        assert torch.equal(only[4], full[4]) and torch.equal(only[5], full[5])

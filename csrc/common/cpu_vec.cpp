@@ -466,16 +466,22 @@ __attribute__((always_inline)) inline v16sf relu_grad(int act, v16sf v, v16sf cs
 #endif
 
 MASKATTN_CLONES_512
-void gate_row_f32(const float* v, const float* u, int64_t n, int act, float* p) {
+void gate_row_f32(const float* v, const float* u, const float* bv, const float* bu, int64_t n, int act,
+                  float* p) {
   int64_t j = 0;
   v16sf a, da, s;
+  const v16sf zero = splat16(0.0f);
   for (; j + 16 <= n; j += 16) {
-    gate16(load16(v + j), load16(u + j), act, a, da, s);
+    gate16(load16(v + j) + (bv ? load16(bv + j) : zero), load16(u + j) + (bu ? load16(bu + j) : zero), act, a,
+           da, s);
     store16(p + j, a * s);
   }
   if (j < n) {
     v16sf x = splat16(0.0f), y = splat16(0.0f);
-    for (int64_t k = 0; j + k < n; ++k) x[k] = v[j + k], y[k] = u[j + k];
+    for (int64_t k = 0; j + k < n; ++k) {
+      x[k] = v[j + k] + (bv ? bv[j + k] : 0.0f);
+      y[k] = u[j + k] + (bu ? bu[j + k] : 0.0f);
+    }
     gate16(x, y, act, a, da, s);
     const v16sf r = a * s;
     for (int64_t k = 0; j + k < n; ++k) p[j + k] = r[k];
@@ -483,13 +489,14 @@ void gate_row_f32(const float* v, const float* u, int64_t n, int act, float* p) 
 }
 
 MASKATTN_CLONES_512
-void gate_row_backward_f32(const float* v, const float* u, const float* c, int64_t n, int act, float* gv,
-                           float* gu, float* p) {
+void gate_row_backward_f32(const float* v, const float* u, const float* bv, const float* bu, const float* c,
+                           int64_t n, int act, float* gv, float* gu, float* p) {
   int64_t j = 0;
   v16sf a, da, s;
+  const v16sf zero = splat16(0.0f);
   for (; j + 16 <= n; j += 16) {
-    const v16sf x = load16(v + j);
-    gate16(x, load16(u + j), act, a, da, s);
+    const v16sf x = load16(v + j) + (bv ? load16(bv + j) : zero);
+    gate16(x, load16(u + j) + (bu ? load16(bu + j) : zero), act, a, da, s);
     const v16sf cs = load16(c + j) * s;
     if (gv) store16(gv + j, relu_grad(act, x, cs, da));
     if (gu) store16(gu + j, cs * a * (splat16(1.0f) - s));
@@ -497,7 +504,11 @@ void gate_row_backward_f32(const float* v, const float* u, const float* c, int64
   }
   if (j < n) {
     v16sf x = splat16(0.0f), y = splat16(0.0f), cc = splat16(0.0f);
-    for (int64_t k = 0; j + k < n; ++k) x[k] = v[j + k], y[k] = u[j + k], cc[k] = c[j + k];
+    for (int64_t k = 0; j + k < n; ++k) {
+      x[k] = v[j + k] + (bv ? bv[j + k] : 0.0f);
+      y[k] = u[j + k] + (bu ? bu[j + k] : 0.0f);
+      cc[k] = c[j + k];
+    }
     gate16(x, y, act, a, da, s);
     const v16sf cs = cc * s, rv = relu_grad(act, x, cs, da), ru = cs * a * (splat16(1.0f) - s), rp = a * s;
     for (int64_t k = 0; j + k < n; ++k) {

@@ -65,11 +65,13 @@ bool channel_weights_row_f32(const float* l, const float* m, const float* inv, i
                              bool careful);
 
 // gated_attention_scores' row of H hidden units, act 0 = tanh, 1 = relu, 2 = gelu (erf):
-// p[j] = act(v[j]) * sigmoid(u[j]). The backward takes c[j] = dL/dp[j] and writes
-// gv = c * sigmoid(u) * act'(v), gu = c * act(v) * sigmoid'(u) and p (each skipped when null).
-void gate_row_f32(const float* v, const float* u, int64_t n, int act, float* p);
-void gate_row_backward_f32(const float* v, const float* u, const float* c, int64_t n, int act, float* gv,
-                           float* gu, float* p);
+// p[j] = act(v[j] + bv[j]) * sigmoid(u[j] + bu[j]) (a null bias adds nothing). The backward takes
+// c[j] = dL/dp[j] and writes gv = c * sigmoid(u) * act'(v), gu = c * act(v) * sigmoid'(u) and p
+// (each skipped when null).
+void gate_row_f32(const float* v, const float* u, const float* bv, const float* bu, int64_t n, int act,
+                  float* p);
+void gate_row_backward_f32(const float* v, const float* u, const float* bv, const float* bu, const float* c,
+                           int64_t n, int act, float* gv, float* gu, float* p);
 
 // Generic versions for the other dtypes: eight independent partial sums, which compilers turn
 // into vector code without being allowed to reassociate.

@@ -44,28 +44,30 @@ inline T sigmoid(T u) {
 // One row: p[j] = act(v[j]) * sigmoid(u[j]) in acc_t. float32 (and the half types, converted to
 // float32 first) take the vectorised loop; float64 the libm functions.
 template <typename acc_t>
-inline void gate_row(const acc_t* v, const acc_t* u, int64_t H, GateAct act, acc_t* p) {
+inline void gate_row(const acc_t* v, const acc_t* u, const acc_t* bv, const acc_t* bu, int64_t H, GateAct act,
+                     acc_t* p) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    cpu::gate_row_f32(v, u, H, static_cast<int>(act), p);
+    cpu::gate_row_f32(v, u, bv, bu, H, static_cast<int>(act), p);
   } else {
     for (int64_t j = 0; j < H; ++j) {
       acc_t d;
-      p[j] = act_fn(v[j], act, &d) * sigmoid(u[j]);
+      p[j] = act_fn(v[j] + (bv ? bv[j] : acc_t(0)), act, &d) * sigmoid(u[j] + (bu ? bu[j] : acc_t(0)));
     }
   }
 }
 
 template <typename acc_t>
-inline void gate_row_backward(const acc_t* v, const acc_t* u, const acc_t* c, int64_t H, GateAct act,
-                              acc_t* gv, acc_t* gu, acc_t* p) {
+inline void gate_row_backward(const acc_t* v, const acc_t* u, const acc_t* bv, const acc_t* bu,
+                              const acc_t* c, int64_t H, GateAct act, acc_t* gv, acc_t* gu, acc_t* p) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    cpu::gate_row_backward_f32(v, u, c, H, static_cast<int>(act), gv, gu, p);
+    cpu::gate_row_backward_f32(v, u, bv, bu, c, H, static_cast<int>(act), gv, gu, p);
   } else {
     for (int64_t j = 0; j < H; ++j) {
       acc_t d;
-      const acc_t a = act_fn(v[j], act, &d), s = sigmoid(u[j]), cs = c[j] * s;
+      const acc_t x = v[j] + (bv ? bv[j] : acc_t(0));
+      const acc_t a = act_fn(x, act, &d), s = sigmoid(u[j] + (bu ? bu[j] : acc_t(0))), cs = c[j] * s;
       // relu: a select, as torch's threshold_backward (0 at v <= 0 whatever cs is; NaN v passes cs)
-      if (gv) gv[j] = act == GateAct::kRelu ? (v[j] <= acc_t(0) ? acc_t(0) : cs) : cs * d;
+      if (gv) gv[j] = act == GateAct::kRelu ? (x <= acc_t(0) ? acc_t(0) : cs) : cs * d;
       if (gu) gu[j] = cs * a * (acc_t(1) - s);
       if (p) p[j] = a * s;
     }
@@ -107,8 +109,10 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
 
 st::Tensor gated_attention_scores_cpu(const st::Tensor& v_pre, const st::Tensor& u_pre,
                                       const st::Tensor& weight, const std::optional<st::Tensor>& bias,
-                                      std::string act) {
-  const GateInputs in = check_gate_inputs(v_pre, u_pre, weight, bias, act, "gated_attention_scores");
+                                      std::string act, const std::optional<st::Tensor>& v_bias,
+                                      const std::optional<st::Tensor>& u_bias) {
+  const GateInputs in =
+      check_gate_inputs(v_pre, u_pre, weight, bias, act, v_bias, u_bias, "gated_attention_scores");
   const st::Device dev = v_pre.device();
   st::Tensor out =
       st::empty(in.out_sizes.data(), static_cast<int64_t>(in.out_sizes.size()), v_pre.scalar_type(), dev);
@@ -118,7 +122,7 @@ st::Tensor gated_attention_scores_cpu(const st::Tensor& v_pre, const st::Tensor&
   auto body = [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = st::acc_t<scalar_t>;
-    const AccParam<scalar_t, acc_t> w(in.weight), b(in.bias);
+    const AccParam<scalar_t, acc_t> w(in.weight), b(in.bias), bv(in.v_bias), bu(in.u_bias);
     const scalar_t* vd = in.v.data.const_data_ptr<scalar_t>();
     const scalar_t* ud = in.u.data.const_data_ptr<scalar_t>();
     const int64_t vrs = in.v.rs, urs = in.u.rs;
@@ -128,7 +132,7 @@ st::Tensor gated_attention_scores_cpu(const st::Tensor& v_pre, const st::Tensor&
       for (int64_t m = m0; m < m1; ++m) {
         const acc_t* v = as_acc<scalar_t, acc_t>(vd + m * vrs, H, vb.data());
         const acc_t* u = as_acc<scalar_t, acc_t>(ud + m * urs, H, ub.data());
-        gate_row<acc_t>(v, u, H, in.act, p.data());
+        gate_row<acc_t>(v, u, bv.ptr, bu.ptr, H, in.act, p.data());
         for (int64_t k = 0; k < K; ++k) {
           const acc_t s = dot<acc_t>(p.data(), w.ptr + k * H, H) + (b.ptr ? b.ptr[k] : acc_t(0));
           o[m * K + k] = static_cast<scalar_t>(s);
@@ -141,26 +145,33 @@ st::Tensor gated_attention_scores_cpu(const st::Tensor& v_pre, const st::Tensor&
   return out;
 }
 
-// Rows per block of the weight / bias gradient sums: at least 256 (a partial is K * H values) and
-// at most 1,024 blocks.
+// Rows per block of the parameter gradient sums: at least 256 (a partial is K * H + K + 2 * H
+// values) and at most 1,024 blocks.
 int64_t rows_per_block(int64_t M) {
   return std::max<int64_t>(256, (M + 1023) / 1024);
 }
 
-std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_scores_backward_cpu(
-    const st::Tensor& grad, const st::Tensor& v_pre, const st::Tensor& u_pre, const st::Tensor& weight,
-    std::string act, std::vector<bool> output_mask) {
-  GateBackward g = prepare_gate_backward(grad, v_pre, u_pre, weight, act, output_mask);
+std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor, st::Tensor, st::Tensor>
+gated_attention_scores_backward_cpu(const st::Tensor& grad, const st::Tensor& v_pre, const st::Tensor& u_pre,
+                                    const st::Tensor& weight, std::string act,
+                                    const std::optional<st::Tensor>& v_bias,
+                                    const std::optional<st::Tensor>& u_bias, std::vector<bool> output_mask) {
+  GateBackward g = prepare_gate_backward(grad, v_pre, u_pre, weight, act, v_bias, u_bias, output_mask);
   const GateInputs& in = g.in;
   const int64_t M = in.v.M, H = in.v.H, K = in.K;
-  const bool need_vu = g.need_v || g.need_u;
-  if (!need_vu && !g.need_w && !g.need_b) return {g.grad_v, g.grad_u, g.grad_weight, g.grad_bias};
+  // grad_v / grad_u rows are computed when they, or their column sums (the hidden biases'
+  // gradients), are asked for
+  const bool rows_v = g.need_v || g.need_vb, rows_u = g.need_u || g.need_ub;
+  auto result = [&] {
+    return std::make_tuple(g.grad_v, g.grad_u, g.grad_weight, g.grad_bias, g.grad_v_bias, g.grad_u_bias);
+  };
+  if (!rows_v && !rows_u && !g.need_w && !g.need_b) return result();
 
   auto body = [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = st::acc_t<scalar_t>;
     constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-    const AccParam<scalar_t, acc_t> w(in.weight);
+    const AccParam<scalar_t, acc_t> w(in.weight), bv(in.v_bias), bu(in.u_bias);
     const acc_t* gr = g.grad.const_data_ptr<acc_t>();
     const scalar_t* vd = in.v.data.const_data_ptr<scalar_t>();
     const scalar_t* ud = in.u.data.const_data_ptr<scalar_t>();
@@ -168,20 +179,26 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_score
     scalar_t* gvd = g.need_v ? g.grad_v.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gud = g.need_u ? g.grad_u.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t R = rows_per_block(M), nb = M > 0 ? (M + R - 1) / R : 0;
-    std::vector<acc_t> pw(g.need_w ? nb * K * H : 0, acc_t(0)), pb(g.need_b ? nb * K : 0, acc_t(0));
+    auto partials = [&](bool need, int64_t n) { return std::vector<acc_t>(need ? nb * n : 0, acc_t(0)); };
+    std::vector<acc_t> pw = partials(g.need_w, K * H), pb = partials(g.need_b, K),
+                       pvb = partials(g.need_vb, H), pub = partials(g.need_ub, H);
     torch::stable::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> c(H), p(H), vb(same ? 0 : H), ub(same ? 0 : H), gvb(same ? 0 : H), gub(same ? 0 : H);
+      std::vector<acc_t> c(H), p(H), vb(same ? 0 : H), ub(same ? 0 : H);
+      // rows of grad_v / grad_u in acc_t where they are not written straight into the output
+      std::vector<acc_t> gvb(rows_v && (!same || !gvd) ? H : 0), gub(rows_u && (!same || !gud) ? H : 0);
       for (int64_t blk = b0; blk < b1; ++blk) {
         acc_t* pwb = g.need_w ? pw.data() + blk * K * H : nullptr;
         acc_t* pbb = g.need_b ? pb.data() + blk * K : nullptr;
+        acc_t* pvbb = g.need_vb ? pvb.data() + blk * H : nullptr;
+        acc_t* pubb = g.need_ub ? pub.data() + blk * H : nullptr;
         for (int64_t m = blk * R; m < std::min(M, (blk + 1) * R); ++m) {
           const acc_t* gm = gr + m * K;
           if (pbb)
             for (int64_t k = 0; k < K; ++k) pbb[k] += gm[k];
-          if (!need_vu && !pwb) continue;
+          if (!rows_v && !rows_u && !pwb) continue;
           const acc_t* v = as_acc<scalar_t, acc_t>(vd + m * vrs, H, vb.data());
           const acc_t* u = as_acc<scalar_t, acc_t>(ud + m * urs, H, ub.data());
-          if (need_vu) {
+          if (rows_v || rows_u) {
             // c = dL/d(act(v) * sigmoid(u)) = sum_k grad[m, k] * weight[k]
             const acc_t g0 = K > 0 ? gm[0] : acc_t(0);
             for (int64_t j = 0; j < H; ++j) c[j] = K > 0 ? g0 * w.ptr[j] : acc_t(0);
@@ -190,22 +207,24 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_score
               const acc_t* wk = w.ptr + k * H;
               for (int64_t j = 0; j < H; ++j) c[j] += gk * wk[j];
             }
-            acc_t* gv = nullptr;
-            acc_t* gu = nullptr;
-            if constexpr (same) {
-              gv = gvd ? gvd + m * H : nullptr;
-              gu = gud ? gud + m * H : nullptr;
-            } else {
-              gv = gvd ? gvb.data() : nullptr;
-              gu = gud ? gub.data() : nullptr;
+            acc_t* gv = rows_v ? gvb.data() : nullptr;
+            acc_t* gu = rows_u ? gub.data() : nullptr;
+            if constexpr (same) {  // written straight into the outputs where they are asked for
+              if (gvd) gv = gvd + m * H;
+              if (gud) gu = gud + m * H;
             }
-            gate_row_backward<acc_t>(v, u, c.data(), H, in.act, gv, gu, pwb ? p.data() : nullptr);
+            gate_row_backward<acc_t>(v, u, bv.ptr, bu.ptr, c.data(), H, in.act, gv, gu,
+                                     pwb ? p.data() : nullptr);
             if constexpr (!same) {
-              for (int64_t j = 0; gvd && j < H; ++j) gvd[m * H + j] = static_cast<scalar_t>(gvb[j]);
-              for (int64_t j = 0; gud && j < H; ++j) gud[m * H + j] = static_cast<scalar_t>(gub[j]);
+              for (int64_t j = 0; gvd && j < H; ++j) gvd[m * H + j] = static_cast<scalar_t>(gv[j]);
+              for (int64_t j = 0; gud && j < H; ++j) gud[m * H + j] = static_cast<scalar_t>(gu[j]);
             }
+            if (pvbb)
+              for (int64_t j = 0; j < H; ++j) pvbb[j] += gv[j];
+            if (pubb)
+              for (int64_t j = 0; j < H; ++j) pubb[j] += gu[j];
           } else {
-            gate_row<acc_t>(v, u, H, in.act, p.data());
+            gate_row<acc_t>(v, u, bv.ptr, bu.ptr, H, in.act, p.data());
           }
           if (pwb) {
             for (int64_t k = 0; k < K; ++k) {
@@ -230,11 +249,13 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_score
     };
     if (g.need_w) reduce(pw, K * H, g.grad_weight.mutable_data_ptr<scalar_t>());
     if (g.need_b) reduce(pb, K, g.grad_bias.mutable_data_ptr<scalar_t>());
+    if (g.need_vb) reduce(pvb, H, g.grad_v_bias.mutable_data_ptr<scalar_t>());
+    if (g.need_ub) reduce(pub, H, g.grad_u_bias.mutable_data_ptr<scalar_t>());
   };
   THO_DISPATCH_V2(v_pre.scalar_type(), "gated_attention_scores_backward_cpu",
                   AT_WRAP([&] { body(scalar_t{}); }), AT_EXPAND(AT_FLOATING_TYPES), st::ScalarType::Half,
                   st::ScalarType::BFloat16);
-  return {g.grad_v, g.grad_u, g.grad_weight, g.grad_bias};
+  return result();
 }
 
 }  // namespace

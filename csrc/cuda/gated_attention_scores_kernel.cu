@@ -1,17 +1,19 @@
 // CUDA kernels of gated_attention_scores and its backward.
 //
 // Forward: a group of G threads (a power of two up to a warp, sized to the row) per row of H. Each
-// thread walks the row VEC elements at a time, forms act(v) * sigmoid(u) in registers and folds it
-// into up to KB dot products with weight (read through L1: K x H is small and every row reuses it);
-// the group sums them with shuffles. v_pre and u_pre are read once and nothing of size [M, H] is
-// stored; K above KB takes the row again per KB outputs, from L1.
+// thread walks the row VEC elements at a time, adds the input layers' biases, forms act(v) * sigmoid(u)
+// in registers and folds it into up to KB dot products with weight (read through L1 like the biases:
+// K x H is small and every row reuses it); the group sums them with shuffles. v_pre and u_pre are read
+// once and nothing of size [M, H] is stored; K above KB takes the row again per KB outputs, from L1.
 //
 // Backward: a block is a tile of columns (tx threads, VEC columns each) by ty thread rows over one
 // slice of the rows. grad_v and grad_u need no reduction over H, so a thread reads its columns of a
-// row once, writes their two gradients and keeps its columns' weight-gradient sums in registers. A
-// block adds its thread rows pairwise in shared memory into the slice's partial [K, H] (+ [K]); a
-// second kernel sums the slices in a fixed order. No atomics: grad_weight and grad_bias do not depend on
-// timing. K above kMaxKB takes further passes for the weight gradient, each reading the rows again.
+// row once, writes their two gradients and keeps in registers its columns' weight-gradient sums and
+// its columns' sums of grad_v and grad_u over rows (the input layers' bias gradients, taken from the
+// unrounded values whether or not grad_v / grad_u are written). A block adds its thread rows pairwise
+// in shared memory into the slice's partial [K, H] (+ [K]) (+ [H] + [H]); a second kernel sums the
+// slices in a fixed order. No atomics: no gradient that is a sum over rows depends on timing. K above
+// kMaxKB takes further passes for the weight gradient, each reading the rows again.
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
@@ -92,12 +94,28 @@ __device__ __forceinline__ T act_backward(T g, T v, T a, T cdf) {
   }
 }
 
+// b[j, j + VEC) in acc_t, or -0 where there is no bias: x + -0 is x for every x, -0 and NaN included,
+// so a missing bias changes no bit of the pre-activation.
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void load_hidden_bias(const scalar_t* b, int64_t j, acc_t (&out)[VEC]) {
+  if (b != nullptr) {
+    const auto p = cuda::load_pack<scalar_t, VEC>(b + j);
+#pragma unroll
+    for (int t = 0; t < VEC; ++t) out[t] = static_cast<acc_t>(p.v[t]);
+  } else {
+#pragma unroll
+    for (int t = 0; t < VEC; ++t) out[t] = acc_t(-0.0);
+  }
+}
+
 // scores[m, k0 + k] for k < KB, k0 stepping through K. G threads per row, G a power of two <= 32.
+// vb / ub ([H]) may be null.
 template <typename scalar_t, int ACT, int VEC, int KB>
 __global__ void __launch_bounds__(kThreads)
     gate_scores_kernel(const scalar_t* __restrict__ v, int64_t rsv, const scalar_t* __restrict__ u,
-                       int64_t rsu, const scalar_t* __restrict__ w, const scalar_t* __restrict__ bias,
-                       int64_t M, int64_t H, int64_t K, int G, scalar_t* __restrict__ out) {
+                       int64_t rsu, const scalar_t* __restrict__ vb, const scalar_t* __restrict__ ub,
+                       const scalar_t* __restrict__ w, const scalar_t* __restrict__ bias, int64_t M,
+                       int64_t H, int64_t K, int G, scalar_t* __restrict__ out) {
   using acc_t = st::acc_t<scalar_t>;
   const int lane = threadIdx.x & (G - 1);
   const int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
@@ -119,11 +137,14 @@ __global__ void __launch_bounds__(kThreads)
         for (int64_t j = static_cast<int64_t>(lane) * VEC; j < H; j += static_cast<int64_t>(G) * VEC) {
           const auto vp = cuda::load_pack<scalar_t, VEC>(vr + j);
           const auto up = cuda::load_pack<scalar_t, VEC>(ur + j);
-          acc_t p[VEC];
+          acc_t bv[VEC], bu[VEC], p[VEC];
+          load_hidden_bias<scalar_t, VEC>(vb, j, bv);
+          load_hidden_bias<scalar_t, VEC>(ub, j, bu);
 #pragma unroll
           for (int t = 0; t < VEC; ++t) {
             acc_t cdf = acc_t(0);
-            p[t] = activate<ACT>(static_cast<acc_t>(vp.v[t]), cdf) * sigmoid(static_cast<acc_t>(up.v[t]));
+            p[t] = activate<ACT>(static_cast<acc_t>(vp.v[t]) + bv[t], cdf) *
+                   sigmoid(static_cast<acc_t>(up.v[t]) + bu[t]);
           }
 #pragma unroll
           for (int k = 0; k < KB; ++k) {
@@ -157,16 +178,45 @@ struct BackwardParams {
   using acc_t = st::acc_t<scalar_t>;
   const acc_t* grad;  // [M, K], contiguous
   const scalar_t *v, *u, *w;
+  const scalar_t *vb, *ub;  // [H] each, or null
   int64_t rsv, rsu, M, H, K;
   int64_t rows;    // rows per slice
   int64_t ctiles;  // column tiles per slice: blockIdx.x = slice * ctiles + tile
   int64_t k0;      // this pass sums weight-gradient rows [k0, k0 + kc)
   int kc;
   bool wgrad, bgrad;
-  scalar_t *gv, *gu;  // [M, H] contiguous; null where not written by this pass
-  acc_t* part;        // [slices, nw]: weight partials at k * H + j, bias partials at boff + k
-  int64_t nw, boff;
+  bool vbgrad, ubgrad;  // this pass sums grad_v / grad_u over rows
+  scalar_t *gv, *gu;    // [M, H] contiguous; null where not written by this pass
+  // [slices, nw]: weight partials at k * H + j, bias partials at boff + k, v_bias / u_bias partials at
+  // vboff + j / uboff + j
+  acc_t* part;
+  int64_t nw, boff, vboff, uboff;
 };
+
+// Adds the block's TY thread rows of x pairwise in a fixed order (TY is a power of two) and has thread
+// row 0 write the sums to dst[col, col + VEC). Every thread of the block calls it.
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void sum_thread_rows(const acc_t (&x)[VEC], acc_t* red, int64_t col, int64_t H,
+                                                acc_t* dst) {
+  const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
+  acc_t* const mine = red + (ty * TX + tx) * VEC;
+#pragma unroll
+  for (int t = 0; t < VEC; ++t) mine[t] = x[t];
+  __syncthreads();
+  for (int h = TY >> 1; h > 0; h >>= 1) {
+    if (ty < h) {
+#pragma unroll
+      for (int t = 0; t < VEC; ++t) mine[t] += mine[h * TX * VEC + t];
+    }
+    __syncthreads();
+  }
+  // H is a whole number of packs when VEC > 1, so a pack that starts in the row ends in it
+  if (ty == 0 && col < H) {
+#pragma unroll
+    for (int t = 0; t < VEC; ++t) dst[col + t] = mine[t];
+  }
+  __syncthreads();
+}
 
 template <typename scalar_t, int ACT, int VEC, int KB>
 __global__ void __launch_bounds__(kThreads) gate_scores_backward_kernel(const BackwardParams<scalar_t> P) {
@@ -177,17 +227,23 @@ __global__ void __launch_bounds__(kThreads) gate_scores_backward_kernel(const Ba
   const int64_t s = blockIdx.x / P.ctiles, ct = blockIdx.x % P.ctiles;
   const int64_t col = (ct * TX + tx) * VEC;
   const bool bias_lane = P.bgrad && ct == 0 && tx == 0;
-  const bool vu = P.gv != nullptr || P.gu != nullptr;
-  const bool elems = col < P.H && (vu || P.wgrad);
+  // c (below) feeds grad_v, grad_u and their sums over rows
+  const bool need_c = P.gv != nullptr || P.gu != nullptr || P.vbgrad || P.ubgrad;
+  const bool elems = col < P.H && (need_c || P.wgrad);
   const int64_t r0 = s * P.rows, r1 = r0 + P.rows < P.M ? r0 + P.rows : P.M;
 
-  acc_t gw[KB][VEC], gb[KB];
+  acc_t gw[KB][VEC], gb[KB], svb[VEC], sub[VEC], bv[VEC], bu[VEC];
 #pragma unroll
   for (int k = 0; k < KB; ++k) {
     gb[k] = acc_t(0);
 #pragma unroll
     for (int t = 0; t < VEC; ++t) gw[k][t] = acc_t(0);
   }
+#pragma unroll
+  for (int t = 0; t < VEC; ++t) svb[t] = sub[t] = acc_t(0);
+  // A thread's columns are the same in every row: their biases are read once.
+  load_hidden_bias<scalar_t, VEC>(elems ? P.vb : nullptr, col, bv);
+  load_hidden_bias<scalar_t, VEC>(elems ? P.ub : nullptr, col, bu);
 
   for (int64_t m = r0 + ty; m < r1; m += TY) {
     const acc_t* g = P.grad + m * P.K;
@@ -206,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) gate_scores_backward_kernel(const Ba
     acc_t c[VEC];
 #pragma unroll
     for (int t = 0; t < VEC; ++t) c[t] = acc_t(0);
-    if (vu) {
+    if (need_c) {
       for (int64_t k = 0; k < P.K; ++k) {
         const acc_t gkk = g[k];
         const auto wp = cuda::load_pack<scalar_t, VEC>(P.w + k * P.H + col);
@@ -217,13 +273,21 @@ __global__ void __launch_bounds__(kThreads) gate_scores_backward_kernel(const Ba
     cuda::Pack<scalar_t, VEC> yv, yu;
 #pragma unroll
     for (int t = 0; t < VEC; ++t) {
-      const acc_t x = static_cast<acc_t>(vp.v[t]);
+      const acc_t x = static_cast<acc_t>(vp.v[t]) + bv[t];
       acc_t cdf = acc_t(0);
       const acc_t a = activate<ACT>(x, cdf);
-      const acc_t sg = sigmoid(static_cast<acc_t>(up.v[t]));
+      const acc_t sg = sigmoid(static_cast<acc_t>(up.v[t]) + bu[t]);
       // torch's unfused order: grad_a = c * s, grad_s = c * a, sigmoid_backward = dy * (1 - y) * y
-      if (P.gv != nullptr) yv.v[t] = static_cast<scalar_t>(act_backward<ACT>(c[t] * sg, x, a, cdf));
-      if (P.gu != nullptr) yu.v[t] = static_cast<scalar_t>(c[t] * a * (acc_t(1) - sg) * sg);
+      if (P.gv != nullptr || P.vbgrad) {
+        const acc_t dv = act_backward<ACT>(c[t] * sg, x, a, cdf);
+        yv.v[t] = static_cast<scalar_t>(dv);
+        svb[t] += dv;
+      }
+      if (P.gu != nullptr || P.ubgrad) {
+        const acc_t du = c[t] * a * (acc_t(1) - sg) * sg;
+        yu.v[t] = static_cast<scalar_t>(du);
+        sub[t] += du;
+      }
       if (P.wgrad) {
         const acc_t p = a * sg;
 #pragma unroll
@@ -234,32 +298,15 @@ __global__ void __launch_bounds__(kThreads) gate_scores_backward_kernel(const Ba
     if (P.gu != nullptr) cuda::store_pack<scalar_t, VEC>(P.gu + m * P.H + col, yu);
   }
 
-  // The block's thread rows, added pairwise in a fixed order (TY is a power of two).
   acc_t* const part = P.part + s * P.nw;
-  acc_t* const mine = red + (ty * TX + tx) * VEC;
   if (P.wgrad) {
 #pragma unroll
     for (int k = 0; k < KB; ++k) {
-      if (k < P.kc) {
-#pragma unroll
-        for (int t = 0; t < VEC; ++t) mine[t] = gw[k][t];
-        __syncthreads();
-        for (int h = TY >> 1; h > 0; h >>= 1) {
-          if (ty < h) {
-#pragma unroll
-            for (int t = 0; t < VEC; ++t) mine[t] += mine[h * TX * VEC + t];
-          }
-          __syncthreads();
-        }
-        // H is a whole number of packs when VEC > 1, so a pack that starts in the row ends in it
-        if (ty == 0 && col < P.H) {
-#pragma unroll
-          for (int t = 0; t < VEC; ++t) part[(P.k0 + k) * P.H + col + t] = mine[t];
-        }
-        __syncthreads();
-      }
+      if (k < P.kc) sum_thread_rows<acc_t, VEC>(gw[k], red, col, P.H, part + (P.k0 + k) * P.H);
     }
   }
+  if (P.vbgrad) sum_thread_rows<acc_t, VEC>(svb, red, col, P.H, part + P.vboff);
+  if (P.ubgrad) sum_thread_rows<acc_t, VEC>(sub, red, col, P.H, part + P.uboff);
   if (P.bgrad && ct == 0) {
 #pragma unroll
     for (int k = 0; k < KB; ++k) {
@@ -277,13 +324,22 @@ __global__ void __launch_bounds__(kThreads) gate_scores_backward_kernel(const Ba
   }
 }
 
-// out[i] = sum over slices of part[slice, i], cast: columns [0, boff) are grad_weight, the rest
-// grad_bias. Thread row y sums a contiguous run of slices kFold at a time (the rounding error grows
-// with kFold + run / kFold, not with the run), then the kCombineY rows are added pairwise.
+// Where the outputs lie in a row of the partials: output o takes columns [end[o - 1], end[o]), from 0;
+// an output that is not summed has an empty range and may be null.
+template <typename scalar_t>
+struct PartialOutputs {
+  static constexpr int kN = 4;
+  int64_t end[kN];
+  scalar_t* out[kN];
+};
+
+// out[i] = sum over slices of part[slice, i], cast into the output whose range holds i. Thread row y
+// sums a contiguous run of slices kFold at a time (the rounding error grows with kFold + run / kFold,
+// not with the run), then the kCombineY rows are added pairwise.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCombineX* kCombineY)
     combine_partials_kernel(const st::acc_t<scalar_t>* __restrict__ part, int64_t slices, int64_t nw,
-                            int64_t boff, scalar_t* __restrict__ gw, scalar_t* __restrict__ gb) {
+                            const PartialOutputs<scalar_t> outs) {
   using acc_t = st::acc_t<scalar_t>;
   __shared__ acc_t rows[kCombineY][kCombineX];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -310,10 +366,11 @@ __global__ void __launch_bounds__(kCombineX* kCombineY)
     __syncthreads();
   }
   if (ty == 0 && i < nw) {
-    if (i < boff) {
-      gw[i] = static_cast<scalar_t>(rows[0][tx]);
-    } else {
-      gb[i - boff] = static_cast<scalar_t>(rows[0][tx]);
+    int64_t start = 0;
+#pragma unroll
+    for (int o = 0; o < PartialOutputs<scalar_t>::kN; ++o) {
+      if (i >= start && i < outs.end[o]) outs.out[o][i - start] = static_cast<scalar_t>(rows[0][tx]);
+      start = outs.end[o];
     }
   }
 }
@@ -338,7 +395,7 @@ bool aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-// Packs of vec elements when H, both row strides and every base pointer allow them.
+// Packs of vec elements when H, both row strides and every non-null base pointer allow them.
 bool rows_vectorisable(int vec, size_t elem, int64_t H, const GateInputs& in,
                        std::initializer_list<const void*> ptrs) {
   if (vec <= 1) return true;
@@ -390,13 +447,19 @@ int kb_for(int64_t K) {
   return kb;
 }
 
+template <typename scalar_t>
+const scalar_t* data_or_null(const st::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
 st::Tensor gated_attention_scores_cuda(const st::Tensor& v_pre, const st::Tensor& u_pre,
                                        const st::Tensor& weight, const std::optional<st::Tensor>& bias,
-                                       std::string act) {
+                                       std::string act, const std::optional<st::Tensor>& v_bias,
+                                       const std::optional<st::Tensor>& u_bias) {
   const char* op = "gated_attention_scores";
   const int32_t dev_index = v_pre.get_device_index();
   const st::DeviceGuard guard(dev_index);
-  const GateInputs in = check_gate_inputs(v_pre, u_pre, weight, bias, act, op);
+  const GateInputs in = check_gate_inputs(v_pre, u_pre, weight, bias, act, v_bias, u_bias, op);
   const int64_t M = in.v.M, H = in.v.H, K = in.K;
   st::Tensor out = st::empty(in.out_sizes.data(), static_cast<int64_t>(in.out_sizes.size()),
                              v_pre.scalar_type(), v_pre.device());
@@ -411,8 +474,10 @@ st::Tensor gated_attention_scores_cuda(const st::Tensor& v_pre, const st::Tensor
     const scalar_t* vp = in.v.data.const_data_ptr<scalar_t>();
     const scalar_t* up = in.u.data.const_data_ptr<scalar_t>();
     const scalar_t* wp = in.weight.const_data_ptr<scalar_t>();
-    const scalar_t* bp = in.bias.defined() ? in.bias.const_data_ptr<scalar_t>() : nullptr;
-    const bool vec = rows_vectorisable(V, sizeof(scalar_t), H, in, {vp, up, wp});
+    const scalar_t* bp = data_or_null<scalar_t>(in.bias);
+    const scalar_t* vbp = data_or_null<scalar_t>(in.v_bias);
+    const scalar_t* ubp = data_or_null<scalar_t>(in.u_bias);
+    const bool vec = rows_vectorisable(V, sizeof(scalar_t), H, in, {vp, up, wp, vbp, ubp});
     const int G = row_threads(ceil_div(H, vec ? V : 1));
     // Enough blocks to fill the GPU; the kernel strides over the rest of the rows.
     const int64_t blocks = std::min<int64_t>(ceil_div(M, kThreads / G), 32 * sms);
@@ -420,8 +485,8 @@ st::Tensor gated_attention_scores_cuda(const st::Tensor& v_pre, const st::Tensor
       dispatch_kb(kb_for(K), [&](auto kb_c) {
         auto launch = [&](auto vec_c) {
           gate_scores_kernel<scalar_t, decltype(act_c)::value, decltype(vec_c)::value, decltype(kb_c)::value>
-              <<<grid_x(blocks, op, "blocks"), kThreads, 0, stream>>>(vp, in.v.rs, up, in.u.rs, wp, bp, M, H,
-                                                                      K, G, out.mutable_data_ptr<scalar_t>());
+              <<<grid_x(blocks, op, "blocks"), kThreads, 0, stream>>>(
+                  vp, in.v.rs, up, in.u.rs, vbp, ubp, wp, bp, M, H, K, G, out.mutable_data_ptr<scalar_t>());
           MASKATTN_CUDA_LAUNCH_CHECK();
         };
         if (vec) {
@@ -437,27 +502,37 @@ st::Tensor gated_attention_scores_cuda(const st::Tensor& v_pre, const st::Tensor
   return out;
 }
 
-std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_scores_backward_cuda(
-    const st::Tensor& grad, const st::Tensor& v_pre, const st::Tensor& u_pre, const st::Tensor& weight,
-    std::string act, std::vector<bool> output_mask) {
+std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor, st::Tensor, st::Tensor>
+gated_attention_scores_backward_cuda(const st::Tensor& grad, const st::Tensor& v_pre, const st::Tensor& u_pre,
+                                     const st::Tensor& weight, std::string act,
+                                     const std::optional<st::Tensor>& v_bias,
+                                     const std::optional<st::Tensor>& u_bias, std::vector<bool> output_mask) {
   const char* op = "_gated_attention_scores_backward";
   const int32_t dev_index = v_pre.get_device_index();
   const st::DeviceGuard guard(dev_index);
-  const GateBackward g = prepare_gate_backward(grad, v_pre, u_pre, weight, act, output_mask);
+  const GateBackward g = prepare_gate_backward(grad, v_pre, u_pre, weight, act, v_bias, u_bias, output_mask);
   const GateInputs& in = g.in;
   const int64_t M = in.v.M, H = in.v.H, K = in.K;
   st::Tensor grad_v = g.grad_v, grad_u = g.grad_u, grad_weight = g.grad_weight, grad_bias = g.grad_bias;
-  auto ret = [&] { return std::make_tuple(grad_v, grad_u, grad_weight, grad_bias); };
+  st::Tensor grad_v_bias = g.grad_v_bias, grad_u_bias = g.grad_u_bias;
+  auto ret = [&] {
+    return std::make_tuple(grad_v, grad_u, grad_weight, grad_bias, grad_v_bias, grad_u_bias);
+  };
   // Only outputs with elements are written; an empty sum is 0.
   const bool vu = (g.need_v || g.need_u) && H > 0;
   const bool wgrad = g.need_w && K > 0 && H > 0;
   const bool bgrad = g.need_b && K > 0;
+  const bool vbgrad = g.need_vb && H > 0, ubgrad = g.need_ub && H > 0;
   if (M == 0) {
     if (wgrad) torch::stable::fill_(grad_weight, 0.0);
     if (bgrad) torch::stable::fill_(grad_bias, 0.0);
+    if (vbgrad) torch::stable::fill_(grad_v_bias, 0.0);
+    if (ubgrad) torch::stable::fill_(grad_u_bias, 0.0);
     return ret();
   }
-  if (!vu && !wgrad && !bgrad) return ret();
+  // Outputs that take a thread per column rather than only the bias lane
+  const bool cols = vu || wgrad || vbgrad || ubgrad;
+  if (!cols && !bgrad) return ret();
   const st::Device dev = v_pre.device();
   const cudaStream_t stream = st::current_stream(dev_index);
   const int64_t sms = st::sm_count(dev_index);
@@ -476,6 +551,8 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_score
       P.v = in.v.data.const_data_ptr<scalar_t>();
       P.u = in.u.data.const_data_ptr<scalar_t>();
       P.w = in.weight.const_data_ptr<scalar_t>();
+      P.vb = data_or_null<scalar_t>(in.v_bias);
+      P.ub = data_or_null<scalar_t>(in.u_bias);
       P.rsv = in.v.rs;
       P.rsu = in.u.rs;
       P.M = M;
@@ -483,7 +560,7 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_score
       P.K = K;
       scalar_t* gv = g.need_v && H > 0 ? grad_v.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* gu = g.need_u && H > 0 ? grad_u.mutable_data_ptr<scalar_t>() : nullptr;
-      const bool vec = rows_vectorisable(V, sizeof(scalar_t), H, in, {P.v, P.u, P.w, gv, gu});
+      const bool vec = rows_vectorisable(V, sizeof(scalar_t), H, in, {P.v, P.u, P.w, P.vb, P.ub, gv, gu});
       const int vec_n = vec ? V : 1;
       void (*kernel)(BackwardParams<scalar_t>) = nullptr;
       dispatch_act(in.act, [&](auto act_c) {
@@ -492,9 +569,9 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_score
                      : gate_scores_backward_kernel<scalar_t, ACT, 1, KB>;
       });
       // Bias alone touches no column: one thread column, all 256 threads on rows.
-      const int TX = (vu || wgrad) ? row_threads(ceil_div(H, vec_n)) : 1;
+      const int TX = cols ? row_threads(ceil_div(H, vec_n)) : 1;
       const int TY = kThreads / TX;
-      const int64_t ctiles = (vu || wgrad) ? ceil_div(ceil_div(H, vec_n), TX) : 1;
+      const int64_t ctiles = cols ? ceil_div(ceil_div(H, vec_n), TX) : 1;
       // Equal slices, at least one full wave of blocks, and short running sums: a thread takes at
       // most kRowsPerThread rows of a slice (more slices instead), and at least 4.
       int per_sm = 0;
@@ -511,7 +588,9 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_score
       P.wgrad = wgrad;
       P.bgrad = bgrad;
       P.boff = wgrad ? K * H : 0;
-      P.nw = P.boff + (bgrad ? K : 0);
+      P.vboff = P.boff + (bgrad ? K : 0);
+      P.uboff = P.vboff + (vbgrad ? H : 0);
+      P.nw = P.uboff + (ubgrad ? H : 0);
       st::Tensor part;
       if (P.nw > 0) part = st::empty({slices, P.nw}, st::acc_dtype(v_pre.scalar_type()), dev);
       P.part = P.nw > 0 ? part.mutable_data_ptr<acc_t>() : nullptr;
@@ -521,14 +600,24 @@ std::tuple<st::Tensor, st::Tensor, st::Tensor, st::Tensor> gated_attention_score
         P.kc = static_cast<int>(std::min<int64_t>(KB, K - P.k0));
         P.gv = pass == 0 ? gv : nullptr;
         P.gu = pass == 0 ? gu : nullptr;
+        P.vbgrad = pass == 0 && vbgrad;
+        P.ubgrad = pass == 0 && ubgrad;
         kernel<<<blocks, dim3(TX, TY), 0, stream>>>(P);
         MASKATTN_CUDA_LAUNCH_CHECK();
       }
       if (P.nw > 0) {
-        combine_partials_kernel<scalar_t><<<grid_x(ceil_div(P.nw, kCombineX), op, "ceil(partial width / 32)"),
-                                            dim3(kCombineX, kCombineY), 0, stream>>>(
-            P.part, slices, P.nw, P.boff, wgrad ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr,
-            bgrad ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr);
+        PartialOutputs<scalar_t> outs;
+        outs.end[0] = P.boff;
+        outs.end[1] = P.vboff;
+        outs.end[2] = P.uboff;
+        outs.end[3] = P.nw;
+        outs.out[0] = wgrad ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
+        outs.out[1] = bgrad ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+        outs.out[2] = vbgrad ? grad_v_bias.mutable_data_ptr<scalar_t>() : nullptr;
+        outs.out[3] = ubgrad ? grad_u_bias.mutable_data_ptr<scalar_t>() : nullptr;
+        combine_partials_kernel<scalar_t>
+            <<<grid_x(ceil_div(P.nw, kCombineX), op, "ceil(partial width / 32)"), dim3(kCombineX, kCombineY),
+               0, stream>>>(P.part, slices, P.nw, outs);
         MASKATTN_CUDA_LAUNCH_CHECK();
       }
     });

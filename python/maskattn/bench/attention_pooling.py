@@ -16,6 +16,11 @@ log-normally distributed sizes (whole-slide bags: a median and a spread of about
 
 Before timing, every implementation's parameter gradients are checked against the loop's.
 
+A stage case times what ``AttentionPooling(gated=True)`` runs after the two input GEMMs, CLAM's
+``attention_c(tanh(a) * sigmoid(b))``, against ``maskattn.gated_attention_scores`` on the same
+GEMM outputs (rows of 256 hidden units; the floor: v and u read forward, read again and their
+gradients written backward).
+
 A second layer compares with PyG's ``AttentionalAggregation`` on the same packed rows (when
 ``torch_geometric`` is installed): ``gate_nn = Linear(F, 1)`` (the pooling itself) and
 ``Sequential(Linear(F, 256), Tanh, Linear(256, 1))``, converted with ``AttentionPooling.from_pyg``.
@@ -36,6 +41,10 @@ import maskattn
 from ._harness import BASELINE, COMPILED, MASKATTN, VARIANT, Case, Impl, Layer
 
 LAYER = Layer("CLAM gated ABMIL head, per-bag loop (fwd+bwd over many bags)", "maskattn.nn.AttentionPooling")
+SCORING = Layer(
+    "CLAM gated attention scoring after its Linear layers, attention_c(tanh(a) * sigmoid(b))",
+    "maskattn.gated_attention_scores",
+)
 PYG_LAYER = Layer("PyG AttentionalAggregation", "maskattn.nn.AttentionPooling.from_pyg")
 LOOP = "CLAM per-bag loop + grad accumulation (eager)"
 LOOP_COMPILED = "CLAM per-bag loop (compiled, dynamic)"
@@ -124,9 +133,42 @@ def _check_same(name, ref, got):
             )
 
 
+def clam_scoring(a, b, w, bias):
+    """CLAM's Attn_Net_Gated after its two Linear layers: attention_c(tanh(a) * sigmoid(b))."""
+    return F.linear(torch.tanh(a) * torch.sigmoid(b), w, bias)
+
+
+def scoring_cases(args, H):
+    dev = args.device
+    compiled = None if args.no_compile else torch.compile(clam_scoring)
+    for M in (512,) if args.quick else (8192, 65536):
+        g = torch.Generator().manual_seed(M)
+        a, b = (torch.randn(M, H, generator=g).to(dev).requires_grad_() for _ in range(2))
+        w, bias = torch.randn(1, H, generator=g).to(dev).requires_grad_(), torch.zeros(1, device=dev).requires_grad_()
+        rows = M * H * a.element_size()
+        for mode in ("fwd", "fwd+bwd"):
+
+            def run(f, mode=mode):
+                if mode == "fwd":
+                    with torch.no_grad():
+                        return f(a, b, w, bias)
+                return torch.autograd.grad(f(a, b, w, bias).sum(), [a, b, w, bias])
+
+            impls = [Impl("tanh(a) * sigmoid(b) -> Linear (eager)", lambda run=run: run(clam_scoring), BASELINE)]
+            if compiled is not None:
+                impls.append(Impl("same (compiled)", lambda run=run: run(compiled), COMPILED))
+            impls.append(
+                Impl("maskattn.gated_attention_scores", lambda run=run: run(maskattn.gated_attention_scores), MASKATTN)
+            )
+            floor = 2 * rows if mode == "fwd" else 6 * rows
+            yield Case(SCORING, f"M={M} H={H} K=1", mode, impls, detail="the GEMM outputs given", bytes_moved=floor)
+        del a, b, w, bias
+
+
 def cases(args):
     dev = args.device
     (L, H), medians, n_bags = _config(args)
+    yield from scoring_cases(args, H)
     torch.manual_seed(0)
     net = ClamGatedNet(L, H).to(dev)
     head = nn.Linear(L, N_CLASSES).to(dev)

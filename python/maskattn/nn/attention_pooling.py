@@ -1,6 +1,7 @@
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _segments
@@ -27,6 +28,11 @@ def _blocked(x: Tensor) -> bool:
     return not x.is_cuda and not torch.compiler.is_compiling()
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    g = nn.modules.module
+    return bool(m._forward_hooks or m._forward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks)
+
+
 _NAME = "AttentionPooling"
 
 
@@ -44,9 +50,9 @@ class AttentionPooling(nn.Module):
         hidden_dim: hidden size of the scoring MLP; ``None`` scores with one linear layer
             ``Linear(D, K)`` (PyG's ``gate_nn = Linear(F, 1)``; not with ``gated``).
         gated: the gated variant (CLAM's ``Attn_Net_Gated``), ``w^T (act(V h) * sigmoid(U h))``;
-            everything after the two input layers runs as one op,
+            everything after the two input GEMMs (their biases included) runs as one op,
             :func:`maskattn.gated_attention_scores` (no activation stored), except while dropout
-            is active in training.
+            is active in training; input layers that carry forward hooks are called as modules.
         branches: K attention branches (multi-branch / multi-class MIL, CLAM_MB); outputs gain a K dim.
         dropout: dropout after the activation of each branch, before the product (CLAM's placement;
             CLAM uses 0.25).
@@ -162,9 +168,13 @@ class AttentionPooling(nn.Module):
         if self.gated:
             if self.dropout > 0 and self.training:
                 return self.attention_w(self.attention_v(x) * self.attention_u(x))
-            # the two activations, their product and the last layer in one op, forward and backward
-            w = self.attention_w
-            return gated_attention_scores(self.attention_v[0](x), self.attention_u[0](x), w.weight, w.bias, self.act)
+            # the input layers' biases, the two activations, their product and the last layer in one
+            # op, forward and backward; the input layers are plain GEMMs
+            lv, lu, w = self.attention_v[0], self.attention_u[0], self.attention_w
+            if _has_hooks(lv) or _has_hooks(lu):  # hooks see the layers called as modules
+                return gated_attention_scores(lv(x), lu(x), w.weight, w.bias, self.act)
+            v, u = F.linear(x, lv.weight), F.linear(x, lu.weight)
+            return gated_attention_scores(v, u, w.weight, w.bias, self.act, lv.bias, lu.bias)
         return self.attention_net(x)
 
     def _score_packed(self, x: Tensor) -> Tensor:
