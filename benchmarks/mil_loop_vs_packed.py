@@ -2,7 +2,11 @@
 
 The attention_pooling suite times five implementations per case; this script times the two that
 the "never slower than the loop" goal compares, alternating them round by round and reading the
-process CPU time, so that a busy host's waiting for a core is left out. Same head as the suite
+process CPU time, so that a busy host's waiting for a core is left out. A third contender is the
+same packed module with its gated scoring written as CLAM writes it
+(``attention_w(attention_v(x) * attention_u(x))``: two Linear layers with their biases, tanh,
+sigmoid, product, last layer, each a separate op) instead of the fused
+``maskattn.gated_attention_scores``: what that op buys at the model level, in the same run. Same head as the suite
 (CLAM's gated attention net, L = 1024, hidden 256, a linear classifier), same bags (64 per median,
 log-normal sizes), frozen features; the two parameter gradients are asserted equal first.
 
@@ -35,8 +39,18 @@ def main():
     ref_params = list(net.parameters()) + list(head.parameters())
     our_params = list(pool.parameters()) + list(pool_head.parameters())
     print(f"torch {torch.__version__}, 1 thread, process CPU time, {args.bags} bags, L={L}, hidden {H}")
-    print("| median (T) | loop, ms | packed, ms | loop / packed (median of rounds) | per round |")
-    print("| --- | ---: | ---: | ---: | --- |")
+    unfused = maskattn.nn.AttentionPooling.from_clam(net)
+
+    def unfused_scores(x, m=unfused):
+        return m.attention_w(m.attention_v(x) * m.attention_u(x))
+
+    unfused._score_rows = unfused_scores
+    unfused_params = list(unfused.parameters()) + list(pool_head.parameters())
+    print(
+        "| median (T) | loop, ms | packed, ms | packed, unfused scoring, ms | loop / packed (median of rounds) "
+        "| per round | unfused / fused scoring |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
     for median in (int(m) for m in args.medians.split(",")):
         sizes = bag_sizes(args.bags, median)
         T = sum(sizes)
@@ -60,22 +74,32 @@ def main():
             pooled, _ = pool(x, offsets=offsets)
             F.cross_entropy(pool_head(pooled), labels, reduction="sum").backward()
 
+        def packed_unfused(x=x, offsets=offsets, labels=labels):
+            for q in unfused_params:
+                q.grad = None
+            pooled, _ = unfused(x, offsets=offsets)
+            F.cross_entropy(pool_head(pooled), labels, reduction="sum").backward()
+
         loop()
         packed()
         _check_same("packed", [q.grad for q in ref_params], [q.grad for q in our_params])
-        times = {"loop": [], "packed": []}
+        packed_unfused()
+        _check_same("packed, unfused scoring", [q.grad for q in ref_params], [q.grad for q in unfused_params])
+        fns = [("loop", loop), ("packed", packed), ("unfused", packed_unfused)]
+        times = {name: [] for name, _ in fns}
         for r in range(args.rounds):
-            order = (("loop", loop), ("packed", packed)) if r % 2 == 0 else (("packed", packed), ("loop", loop))
-            for name, fn in order:
+            for name, fn in fns[r % 3 :] + fns[: r % 3]:  # rotating order
                 t = time.process_time()
                 fn()
                 times[name].append(time.process_time() - t)
         per_round = [a / b for a, b in zip(times["loop"], times["packed"])]
-        lm, pm = statistics.median(times["loop"]), statistics.median(times["packed"])
+        fused_gain = statistics.median(a / b for a, b in zip(times["unfused"], times["packed"]))
+        lm, pm, um = (statistics.median(times[n]) for n in ("loop", "packed", "unfused"))
         print(
-            f"| {median} ({T:,}) | {lm * 1e3:,.0f} | {pm * 1e3:,.0f} | {statistics.median(per_round):.3f}x | "
+            f"| {median} ({T:,}) | {lm * 1e3:,.0f} | {pm * 1e3:,.0f} | {um * 1e3:,.0f} | "
+            f"{statistics.median(per_round):.3f}x | "
             + ", ".join(f"{v:.3f}" for v in per_round)
-            + " |"
+            + f" | {fused_gain:.3f}x |"
         )
 
 

@@ -189,10 +189,14 @@ def test_saturating_arguments_are_accurate():
     sat = torch.full_like(col, 200.0)  # sigmoid(200) = 1 in float32 and float64
     for act in ACTS:
         got = op(col.float(), sat.float(), w.float(), act=act).double()
-        # gelu's far negative tail is below float32's resolution of 1 + erf (torch's float32 gelu
-        # gives 0 there too): an absolute bound for it; tanh near 0 must hold its relative accuracy
-        atol = 1e-7 if act == "gelu" else 1e-37
-        torch.testing.assert_close(got, ref(col, sat, w, act=act), atol=atol, rtol=4e-7)
+        want = ref(col, sat, w, act=act)
+        if act == "gelu":
+            # erf's vectorised approximation (abs error 1.5e-7, as torch's own float32 erf): no
+            # less accurate than torch's float32 gelu on the same points
+            bound = (F.gelu(col.float()).double() - want).abs().max()
+            assert (got - want).abs().max() <= bound, ((got - want).abs().max(), bound)
+        else:  # tanh near 0 must hold its relative accuracy
+            torch.testing.assert_close(got, want, atol=1e-37, rtol=4e-7)
     got = op(torch.ones_like(col).float() * 10, col.float(), w.float(), act="relu").double()
     torch.testing.assert_close(got, 10 * torch.sigmoid(col), atol=1e-37, rtol=4e-7)
 

@@ -427,10 +427,26 @@ __attribute__((always_inline)) inline v16sf tanh16(v16sf x) {
   return ax < splat16(0.625f) ? small : signed_big;
 }
 
-inline float gelu1(float v, float* d) {
-  const float c = 0.5f * (1.0f + std::erf(v * 0.70710678118654752f));
-  *d = c + v * std::exp(-0.5f * v * v) * 0.39894228040143268f;
-  return v * c;
+// gelu(x) = x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, with erf from Abramowitz and Stegun
+// 7.1.26 (|error| <= 1.5e-7), the approximation torch's vectorised float32 erf uses, so the
+// result is as accurate as torch's own float32 gelu. e^(-x^2 / 2) serves both erf and
+// Phi'(x) = e^(-x^2 / 2) / sqrt(2 pi).
+__attribute__((always_inline)) inline void gelu16(v16sf x, v16sf& a, v16sf& da) {
+  const v16sf z = x * splat16(0.70710678118654752f);
+  const v16si sign = reinterpret_cast<v16si>(z) & static_cast<int32_t>(0x80000000u);
+  const v16sf az = reinterpret_cast<v16sf>(reinterpret_cast<v16si>(z) & ~sign);
+  const v16sf e = exp_any(-(z * z));
+  const v16sf t = splat16(1.0f) / (splat16(1.0f) + splat16(0.3275911f) * az);
+  v16sf q = splat16(1.061405429f);
+  q = q * t + splat16(-1.453152027f);
+  q = q * t + splat16(1.421413741f);
+  q = q * t + splat16(-0.284496736f);
+  q = q * t + splat16(0.254829592f);
+  const v16sf erf_abs = splat16(1.0f) - q * t * e;
+  const v16sf erf = reinterpret_cast<v16sf>(reinterpret_cast<v16si>(erf_abs) | sign);
+  const v16sf c = splat16(0.5f) + splat16(0.5f) * erf;
+  a = x * c;
+  da = c + x * e * splat16(0.39894228040143268f);
 }
 
 // Sixteen lanes of the gate: a = act(v), da = act'(v), s = sigmoid(u).
@@ -443,11 +459,7 @@ __attribute__((always_inline)) inline void gate16(v16sf v, v16sf u, int act, v16
     a = v < splat16(0.0f) ? splat16(0.0f) : v;  // NaN stays NaN, as torch.relu
     da = v > splat16(0.0f) ? splat16(1.0f) : splat16(0.0f);
   } else {
-    for (int k = 0; k < 16; ++k) {
-      float d;
-      a[k] = gelu1(v[k], &d);
-      da[k] = d;
-    }
+    gelu16(v, a, da);
   }
 }
 
