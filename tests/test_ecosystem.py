@@ -131,6 +131,7 @@ def test_autocast_rules_for_every_differentiable_op(dtype):
         "_masked_softmax_backward",
         "_scaled_cross_attention_backward",
         "_gated_masked_mean_backward",
+        "_gated_attention_scores_backward",
         "_masked_attention_pool_backward",
     ],
 )

@@ -14,6 +14,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.utils._pytree as pytree
 from conftest import DEVICES
+from reference_gated_attention_scores import reference_gated_attention_scores
 from reference_gated_masked_mean import reference_gated_masked_mean
 from reference_masked_attention_pool import reference_pool, reference_pool_packed
 from reference_masked_channel_attention_pool import reference_channel_pool, reference_channel_pool_packed
@@ -103,6 +104,13 @@ def _softmax_args(g, device):
     mask[2] = False  # every row of sample 2 is fully masked
     scores[0, 1, 1] = float("-inf")
     return scores.to(device), mask.to(device), -1, 0.7
+
+
+def _gated_scores_args(g, device, act="tanh"):
+    v, u = torch.randn(4, 3, 5, generator=g, dtype=DT), torch.randn(4, 3, 5, generator=g, dtype=DT)
+    w, b = torch.randn(2, 5, generator=g, dtype=DT), torch.randn(2, generator=g, dtype=DT)
+    bv, bu = torch.randn(5, generator=g, dtype=DT), torch.randn(5, generator=g, dtype=DT)
+    return v.to(device), u.to(device), w.to(device), b.to(device), act, bv.to(device), bu.to(device)
 
 
 def _gated_args(g, device, gate4d=True):
@@ -202,6 +210,27 @@ CASES = [
         reference_gated_masked_mean,
         (0, 1),
         ((0, 0, 0), (None, 0, None), (0, None, None), (None, None, 0), (4, 1, None)),
+    ),
+    Case(
+        "gated_attention_scores",
+        _gated_scores_args,
+        maskattn.gated_attention_scores,
+        reference_gated_attention_scores,
+        (0, 1, 2, 3, 5, 6),
+        (
+            (0, 0, None, None, None, None, None),
+            (None, 1, None, None, None, None, None),
+            (0, 0, None, None, None, 0, 0),
+            (0, None, 0, 0, None, None, None),
+        ),
+    ),
+    Case(
+        "gated_attention_scores_gelu",
+        lambda g, d: _gated_scores_args(g, d, "gelu"),
+        lambda *a: torch.ops.maskattn.gated_attention_scores(*a),
+        reference_gated_attention_scores,
+        (0, 1, 2, 3, 5, 6),
+        ((2, 2, None, None, None, None, None), (None, None, 0, None, None, None, None)),
     ),
     Case(
         "gated_3d_logits",

@@ -45,6 +45,14 @@ def _gated(device, gate4d=True):
     return (features, logits), lambda f, l: maskattn.gated_masked_mean(f, l, mask)
 
 
+def _gated_scores(device):
+    g = torch.Generator().manual_seed(7)
+    v, u = (torch.randn(5, 3, 4, generator=g, dtype=DT).to(device) for _ in range(2))
+    w, b = torch.randn(2, 4, generator=g, dtype=DT).to(device), torch.randn(2, generator=g, dtype=DT).to(device)
+    bv, bu = (torch.randn(4, generator=g, dtype=DT).to(device) for _ in range(2))
+    return (v, u, w, b, bv, bu), lambda *a: (maskattn.gated_attention_scores(*a[:4], "tanh", *a[4:]),)
+
+
 def _xattn(device, q2d=False, lk=5):
     g = torch.Generator().manual_seed(4)
     q = torch.randn((3, 4) if q2d else (3, 2, 4), generator=g, dtype=DT).to(device)
@@ -86,6 +94,8 @@ OPS = [
     # pooled is free: the backward saves a copy of it
     ("channel_pool", _channel, {1}),
     ("channel_pool_packed", _channel_packed, {1}),
+    # the backward recomputes from the inputs: the scores are not saved
+    ("gated_attention_scores", _gated_scores, set()),
 ]
 IDS = [o[0] for o in OPS]
 

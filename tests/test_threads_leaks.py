@@ -118,6 +118,14 @@ def _case_gated():
     return lambda: _grads(maskattn.gated_masked_mean(f, gl, m), (f, gl))
 
 
+def _case_gated_scores():
+    _, r = _inputs(10)
+    v, u = r(3000, 40, grad=True), r(3000, 40, grad=True)
+    w, b, bv, bu = r(2, 40, grad=True), r(2, grad=True), r(40, grad=True), r(40, grad=True)
+    args = (v, u, w, b, bv, bu)
+    return lambda: _grads((maskattn.gated_attention_scores(v, u, w, b, "tanh", bv, bu),), args)
+
+
 def _case_foreground():
     g, _ = _inputs(8)
     im = torch.zeros(2, 3, 24, 20)
@@ -177,6 +185,7 @@ CASES = {
     "patch_mask_to_image": _case_patch_mask_to_image,
     "scaled_cross_attention": _case_xattn,
     "gated_masked_mean": _case_gated,
+    "gated_attention_scores": _case_gated_scores,
     "foreground_mask": _case_foreground,
     "nn.AttentionPooling": _case_attention_pooling,
     "nn.MaskedSelfAttention": _case_self_attention,
