@@ -482,7 +482,7 @@ void gate_row_f32(const float* v, const float* u, const float* bv, const float* 
                   float* p) {
   int64_t j = 0;
   v16sf a, da, s;
-  const v16sf zero = splat16(0.0f);
+  const v16sf zero = splat16(-0.0f);  // x + -0 is x for every x, -0 included: no bias changes no bit
   for (; j + 16 <= n; j += 16) {
     gate16(load16(v + j) + (bv ? load16(bv + j) : zero), load16(u + j) + (bu ? load16(bu + j) : zero), act, a,
            da, s);
@@ -491,8 +491,8 @@ void gate_row_f32(const float* v, const float* u, const float* bv, const float* 
   if (j < n) {
     v16sf x = splat16(0.0f), y = splat16(0.0f);
     for (int64_t k = 0; j + k < n; ++k) {
-      x[k] = v[j + k] + (bv ? bv[j + k] : 0.0f);
-      y[k] = u[j + k] + (bu ? bu[j + k] : 0.0f);
+      x[k] = v[j + k] + (bv ? bv[j + k] : -0.0f);
+      y[k] = u[j + k] + (bu ? bu[j + k] : -0.0f);
     }
     gate16(x, y, act, a, da, s);
     const v16sf r = a * s;
@@ -505,7 +505,7 @@ void gate_row_backward_f32(const float* v, const float* u, const float* bv, cons
                            int64_t n, int act, float* gv, float* gu, float* p) {
   int64_t j = 0;
   v16sf a, da, s;
-  const v16sf zero = splat16(0.0f);
+  const v16sf zero = splat16(-0.0f);  // x + -0 is x for every x, -0 included: no bias changes no bit
   for (; j + 16 <= n; j += 16) {
     const v16sf x = load16(v + j) + (bv ? load16(bv + j) : zero);
     gate16(x, load16(u + j) + (bu ? load16(bu + j) : zero), act, a, da, s);
@@ -517,8 +517,8 @@ void gate_row_backward_f32(const float* v, const float* u, const float* bv, cons
   if (j < n) {
     v16sf x = splat16(0.0f), y = splat16(0.0f), cc = splat16(0.0f);
     for (int64_t k = 0; j + k < n; ++k) {
-      x[k] = v[j + k] + (bv ? bv[j + k] : 0.0f);
-      y[k] = u[j + k] + (bu ? bu[j + k] : 0.0f);
+      x[k] = v[j + k] + (bv ? bv[j + k] : -0.0f);
+      y[k] = u[j + k] + (bu ? bu[j + k] : -0.0f);
       cc[k] = c[j + k];
     }
     gate16(x, y, act, a, da, s);

@@ -51,7 +51,7 @@ inline void gate_row(const acc_t* v, const acc_t* u, const acc_t* bv, const acc_
   } else {
     for (int64_t j = 0; j < H; ++j) {
       acc_t d;
-      p[j] = act_fn(v[j] + (bv ? bv[j] : acc_t(0)), act, &d) * sigmoid(u[j] + (bu ? bu[j] : acc_t(0)));
+      p[j] = act_fn(v[j] + (bv ? bv[j] : acc_t(-0.0)), act, &d) * sigmoid(u[j] + (bu ? bu[j] : acc_t(-0.0)));
     }
   }
 }
@@ -64,8 +64,8 @@ inline void gate_row_backward(const acc_t* v, const acc_t* u, const acc_t* bv, c
   } else {
     for (int64_t j = 0; j < H; ++j) {
       acc_t d;
-      const acc_t x = v[j] + (bv ? bv[j] : acc_t(0));
-      const acc_t a = act_fn(x, act, &d), s = sigmoid(u[j] + (bu ? bu[j] : acc_t(0))), cs = c[j] * s;
+      const acc_t x = v[j] + (bv ? bv[j] : acc_t(-0.0));
+      const acc_t a = act_fn(x, act, &d), s = sigmoid(u[j] + (bu ? bu[j] : acc_t(-0.0))), cs = c[j] * s;
       // relu: a select, as torch's threshold_backward (0 at v <= 0 whatever cs is; NaN v passes cs)
       if (gv) gv[j] = act == GateAct::kRelu ? (x <= acc_t(0) ? acc_t(0) : cs) : cs * d;
       if (gu) gu[j] = cs * a * (acc_t(1) - s);
