@@ -23,13 +23,22 @@ namespace {
 typedef float v8sf __attribute__((vector_size(32)));
 typedef int32_t v8si __attribute__((vector_size(32)));
 
-inline v8sf load8(const float* p) {
-  v8sf v;
+// Unaligned loads and stores of a whole vector of floats, any width.
+template <typename V>
+inline V load_vec(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void store8(float* p, v8sf v) {
+template <typename V>
+inline void store_vec(float* p, V v) {
   std::memcpy(p, &v, sizeof(v));
+}
+inline v8sf load8(const float* p) {
+  return load_vec<v8sf>(p);
+}
+inline void store8(float* p, v8sf v) {
+  store_vec(p, v);
 }
 inline v8sf splat(float a) {
   return v8sf{a, a, a, a, a, a, a, a};
@@ -52,6 +61,24 @@ inline float hsum(const v8sf& v) {
 // is then redone with CAREFUL = true. Lanes that give 0 are moved into the normal range before
 // the arithmetic and selected away after it: a subnormal intermediate costs a ~100-cycle microcode
 // assist on x86, and masked (-inf) lanes are common.
+// Cephes' expf: e^(x + xlo) = y * 2^n, x rounded to n = round(x / ln 2) and reduced by n ln 2 in two
+// parts; returns y (in [sqrt(1/2), sqrt(2)]) and sets n. Any vector width of floats.
+template <typename V>
+__attribute__((always_inline)) inline V cephes_exp_poly(V x, V xlo, V& n) {
+  const V t = x * 1.44269504088896341f + 12582912.0f;
+  n = t - 12582912.0f;
+  V r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  r = r + xlo;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return (p * r) * r + r + 1.0f;
+}
+
 // 2^n for integral n in [-126, 127]: the float (n + 127) * 2^23 (exact) converted to int32 is the
 // bit pattern of 2^n. One float FMA and one conversion, which AVX (without AVX2) has at full
 // width, where shifting the integer exponent would take four half-width integer ops.
@@ -70,18 +97,9 @@ __attribute__((always_inline)) inline v8sf exp_nonpos(v8sf x, v8sf xlo, v8si& ti
   } else {
     x = x > splat(-87.0f) ? x : splat(-87.0f);  // a max, cheaper than a blend; NaN goes on in xlo
   }
-  const v8sf t = x * splat(1.44269504088896341f) + splat(12582912.0f);
-  const v8sf n = t - splat(12582912.0f);
-  v8sf r = x - n * splat(0.693359375f);
-  r = r + n * splat(2.12194440e-4f);
-  r = r + xlo;  // NaN in lanes at -inf (-inf - -inf): selected away below, NaN costs no assist
-  v8sf p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  const v8sf y = (p * r) * r + r + splat(1.0f);
+  // xlo is NaN in lanes at -inf (-inf - -inf): selected away below, NaN costs no assist
+  v8sf n;
+  const v8sf y = cephes_exp_poly(x, xlo, n);
   if constexpr (CAREFUL) {
     const v8sf down = sub ? splat(5.42101086242752217e-20f) : splat(1.0f);  // 2^-64
     return zero ? splat(0.0f) : (y * pow2(sub ? n + splat(64.0f) : n)) * down;
@@ -371,35 +389,24 @@ typedef float v16sf __attribute__((vector_size(64)));
 typedef int32_t v16si __attribute__((vector_size(64)));
 
 inline v16sf load16(const float* p) {
-  v16sf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+  return load_vec<v16sf>(p);
 }
 inline void store16(float* p, v16sf v) {
-  std::memcpy(p, &v, sizeof(v));
+  store_vec(p, v);
 }
 inline v16sf splat16(float a) {
-  return v16sf{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a};
+  return v16sf{} + a;  // a scalar operand is broadcast to every lane
 }
 
 // e^x for any x, for the gate's activations only: x is clamped to [-87, 89] (NaN kept), so
 // e^x never underflows (a logistic or tanh of a large argument rounds to its limit either way)
 // and above ~88.4 it is +inf, which 1 / (1 + inf) and 2 / (inf + 1) turn into exact zeros. The
-// polynomial is exp_nonpos's (Cephes' expf).
+// polynomial is exp_nonpos's (cephes_exp_poly).
 __attribute__((always_inline)) inline v16sf exp_any(v16sf x) {
   x = x < splat16(-87.0f) ? splat16(-87.0f) : x;  // comparisons with NaN are false: NaN goes on
   x = x > splat16(89.0f) ? splat16(89.0f) : x;
-  const v16sf t = x * splat16(1.44269504088896341f) + splat16(12582912.0f);
-  const v16sf n = t - splat16(12582912.0f);
-  v16sf r = x - n * splat16(0.693359375f);
-  r = r + n * splat16(2.12194440e-4f);
-  v16sf p = splat16(1.9875691500e-4f);
-  p = p * r + splat16(1.3981999507e-3f);
-  p = p * r + splat16(8.3334519073e-3f);
-  p = p * r + splat16(4.1665795894e-2f);
-  p = p * r + splat16(1.6666665459e-1f);
-  p = p * r + splat16(5.0000001201e-1f);
-  const v16sf y = (p * r) * r + r + splat16(1.0f);
+  v16sf n;
+  const v16sf y = cephes_exp_poly(x, v16sf{}, n);
   // 2^n as in pow2; n = 128 gives the bit pattern of +inf
   return y * reinterpret_cast<v16sf>(
                  __builtin_convertvector(n * splat16(8388608.0f) + splat16(1065353216.0f), v16si));
