@@ -9,6 +9,8 @@
 // recomputes the activations, reads them once more and writes their two gradients.
 #include "gated_attention_scores.h"
 
+#include "common/stable_args.h"
+
 namespace maskattn {
 
 GateAct parse_gate_act(const std::string& act, const char* op) {
@@ -123,7 +125,7 @@ GateBackward prepare_gate_backward(const st::Tensor& grad, const st::Tensor& v_p
   g.grad_v_bias = g.need_vb ? st::empty({g.in.v.H}, dt, dev) : st::empty({0}, dt, dev);
   g.grad_u_bias = g.need_ub ? st::empty({g.in.v.H}, dt, dev) : st::empty({0}, dt, dev);
   if (g.need_v || g.need_u || g.need_w || g.need_b || g.need_vb || g.need_ub)
-    g.grad = torch::stable::contiguous(torch::stable::to(grad, st::acc_dtype(dt)));
+    g.grad = acc_contiguous(grad, st::acc_dtype(dt));
   return g;
 }
 

@@ -476,6 +476,46 @@ __attribute__((always_inline)) inline v16sf relu_grad(int act, v16sf v, v16sf cs
   return act == 1 ? (v <= splat16(0.0f) ? splat16(0.0f) : cs) : cs * da;
 }
 
+// Sixteen values of v + b from index j on (FULL), or the n - j left (the other lanes 0); a null b
+// adds -0, and x + -0 is x for every x, -0 included: no bias changes no bit.
+template <bool FULL>
+__attribute__((always_inline)) inline v16sf load_plus(const float* v, const float* b, int64_t j, int64_t n) {
+  if constexpr (FULL) {
+    return load16(v + j) + (b ? load16(b + j) : splat16(-0.0f));
+  } else {
+    v16sf x = splat16(0.0f);
+    for (int64_t k = 0; j + k < n; ++k) x[k] = v[j + k] + (b ? b[j + k] : -0.0f);
+    return x;
+  }
+}
+
+// Stores the lanes of r at p + j: all sixteen (FULL), or those before n.
+template <bool FULL>
+__attribute__((always_inline)) inline void store_upto(float* p, v16sf r, int64_t j, int64_t n) {
+  if constexpr (FULL) {
+    store16(p + j, r);
+  } else {
+    for (int64_t k = 0; j + k < n; ++k) p[j + k] = r[k];
+  }
+}
+
+// gate_row_f32 on the sixteen lanes from j on (FULL), or on the row's tail. The tail is a separate
+// instance so that the main loop keeps its vectors in registers.
+template <bool FULL>
+__attribute__((always_inline)) inline void gate_step(const float* v, const float* u, const float* bv,
+                                                     const float* bu, const float* c, int64_t j, int64_t n,
+                                                     int act, float* gv, float* gu, float* p) {
+  v16sf a, da, s;
+  const v16sf x = load_plus<FULL>(v, bv, j, n);
+  gate16(x, load_plus<FULL>(u, bu, j, n), act, a, da, s);
+  if (p) store_upto<FULL>(p, a * s, j, n);
+  if (gv || gu) {
+    const v16sf cs = load_plus<FULL>(c, nullptr, j, n) * s;
+    if (gv) store_upto<FULL>(gv, relu_grad(act, x, cs, da), j, n);
+    if (gu) store_upto<FULL>(gu, cs * a * (splat16(1.0f) - s), j, n);
+  }
+}
+
 }  // namespace
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
@@ -485,57 +525,11 @@ __attribute__((always_inline)) inline v16sf relu_grad(int act, v16sf v, v16sf cs
 #endif
 
 MASKATTN_CLONES_512
-void gate_row_f32(const float* v, const float* u, const float* bv, const float* bu, int64_t n, int act,
-                  float* p) {
+void gate_row_f32(const float* v, const float* u, const float* bv, const float* bu, const float* c, int64_t n,
+                  int act, float* gv, float* gu, float* p) {
   int64_t j = 0;
-  v16sf a, da, s;
-  const v16sf zero = splat16(-0.0f);  // x + -0 is x for every x, -0 included: no bias changes no bit
-  for (; j + 16 <= n; j += 16) {
-    gate16(load16(v + j) + (bv ? load16(bv + j) : zero), load16(u + j) + (bu ? load16(bu + j) : zero), act, a,
-           da, s);
-    store16(p + j, a * s);
-  }
-  if (j < n) {
-    v16sf x = splat16(0.0f), y = splat16(0.0f);
-    for (int64_t k = 0; j + k < n; ++k) {
-      x[k] = v[j + k] + (bv ? bv[j + k] : -0.0f);
-      y[k] = u[j + k] + (bu ? bu[j + k] : -0.0f);
-    }
-    gate16(x, y, act, a, da, s);
-    const v16sf r = a * s;
-    for (int64_t k = 0; j + k < n; ++k) p[j + k] = r[k];
-  }
-}
-
-MASKATTN_CLONES_512
-void gate_row_backward_f32(const float* v, const float* u, const float* bv, const float* bu, const float* c,
-                           int64_t n, int act, float* gv, float* gu, float* p) {
-  int64_t j = 0;
-  v16sf a, da, s;
-  const v16sf zero = splat16(-0.0f);  // x + -0 is x for every x, -0 included: no bias changes no bit
-  for (; j + 16 <= n; j += 16) {
-    const v16sf x = load16(v + j) + (bv ? load16(bv + j) : zero);
-    gate16(x, load16(u + j) + (bu ? load16(bu + j) : zero), act, a, da, s);
-    const v16sf cs = load16(c + j) * s;
-    if (gv) store16(gv + j, relu_grad(act, x, cs, da));
-    if (gu) store16(gu + j, cs * a * (splat16(1.0f) - s));
-    if (p) store16(p + j, a * s);
-  }
-  if (j < n) {
-    v16sf x = splat16(0.0f), y = splat16(0.0f), cc = splat16(0.0f);
-    for (int64_t k = 0; j + k < n; ++k) {
-      x[k] = v[j + k] + (bv ? bv[j + k] : -0.0f);
-      y[k] = u[j + k] + (bu ? bu[j + k] : -0.0f);
-      cc[k] = c[j + k];
-    }
-    gate16(x, y, act, a, da, s);
-    const v16sf cs = cc * s, rv = relu_grad(act, x, cs, da), ru = cs * a * (splat16(1.0f) - s), rp = a * s;
-    for (int64_t k = 0; j + k < n; ++k) {
-      if (gv) gv[j + k] = rv[k];
-      if (gu) gu[j + k] = ru[k];
-      if (p) p[j + k] = rp[k];
-    }
-  }
+  for (; j + 16 <= n; j += 16) gate_step<true>(v, u, bv, bu, c, j, n, act, gv, gu, p);
+  if (j < n) gate_step<false>(v, u, bv, bu, c, j, n, act, gv, gu, p);
 }
 
 }  // namespace cpu

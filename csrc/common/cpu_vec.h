@@ -64,14 +64,12 @@ void channel_state_merge_f32(const float* x, const float* y, float* out, int64_t
 bool channel_weights_row_f32(const float* l, const float* m, const float* inv, int64_t n, float* w,
                              bool careful);
 
-// gated_attention_scores' row of H hidden units, act 0 = tanh, 1 = relu, 2 = gelu (erf):
-// p[j] = act(v[j] + bv[j]) * sigmoid(u[j] + bu[j]) (a null bias adds nothing). The backward takes
-// c[j] = dL/dp[j] and writes gv = c * sigmoid(u) * act'(v), gu = c * act(v) * sigmoid'(u) and p
-// (each skipped when null).
-void gate_row_f32(const float* v, const float* u, const float* bv, const float* bu, int64_t n, int act,
-                  float* p);
-void gate_row_backward_f32(const float* v, const float* u, const float* bv, const float* bu, const float* c,
-                           int64_t n, int act, float* gv, float* gu, float* p);
+// gated_attention_scores' row of H hidden units, act 0 = tanh, 1 = relu, 2 = gelu (erf), with
+// x = v + bv and y = u + bu (a null bias adds nothing): p[j] = act(x[j]) * sigmoid(y[j]), and, given
+// c[j] = dL/dp[j], gv = c * sigmoid(y) * act'(x) and gu = c * act(x) * sigmoid'(y). Each output is
+// skipped when null; c is read only for gv or gu.
+void gate_row_f32(const float* v, const float* u, const float* bv, const float* bu, const float* c, int64_t n,
+                  int act, float* gv, float* gu, float* p);
 
 // Generic versions for the other dtypes: eight independent partial sums, which compilers turn
 // into vector code without being allowed to reassociate.

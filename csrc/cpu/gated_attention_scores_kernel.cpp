@@ -12,9 +12,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cascade_sum.h"
 #include "common/cpu_vec.h"
 #include "common/parallel.h"
 #include "common/stable.h"
+#include "common/stable_args.h"
 #include "gated_attention_scores.h"
 
 namespace maskattn {
@@ -41,35 +43,25 @@ inline T sigmoid(T u) {
   return T(1) / (T(1) + std::exp(-u));
 }
 
-// One row: p[j] = act(v[j]) * sigmoid(u[j]) in acc_t. float32 (and the half types, converted to
-// float32 first) take the vectorised loop; float64 the libm functions.
+// One row in acc_t, as cpu::gate_row_f32 (which float32, and the half types converted to float32,
+// take): p = act(v + bv) * sigmoid(u + bu) and, given c = dL/dp, the two input gradients; null
+// outputs are skipped. float64 takes the libm functions.
 template <typename acc_t>
-inline void gate_row(const acc_t* v, const acc_t* u, const acc_t* bv, const acc_t* bu, int64_t H, GateAct act,
-                     acc_t* p) {
+inline void gate_row(const acc_t* v, const acc_t* u, const acc_t* bv, const acc_t* bu, const acc_t* c,
+                     int64_t H, GateAct act, acc_t* gv, acc_t* gu, acc_t* p) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    cpu::gate_row_f32(v, u, bv, bu, H, static_cast<int>(act), p);
-  } else {
-    for (int64_t j = 0; j < H; ++j) {
-      acc_t d;
-      p[j] = act_fn(v[j] + (bv ? bv[j] : acc_t(-0.0)), act, &d) * sigmoid(u[j] + (bu ? bu[j] : acc_t(-0.0)));
-    }
-  }
-}
-
-template <typename acc_t>
-inline void gate_row_backward(const acc_t* v, const acc_t* u, const acc_t* bv, const acc_t* bu,
-                              const acc_t* c, int64_t H, GateAct act, acc_t* gv, acc_t* gu, acc_t* p) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    cpu::gate_row_backward_f32(v, u, bv, bu, c, H, static_cast<int>(act), gv, gu, p);
+    cpu::gate_row_f32(v, u, bv, bu, c, H, static_cast<int>(act), gv, gu, p);
   } else {
     for (int64_t j = 0; j < H; ++j) {
       acc_t d;
       const acc_t x = v[j] + (bv ? bv[j] : acc_t(-0.0));
-      const acc_t a = act_fn(x, act, &d), s = sigmoid(u[j] + (bu ? bu[j] : acc_t(-0.0))), cs = c[j] * s;
+      const acc_t a = act_fn(x, act, &d), s = sigmoid(u[j] + (bu ? bu[j] : acc_t(-0.0)));
+      if (p) p[j] = a * s;
+      if (!gv && !gu) continue;
+      const acc_t cs = c[j] * s;
       // relu: a select, as torch's threshold_backward (0 at v <= 0 whatever cs is; NaN v passes cs)
       if (gv) gv[j] = act == GateAct::kRelu ? (x <= acc_t(0) ? acc_t(0) : cs) : cs * d;
       if (gu) gu[j] = cs * a * (acc_t(1) - s);
-      if (p) p[j] = a * s;
     }
   }
 }
@@ -85,26 +77,14 @@ inline const acc_t* as_acc(const scalar_t* row, int64_t H, acc_t* buf) {
   }
 }
 
-// weight (and bias) in acc_t, contiguous: the tensors themselves, or converted copies.
-template <typename scalar_t, typename acc_t>
-struct AccParam {
-  std::vector<acc_t> buf;
-  const acc_t* ptr = nullptr;
-  explicit AccParam(const st::Tensor& t) {
-    if (!t.defined()) return;
-    const scalar_t* p = t.const_data_ptr<scalar_t>();
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      ptr = p;
-    } else {
-      buf.assign(p, p + t.numel());
-      ptr = buf.data();
-    }
-  }
-};
+// A parameter (weight, a bias) in the accumulation dtype, or undefined; ptr() reads it.
+st::Tensor acc_param(const st::Tensor& t, st::ScalarType acc) {
+  return t.defined() ? acc_contiguous(t, acc) : t;
+}
 
 template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  return cpu::dot_any(a, b, n);
+const acc_t* ptr(const st::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
 }
 
 st::Tensor gated_attention_scores_cpu(const st::Tensor& v_pre, const st::Tensor& u_pre,
@@ -122,7 +102,10 @@ st::Tensor gated_attention_scores_cpu(const st::Tensor& v_pre, const st::Tensor&
   auto body = [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = st::acc_t<scalar_t>;
-    const AccParam<scalar_t, acc_t> w(in.weight), b(in.bias), bv(in.v_bias), bu(in.u_bias);
+    const st::ScalarType acc = st::acc_dtype(v_pre.scalar_type());
+    const st::Tensor w = acc_param(in.weight, acc), b = acc_param(in.bias, acc),
+                     bv = acc_param(in.v_bias, acc), bu = acc_param(in.u_bias, acc);
+    const acc_t *wp = ptr<acc_t>(w), *bp = ptr<acc_t>(b), *bvp = ptr<acc_t>(bv), *bup = ptr<acc_t>(bu);
     const scalar_t* vd = in.v.data.const_data_ptr<scalar_t>();
     const scalar_t* ud = in.u.data.const_data_ptr<scalar_t>();
     const int64_t vrs = in.v.rs, urs = in.u.rs;
@@ -132,9 +115,9 @@ st::Tensor gated_attention_scores_cpu(const st::Tensor& v_pre, const st::Tensor&
       for (int64_t m = m0; m < m1; ++m) {
         const acc_t* v = as_acc<scalar_t, acc_t>(vd + m * vrs, H, vb.data());
         const acc_t* u = as_acc<scalar_t, acc_t>(ud + m * urs, H, ub.data());
-        gate_row<acc_t>(v, u, bv.ptr, bu.ptr, H, in.act, p.data());
+        gate_row<acc_t>(v, u, bvp, bup, nullptr, H, in.act, nullptr, nullptr, p.data());
         for (int64_t k = 0; k < K; ++k) {
-          const acc_t s = dot<acc_t>(p.data(), w.ptr + k * H, H) + (b.ptr ? b.ptr[k] : acc_t(0));
+          const acc_t s = cpu::dot_any(p.data(), wp + k * H, H) + (bp ? bp[k] : acc_t(0));
           o[m * K + k] = static_cast<scalar_t>(s);
         }
       }
@@ -171,7 +154,10 @@ gated_attention_scores_backward_cpu(const st::Tensor& grad, const st::Tensor& v_
     using scalar_t = decltype(tag);
     using acc_t = st::acc_t<scalar_t>;
     constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-    const AccParam<scalar_t, acc_t> w(in.weight), bv(in.v_bias), bu(in.u_bias);
+    const st::ScalarType acc = st::acc_dtype(v_pre.scalar_type());
+    const st::Tensor w = acc_param(in.weight, acc), bv = acc_param(in.v_bias, acc),
+                     bu = acc_param(in.u_bias, acc);
+    const acc_t *wp = ptr<acc_t>(w), *bvp = ptr<acc_t>(bv), *bup = ptr<acc_t>(bu);
     const acc_t* gr = g.grad.const_data_ptr<acc_t>();
     const scalar_t* vd = in.v.data.const_data_ptr<scalar_t>();
     const scalar_t* ud = in.u.data.const_data_ptr<scalar_t>();
@@ -198,34 +184,32 @@ gated_attention_scores_backward_cpu(const st::Tensor& grad, const st::Tensor& v_
           if (!rows_v && !rows_u && !pwb) continue;
           const acc_t* v = as_acc<scalar_t, acc_t>(vd + m * vrs, H, vb.data());
           const acc_t* u = as_acc<scalar_t, acc_t>(ud + m * urs, H, ub.data());
+          acc_t* gv = nullptr;
+          acc_t* gu = nullptr;
           if (rows_v || rows_u) {
             // c = dL/d(act(v) * sigmoid(u)) = sum_k grad[m, k] * weight[k]
-            const acc_t g0 = K > 0 ? gm[0] : acc_t(0);
-            for (int64_t j = 0; j < H; ++j) c[j] = K > 0 ? g0 * w.ptr[j] : acc_t(0);
-            for (int64_t k = 1; k < K; ++k) {
+            std::fill(c.begin(), c.end(), acc_t(-0.0));  // -0 + x is x for every x
+            for (int64_t k = 0; k < K; ++k) {
               const acc_t gk = gm[k];
-              const acc_t* wk = w.ptr + k * H;
+              const acc_t* wk = wp + k * H;
               for (int64_t j = 0; j < H; ++j) c[j] += gk * wk[j];
             }
-            acc_t* gv = rows_v ? gvb.data() : nullptr;
-            acc_t* gu = rows_u ? gub.data() : nullptr;
+            gv = rows_v ? gvb.data() : nullptr;
+            gu = rows_u ? gub.data() : nullptr;
             if constexpr (same) {  // written straight into the outputs where they are asked for
               if (gvd) gv = gvd + m * H;
               if (gud) gu = gud + m * H;
             }
-            gate_row_backward<acc_t>(v, u, bv.ptr, bu.ptr, c.data(), H, in.act, gv, gu,
-                                     pwb ? p.data() : nullptr);
-            if constexpr (!same) {
-              for (int64_t j = 0; gvd && j < H; ++j) gvd[m * H + j] = static_cast<scalar_t>(gv[j]);
-              for (int64_t j = 0; gud && j < H; ++j) gud[m * H + j] = static_cast<scalar_t>(gu[j]);
-            }
-            if (pvbb)
-              for (int64_t j = 0; j < H; ++j) pvbb[j] += gv[j];
-            if (pubb)
-              for (int64_t j = 0; j < H; ++j) pubb[j] += gu[j];
-          } else {
-            gate_row<acc_t>(v, u, bv.ptr, bu.ptr, H, in.act, p.data());
           }
+          gate_row<acc_t>(v, u, bvp, bup, c.data(), H, in.act, gv, gu, pwb ? p.data() : nullptr);
+          if constexpr (!same) {
+            for (int64_t j = 0; gvd && j < H; ++j) gvd[m * H + j] = static_cast<scalar_t>(gv[j]);
+            for (int64_t j = 0; gud && j < H; ++j) gud[m * H + j] = static_cast<scalar_t>(gu[j]);
+          }
+          if (pvbb)
+            for (int64_t j = 0; j < H; ++j) pvbb[j] += gv[j];
+          if (pubb)
+            for (int64_t j = 0; j < H; ++j) pubb[j] += gu[j];
           if (pwb) {
             for (int64_t k = 0; k < K; ++k) {
               const acc_t gk = gm[k];
@@ -238,13 +222,7 @@ gated_attention_scores_backward_cpu(const st::Tensor& grad, const st::Tensor& v_
     });
     // The blocks' partials added pairwise in a fixed order.
     auto reduce = [&](std::vector<acc_t>& part, int64_t n, scalar_t* out) {
-      for (int64_t step = 1; step < nb; step *= 2) {
-        for (int64_t i = 0; i + step < nb; i += 2 * step) {
-          acc_t* __restrict__ x = part.data() + i * n;
-          const acc_t* __restrict__ y = part.data() + (i + step) * n;
-          for (int64_t e = 0; e < n; ++e) x[e] += y[e];
-        }
-      }
+      if (nb > 0) cpu::pairwise_reduce_inplace(part.data(), nb, n, n);
       for (int64_t e = 0; e < n; ++e) out[e] = static_cast<scalar_t>(nb > 0 ? part[e] : acc_t(0));
     };
     if (g.need_w) reduce(pw, K * H, g.grad_weight.mutable_data_ptr<scalar_t>());
