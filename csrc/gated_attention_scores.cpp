@@ -9,6 +9,7 @@
 // recomputes the activations, reads them once more and writes their two gradients.
 #include "gated_attention_scores.h"
 
+#include "common/cpu_alloc.h"
 #include "common/stable_args.h"
 
 namespace maskattn {
@@ -118,8 +119,9 @@ GateBackward prepare_gate_backward(const st::Tensor& grad, const st::Tensor& v_p
   const st::Device dev = v_pre.device();
   const st::ScalarType dt = v_pre.scalar_type();
   const st::View vv = st::View::of(v_pre);
-  g.grad_v = g.need_v ? st::empty(vv.size, vv.ndim, dt, dev) : st::empty({0}, dt, dev);
-  g.grad_u = g.need_u ? st::empty(vv.size, vv.ndim, dt, dev) : st::empty({0}, dt, dev);
+  // [M, H] each: on the CPU backed by huge pages, whose first touch costs a fraction of 4 KiB pages'
+  g.grad_v = g.need_v ? cpu::empty_large(vv.size, vv.ndim, dt, dev, op) : st::empty({0}, dt, dev);
+  g.grad_u = g.need_u ? cpu::empty_large(vv.size, vv.ndim, dt, dev, op) : st::empty({0}, dt, dev);
   g.grad_weight = g.need_w ? st::empty({g.in.K, g.in.v.H}, dt, dev) : st::empty({0}, dt, dev);
   g.grad_bias = g.need_b ? st::empty({g.in.K}, dt, dev) : st::empty({0}, dt, dev);
   g.grad_v_bias = g.need_vb ? st::empty({g.in.v.H}, dt, dev) : st::empty({0}, dt, dev);
