@@ -16,11 +16,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+using cuda::warp_sum;
 
 // Block-wide count of valid pixels of sample b; every thread gets the result.
 __device__ __forceinline__ int64_t block_count_valid(const bool* mask, int64_t b, int64_t H, int64_t W,

@@ -28,22 +28,8 @@ constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr int kMaxFusedKeys = 2 * kWarp;  // the softmax holds at most two keys per lane
 constexpr int kKeyTile = 8;
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) {
-    const T x = __shfl_xor_sync(0xffffffffu, v, o);
-    v = (x > v || x != x) ? x : v;  // NaN wins: an all-NaN row is NaN, not "no valid key"
-  }
-  return v;
-}
+using cuda::warp_max;  // NaN wins: an all-NaN row is NaN, not "no valid key"
+using cuda::warp_sum;
 
 // Index of the largest v across the warp (lowest index on ties); the lanes' own j (INT_MAX /
 // INT64_MAX) when no lane has one. I is int64_t where key indices may pass 2^31 (the GEMM path).
